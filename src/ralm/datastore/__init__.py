@@ -1,0 +1,1 @@
+"""Chunking, encoders, FAISS/BM25 indexes and the on-disk datastore."""

@@ -1,0 +1,308 @@
+"""Build a datastore: corpus -> shards -> (chunk, encode, write part) steps -> index -> manifest.
+
+Crash safety: the resolved parameters are recorded in ``.build/state.json`` before any work, every
+finished shard leaves a done marker, and the manifest is written last and atomically. A rerun of the
+same command skips finished shards; a rerun on a finished store changes nothing; ``--force`` restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ralm.data.corpus import CorpusConfig, Document, ReadStats, iter_documents, list_input_files
+from ralm.datastore import layout
+from ralm.datastore.chunking import ChunkingConfig
+from ralm.datastore.dedup import exact_duplicate_mask, near_duplicate_ordinals
+from ralm.datastore.encoders import EncoderConfig, load_encoder
+from ralm.datastore.executors import make_executor
+from ralm.datastore.index import IndexConfig
+from ralm.datastore.shard import ShardTask, process_shard
+from ralm.errors import RalmError
+from ralm.lm.presets import DEFAULT_LM, load_tokenizer, tokenizer_fingerprint
+from ralm.utils.atomic import sha256_file, write_json
+
+
+@dataclass
+class BuildConfig:
+    inputs: list[str]
+    out: str
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    tokenizer: str = field(default=DEFAULT_LM, metadata={"help": "tokenizer of the LM the store serves"})
+    shard_docs: int = field(default=1000, metadata={"help": "documents per shard (memory is bounded by a shard)"})
+    dedup: bool = field(default=False, metadata={"help": "drop exact-duplicate chunks from the index"})
+    near_dup: bool = field(default=False, metadata={"help": "drop near-duplicate documents (13-gram Jaccard >= 0.8)"})
+    executor: str = field(default="local", metadata={"help": "'local' or 'ray'"})
+    ray_address: str | None = None
+    force: bool = False
+    add: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_docs < 1:
+            raise RalmError(f"--shard-docs {self.shard_docs}: must be >= 1")
+        if self.force and self.add:
+            raise RalmError("--force and --add contradict each other: choose one")
+        if self.executor not in ("local", "ray"):
+            raise RalmError(f"--executor {self.executor!r}: expected 'local' or 'ray'")
+
+    def output_params(self) -> dict:
+        """Everything that determines the store's content (not how or where it is computed)."""
+        return {"tokenizer": self.tokenizer, "chunking": asdict(self.chunking), "corpus": asdict(self.corpus),
+                "encoder": {k: v for k, v in asdict(self.encoder).items() if k != "batch_size"},
+                "index": {k: v for k, v in asdict(self.index).items()}, "shard_docs": self.shard_docs,
+                "dedup": self.dedup, "near_dup": self.near_dup}
+
+
+def _looks_like_store(root: Path) -> bool:
+    return (root / layout.MANIFEST).exists() or (root / layout.BUILD_DIR).exists()
+
+
+def _prepare(cfg: BuildConfig, log: Callable[[str], None]) -> tuple[Path, dict | None, bool]:
+    """Resolve what to do with the output folder: (root, finished manifest for --add, already done)."""
+    root = Path(cfg.out)
+    if root.exists() and not root.is_dir():
+        raise RalmError(f"--out {root}: exists and is not a directory")
+    if cfg.force and root.exists():
+        if any(root.iterdir()) and not _looks_like_store(root):
+            raise RalmError(f"--out {root}: not empty and not a ralm datastore; refusing to delete it with --force")
+        shutil.rmtree(root)
+    if root.exists() and any(root.iterdir()) and not _looks_like_store(root):
+        raise RalmError(f"--out {root}: not empty and not a ralm datastore; choose another path")
+    manifest = None
+    if (root / layout.MANIFEST).exists():
+        from ralm.datastore.store import read_manifest
+
+        manifest = read_manifest(root)
+        if not cfg.add and not (root / layout.BUILD_DIR).exists():
+            same = manifest["build"]["params"] == _jsonable(cfg.output_params()) and \
+                manifest["build"]["inputs"] == [str(i) for i in cfg.inputs]
+            if not same:
+                raise RalmError(f"--out {root}: already a finished store built from other inputs or parameters; "
+                                "use --add to append or --force to rebuild")
+            return root, manifest, True
+    elif cfg.add:
+        raise RalmError(f"--add: {root} has no finished store to append to")
+    return root, manifest, False
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> dict:
+    """Load or create ``.build/state.json``: the parameters, resolved encoder dtype and part numbering."""
+    state_path = root / layout.BUILD_DIR / "state.json"
+    params = _jsonable(cfg.output_params())
+    if manifest is not None and cfg.add:
+        base = manifest["build"]["params"]
+        for key in ("tokenizer", "chunking", "encoder"):
+            if key == "encoder":
+                mine = {k: v for k, v in params[key].items() if k != "dtype"}
+                theirs = {k: v for k, v in base[key].items() if k != "dtype"}
+            else:
+                mine, theirs = params[key], base[key]
+            if mine != theirs:
+                raise RalmError(f"--add: {key} {mine} differs from the store's {theirs}; "
+                                "an appended corpus must be chunked and encoded the same way")
+    if state_path.exists():
+        state = json.loads(state_path.read_text())
+        if state["params"] != params or state["inputs"] != [str(i) for i in cfg.inputs]:
+            raise RalmError(f"--out {root}: holds an unfinished build started with other inputs or parameters; "
+                            "rerun that command to finish it, or use --force to start over")
+        log(f"resuming the unfinished build in {root}")
+        return state
+    tok = load_tokenizer(cfg.tokenizer)
+    encoder = None
+    if not cfg.encoder.sparse:
+        if manifest is not None and cfg.add:
+            dtype = manifest["encoder"]["dtype"]  # appended keys must be encoded exactly like the old ones
+        else:
+            enc = load_encoder(cfg.encoder)
+            dtype = enc.dtype
+        encoder = {**asdict(cfg.encoder), "dtype": dtype}
+    state = {"params": params, "inputs": [str(i) for i in cfg.inputs], "encoder": encoder,
+             "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+             "base_part": len(manifest["parts"]) if manifest else 0, "started": time.time()}
+    write_json(state_path, state)
+    return state
+
+
+def _shards(docs: Iterator[Document], shard_docs: int, shard_chars: int = 32_000_000) -> Iterator[list[Document]]:
+    shard: list[Document] = []
+    chars = 0
+    for d in docs:
+        shard.append(d)
+        chars += len(d.text)
+        if len(shard) >= shard_docs or chars >= shard_chars:
+            yield shard
+            shard, chars = [], 0
+    if shard:
+        yield shard
+
+
+def _estimate_documents(inputs: list[str]) -> int | None:
+    """Cheap total for the progress bar: lines of JSONL, rows of Parquet, one per text file."""
+    total = 0
+    for path, _ in list_input_files(inputs):
+        if path.suffix == ".jsonl":
+            with open(path, "rb") as f:
+                total += sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 24), b""))
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            total += 1
+    return total
+
+
+def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
+    """Build (or resume, or append to) the store at ``cfg.out``; return the build summary."""
+    from tqdm import tqdm
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    list_input_files(cfg.inputs)  # fail fast on a missing path, before touching the output folder
+    root, manifest, done = _prepare(cfg, log)
+    if done:
+        log(f"{root}: already complete; nothing to do (use --force to rebuild, --add to append)")
+        return {**manifest["summary"], "already_complete": True}
+    state = _resolve_state(cfg, root, manifest, log)
+    base = state["base_part"]
+    encoder_cfg = EncoderConfig(**state["encoder"]) if state["encoder"] else EncoderConfig(name="bm25")
+
+    stats = ReadStats()
+    docs: Iterator[Document] = iter_documents(cfg.inputs, cfg.corpus, stats)
+    near_dup_dropped = 0
+    if cfg.near_dup:
+        nd_path = root / layout.BUILD_DIR / "near_dup.json"
+        if nd_path.exists():
+            drop = set(json.loads(nd_path.read_text()))
+        else:
+            log("finding near-duplicate documents (13-gram MinHash)")
+            drop = near_duplicate_ordinals(d.text for d in iter_documents(cfg.inputs, cfg.corpus, ReadStats()))
+            write_json(nd_path, sorted(drop))
+        near_dup_dropped = len(drop)
+        docs = (d for i, d in enumerate(docs) if i not in drop)
+
+    bar = tqdm(total=_estimate_documents(cfg.inputs), unit="doc", desc="build", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    records: dict[int, dict] = {}
+
+    def tasks() -> Iterator[ShardTask]:
+        for i, shard in enumerate(_shards(docs, cfg.shard_docs)):
+            part = base + i
+            marker = layout.done_path(root, part)
+            if marker.exists():  # finished before a crash: keep it
+                records[part] = json.loads(marker.read_text())
+                bar.update(len(shard))
+                continue
+            yield ShardTask(part, shard, str(root), cfg.tokenizer, cfg.chunking, encoder_cfg)
+
+    executor = make_executor(cfg.executor, cfg.ray_address)
+    try:
+        for rec in executor.map(process_shard, tasks()):
+            records[rec["part"]] = rec
+            bar.update(rec["documents"])
+            bar.set_postfix(chunks=sum(r["chunks"] for r in records.values()))
+    finally:
+        bar.close()
+        executor.close()
+    if stats.documents == 0 and not manifest:
+        raise RalmError(f"{', '.join(cfg.inputs)}: empty corpus (no non-blank documents; "
+                        f"{stats.blank} blank, {stats.too_large} too large, {stats.invalid_utf8_skipped} invalid)")
+    for w in stats.warnings[:20]:
+        log(f"warning: {w}")
+    if len(stats.warnings) > 20:
+        log(f"warning: ... and {len(stats.warnings) - 20} more")
+
+    old_parts = manifest["parts"] if manifest else []
+    parts = old_parts + [records[p] for p in sorted(records)]
+    summary = _finalize(cfg, root, state, manifest, parts, stats, near_dup_dropped, log)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["chunks_per_second"] = round(summary["new_chunks"] / max(summary["seconds"], 1e-9), 1)
+    return summary
+
+
+def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, parts: list[dict],
+              stats: ReadStats, near_dup_dropped: int, log) -> dict:
+    """Index all parts, write the manifest last (atomically), then drop build state and stale files."""
+    import pyarrow.parquet as pq
+
+    def texts_by_part() -> Iterator[list[str]]:
+        for p in parts:
+            yield pq.read_table(layout.chunks_path(root, p["part"]), columns=["text"])["text"].to_pylist()
+
+    n = sum(p["chunks"] for p in parts)
+    keep = exact_duplicate_mask(texts_by_part()) if cfg.dedup else np.ones(n, dtype=bool)
+    rows = np.flatnonzero(keep).astype(np.int64)
+    generation = (manifest["generation"] + 1) if manifest else 1
+    index_dir = root / "index"
+    index_dir.mkdir(parents=True, exist_ok=True)
+    log(f"indexing {len(rows):,} chunks")
+    if cfg.encoder.sparse:
+        from ralm.datastore.bm25 import build_bm25
+
+        path = index_dir / f"bm25-g{generation:04d}"
+        texts = [t for ts in texts_by_part() for t in ts]
+        meta = build_bm25([texts[r] for r in rows], rows, path)
+        files = sorted(f for f in path.rglob("*") if f.is_file())
+    else:
+        from ralm.datastore.index import build_index
+        from ralm.datastore.keys import KeyParts
+
+        path = index_dir / f"dense-g{generation:04d}.faiss"
+        keys = KeyParts([layout.keys_path(root, p["part"]) for p in parts])
+        meta = build_index(keys, rows, cfg.index, path, log=log)
+        files = [path, path.with_suffix(".json")]
+    index_files = [{"path": f.relative_to(root).as_posix(), "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+                   for f in files]
+    domains: dict[str, int] = {}
+    for p in parts:
+        for d, c in p["domains"].items():
+            domains[d] = domains.get(d, 0) + c
+    prev = manifest["summary"] if manifest else {}
+    summary = {
+        "documents": sum(p["documents"] for p in parts), "chunks": n, "indexed_chunks": int(len(rows)),
+        "new_chunks": sum(p["chunks"] for p in parts[len(manifest["parts"]) if manifest else 0:]),
+        "tokens": sum(p["tokens"] for p in parts),
+        "skipped": {"blank": stats.blank, "invalid_utf8": stats.invalid_utf8,
+                    "invalid_utf8_skipped": stats.invalid_utf8_skipped, "too_large": stats.too_large,
+                    "near_duplicate_documents": near_dup_dropped, "duplicate_chunks": int(n - len(rows)),
+                    "files": len(stats.skipped_files)},
+        "index": meta["factory"], "index_params": meta.get("params", {}), "recall_at_10": meta.get("recall_at_10"),
+        "domains": domains,
+    }
+    if prev:
+        summary["appended_documents"] = summary["documents"] - prev["documents"]
+    encoder_desc = ({"name": "bm25", "kind": "sparse"} if cfg.encoder.sparse
+                    else load_encoder(EncoderConfig(**state["encoder"])).describe())
+    new_manifest = {
+        "format": layout.FORMAT, "version": layout.VERSION, "generation": generation,
+        "tokenizer": {"name": cfg.tokenizer, "fingerprint": state["tokenizer_fingerprint"]},
+        "encoder": encoder_desc, "chunking": asdict(cfg.chunking),
+        "counts": {k: summary[k] for k in ("documents", "chunks", "indexed_chunks", "tokens")},
+        "domains": domains, "parts": [{k: v for k, v in p.items() if "seconds" not in k} for p in parts],
+        "index": {"path": (path.relative_to(root)).as_posix(), "meta": meta, "files": index_files},
+        "build": {"params": (manifest["build"]["params"] if manifest else state["params"]),
+                  "inputs": (manifest["build"]["inputs"] if manifest else state["inputs"]),
+                  "appended_inputs": (manifest["build"].get("appended_inputs", []) + [state["inputs"]])
+                  if manifest else []},
+        "summary": summary,
+    }
+    write_json(root / layout.MANIFEST, new_manifest)
+    shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
+    for stale in index_dir.iterdir():  # earlier generations of the index, now unreferenced
+        if not stale.name.startswith((f"dense-g{generation:04d}", f"bm25-g{generation:04d}")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    return summary

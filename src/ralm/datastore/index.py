@@ -1,0 +1,195 @@
+"""FAISS inner-product indexes over a store's keys: budget-driven choice, training, recall tuning.
+
+``auto`` picks from the number of vectors and the memory budget (as autofaiss does): exact ``Flat`` for
+small stores; ``IVF,Flat`` when the float32 vectors fit the budget; otherwise ``IVF,PQ`` whose candidates
+are re-ranked exactly against the memory-mapped fp16 keys. Then nprobe / efSearch is raised until
+recall@10 against exact search on held-out keys reaches the target, and the choice, its parameters and
+the measured recall are written to a metadata JSON beside the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from ralm.datastore.keys import KeyParts, exact_search, recall_at_k
+from ralm.errors import RalmError
+from ralm.utils.atomic import atomic_path, write_json
+
+FLAT_MAX = 100_000  # below this, exact search is both fast enough and free of tuning
+NAMED = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+
+
+def parse_bytes(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m:
+        raise RalmError(f"--memory-budget {text!r}: expected a size like 512MB or 4GB")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+@dataclass
+class IndexConfig:
+    kind: str = field(default="auto", metadata={"help": "auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string"})
+    memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may use at search time"})
+    target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact search to tune for"})
+    n_queries: int = field(default=500, metadata={"help": "held-out keys used to measure recall"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NAMED and "," not in self.kind and not re.match(r"^(Flat|HNSW|IVF|PQ|IDMap)", self.kind):
+            raise RalmError(f"--index {self.kind!r}: expected one of {', '.join(NAMED)} or a FAISS factory string")
+        if not 0 < self.target_recall <= 1:
+            raise RalmError(f"--target-recall {self.target_recall}: must be in (0, 1]")
+        self.budget_bytes = parse_bytes(self.memory_budget)
+
+
+def choose_factory(n: int, dim: int, cfg: IndexConfig) -> tuple[str, int]:
+    """(FAISS factory string, re-rank factor) for ``n`` vectors of ``dim`` under the config."""
+    nlist = max(16, min(65536, 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))))
+    kind = cfg.kind
+    if kind == "auto":
+        if n <= FLAT_MAX:
+            kind = "flat"
+        elif n * dim * 4 * 1.1 <= cfg.budget_bytes:
+            kind = "ivf"
+        else:
+            kind = "ivfpq"
+    if kind == "flat":
+        return "IDMap,Flat", 1
+    if kind == "ivf":
+        return f"IVF{nlist},Flat", 1
+    if kind == "ivfpq":
+        m = next(m for m in (dim // 4, dim // 8, dim // 2, dim) if m and dim % m == 0 and m <= 96)
+        return f"IVF{nlist},PQ{m}x8", 8
+    if kind == "hnsw":
+        return "IDMap,HNSW32,Flat", 1
+    return kind, 1
+
+
+@contextlib.contextmanager
+def blas_always():
+    """Make exhaustive search use BLAS for every batch size.
+
+    FAISS scans the database once per query for batches with queries x dim below a threshold (128,000
+    in 1.15), which makes batches of 1-300 queries several times slower than one BLAS pass.
+    """
+    old = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = 0
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = old
+
+
+class DenseIndex:
+    """A FAISS index over global row ids, with the tuned search parameters and optional exact re-rank."""
+
+    def __init__(self, index: faiss.Index, meta: dict, keys: KeyParts | None):
+        self.index, self.meta, self.keys = index, meta, keys
+        self.rerank = int(meta.get("rerank", 1))
+        for name, value in meta.get("params", {}).items():
+            faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of shape (nq, k): inner products and global row ids (-1 where fewer than k exist)."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        kk = min(self.ntotal, k * self.rerank)
+        with blas_always():
+            D, I = self.index.search(xq, kk)  # noqa: E741
+        if self.rerank > 1 and self.keys is not None:
+            # exact scores from the fp16 keys for the PQ candidates, then keep the best k
+            safe = np.where(I < 0, 0, I)
+            exact = np.einsum("qd,qcd->qc", xq, self.keys.get(safe))
+            exact[I < 0] = -np.inf
+            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            D, I = np.take_along_axis(exact, order, 1), np.take_along_axis(I, order, 1)  # noqa: E741
+        if D.shape[1] < k:
+            pad = k - D.shape[1]
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)  # noqa: E741
+        return D[:, :k], I[:, :k]
+
+
+def _tunable(index: faiss.Index) -> tuple[str, list[int]] | None:
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if isinstance(inner, faiss.IndexIVF):
+        return "nprobe", [2 ** i for i in range(int(math.log2(inner.nlist)) + 1)]
+    if isinstance(inner, faiss.IndexHNSW):
+        return "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
+    return None
+
+
+def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, log=print) -> dict:
+    """Build, tune and write the index over global ``rows`` of ``keys``; return its metadata."""
+    t0 = time.perf_counter()
+    n, dim = len(rows), keys.dim
+    if n == 0:
+        raise RalmError("no chunks to index: the corpus produced no text")
+    factory, rerank = choose_factory(n, dim, cfg)
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise RalmError(f"--index {cfg.kind}: FAISS cannot build {factory!r} ({str(e).splitlines()[0][:120]})") from None
+    rng = np.random.default_rng(cfg.seed)
+    # held-out queries: keys excluded from training, so tuning is not measured on training points
+    nq = min(cfg.n_queries, n)
+    q_rows = np.sort(rng.choice(rows, nq, replace=False))
+    if not index.is_trained:
+        pool = np.setdiff1d(rows, q_rows) if n > nq else rows
+        n_train = min(len(pool), max(256 * 64, 64 * getattr(faiss.extract_index_ivf(index), "nlist", 256)))
+        train_rows = np.sort(rng.choice(pool, n_train, replace=False))
+        log(f"training {factory} on {n_train:,} of {n:,} keys")
+        index.train(keys.get(train_rows))
+    for ids, xb in keys.blocks(rows):
+        index.add_with_ids(xb, ids)
+    t_build = time.perf_counter() - t0
+
+    dense = DenseIndex(index, {"rerank": rerank}, keys)
+    xq = keys.get(q_rows)
+    _, I_exact = exact_search(keys, xq, 10, rows)
+    params: dict[str, int] = {}
+    tunable = _tunable(index)
+    with blas_always():
+        if tunable is None:
+            recall = recall_at_k(dense.search(xq, 10)[1], I_exact)
+        else:
+            name, values = tunable
+            for v in values:
+                faiss.ParameterSpace().set_index_parameter(index, name, v)
+                recall = recall_at_k(dense.search(xq, 10)[1], I_exact)
+                params = {name: v}
+                if recall >= cfg.target_recall:
+                    break
+    if recall < cfg.target_recall:
+        log(f"warning: {factory} reaches recall@10 {recall:.3f} < target {cfg.target_recall}; consider --index flat")
+    meta = {
+        "type": cfg.kind, "factory": factory, "metric": "inner_product", "ntotal": n, "dim": dim,
+        "params": params, "rerank": rerank, "recall_at_10": round(recall, 4), "recall_queries": nq,
+        "target_recall": cfg.target_recall, "memory_budget_bytes": cfg.budget_bytes,
+        "build_seconds": round(t_build, 2), "tune_seconds": round(time.perf_counter() - t0 - t_build, 2),
+        "config": {k: v for k, v in asdict(cfg).items()},
+    }
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+    write_json(path.with_suffix(".json"), meta)
+    return meta
+
+
+def load_index(path: Path, meta: dict, keys: KeyParts | None) -> DenseIndex:
+    """Load an index, memory-mapped where FAISS supports it for that index type."""
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError:
+        index = faiss.read_index(str(path))
+    return DenseIndex(index, meta, keys)

@@ -1,0 +1,75 @@
+"""Row-aligned fp16 key parts on disk, read memory-mapped, plus exact search and recall helpers.
+
+Global row r of a store is row ``r - offsets[p]`` of key part ``p``; FAISS ids are global rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class KeyParts:
+    """A read-only view of the key parts of a store, in part order."""
+
+    def __init__(self, paths: Sequence[Path | str]):
+        self.parts = [np.load(p, mmap_mode="r") for p in paths]
+        sizes = [len(x) for x in self.parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.dim = int(self.parts[0].shape[1]) if self.parts else 0
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part index, row within part) of global rows."""
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        return part, rows - self.offsets[part]
+
+    def get(self, rows: np.ndarray) -> np.ndarray:
+        """float32 keys of global ``rows`` (any order, any shape)."""
+        flat = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(flat), self.dim), dtype=np.float32)
+        part, local = self.locate(flat)
+        for p in np.unique(part):
+            sel = part == p
+            out[sel] = self.parts[p][local[sel]]
+        return out.reshape(*np.shape(rows), self.dim)
+
+    def blocks(self, rows: np.ndarray | None = None, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (global ids, float32 keys) blocks, over all rows or the given sorted subset."""
+        if rows is None:
+            for p, part in enumerate(self.parts):
+                for s in range(0, len(part), block):
+                    xb = np.asarray(part[s:s + block], dtype=np.float32)
+                    yield np.arange(self.offsets[p] + s, self.offsets[p] + s + len(xb), dtype=np.int64), xb
+        else:
+            for s in range(0, len(rows), block):
+                ids = rows[s:s + block]
+                yield ids, self.get(ids)
+
+
+def exact_search(keys: KeyParts, xq: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k in numpy: the ground truth for recall and for tests."""
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    nq = len(xq)
+    D = np.full((nq, k), -np.inf, dtype=np.float32)
+    I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741 (faiss naming)
+    for ids, xb in keys.blocks(rows):
+        s = xq @ xb.T  # (nq, block)
+        kk = min(k, s.shape[1])
+        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        D = np.concatenate([D, np.take_along_axis(s, top, 1)], axis=1)
+        I = np.concatenate([I, ids[top]], axis=1)  # noqa: E741
+        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
+        D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)  # noqa: E741
+    return D, I
+
+
+def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray, k: int = 10) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k (set recall, tie-insensitive to order)."""
+    hits = [len(set(a[:k]) & set(b[:k]) - {-1}) for a, b in zip(I_approx, I_exact, strict=True)]
+    denom = [max(1, len(set(b[:k]) - {-1})) for b in I_exact]
+    return float(np.mean(np.array(hits) / np.array(denom)))

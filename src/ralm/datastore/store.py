@@ -1,0 +1,247 @@
+"""Open a finished datastore and search it: ``Datastore.open(path).search(queries, k)``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ralm.datastore import layout
+from ralm.datastore.encoders import EncoderConfig, load_encoder
+from ralm.datastore.keys import KeyParts
+from ralm.errors import IncompatibleError, RalmError, StoreError
+from ralm.utils.atomic import sha256_file
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    chunk_id: int
+    doc_id: str
+    domain: str
+    text: str
+    continuation: str  # text of the next chunk of the same document ("" for the last chunk or passages)
+    row: int  # global row (FAISS id)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("row")
+        return d
+
+
+def read_manifest(root: Path) -> dict:
+    path = root / layout.MANIFEST
+    if not root.exists():
+        raise StoreError(f"{root}: no such datastore directory")
+    if not path.exists():
+        if (root / layout.BUILD_DIR).exists():
+            raise StoreError(f"{root}: unfinished datastore (build interrupted); rerun the same `ralm build` "
+                             "command to finish it")
+        raise StoreError(f"{root}: not a ralm datastore (no {layout.MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: corrupt manifest ({e})") from None
+    if manifest.get("format") != layout.FORMAT:
+        raise StoreError(f"{path}: not a ralm datastore manifest")
+    if manifest.get("version") != layout.VERSION:
+        raise StoreError(f"{path}: format version {manifest.get('version')} is not supported (expected {layout.VERSION})")
+    return manifest
+
+
+def _store_files(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
+    files = []
+    for p in manifest["parts"]:
+        files.append((layout.chunks_path(root, p["part"]), p["chunks_file"]))
+        if "keys_file" in p:
+            files.append((layout.keys_path(root, p["part"]), p["keys_file"]))
+    files.extend((root / f["path"], f) for f in manifest["index"]["files"])
+    return files
+
+
+def verify_files(root: Path, manifest: dict, checksums: bool) -> None:
+    """Every file the manifest names exists with its size (and, with ``checksums``, its sha256)."""
+    for path, rec in _store_files(root, manifest):
+        if not path.exists():
+            raise StoreError(f"{path}: missing from the datastore")
+        size = path.stat().st_size
+        if size != rec["bytes"]:
+            raise StoreError(f"{path}: truncated or altered ({size} bytes, manifest says {rec['bytes']})")
+        if checksums and sha256_file(path) != rec["sha256"]:
+            raise StoreError(f"{path}: checksum mismatch (file is corrupt)")
+
+
+class Datastore:
+    """A finished datastore, opened read-only. Keys are memory-mapped; chunk parts load on demand."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root, self.manifest = root, manifest
+        self.parts = [p["part"] for p in manifest["parts"]]
+        sizes = [p["chunks"] for p in manifest["parts"]]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._index: Any = None
+        self._encoder: Any = None
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> Datastore:
+        """Open a finished store; refuse unfinished, truncated or (with ``verify``) corrupt ones."""
+        root = Path(path)
+        manifest = read_manifest(root)
+        verify_files(root, manifest, checksums=verify)
+        return cls(root, manifest)
+
+    # ---- what the store was built with -------------------------------------------------------
+    @property
+    def encoder_name(self) -> str:
+        return self.manifest["encoder"]["name"]
+
+    @property
+    def sparse(self) -> bool:
+        return self.manifest["encoder"]["kind"] == "sparse"
+
+    def __len__(self) -> int:
+        return int(self.manifest["index"]["meta"]["ntotal"])
+
+    def check_compatible(self, encoder: str | None = None, tokenizer_fingerprint: str | None = None,
+                         tokenizer_name: str | None = None) -> None:
+        """Raise ``IncompatibleError`` naming both sides when a use needs another encoder or tokenizer."""
+        if encoder is not None and encoder != self.encoder_name:
+            raise IncompatibleError(f"{self.root}: built with encoder {self.encoder_name!r}, "
+                                    f"but {encoder!r} was asked for; rebuild the store or use its encoder")
+        tok = self.manifest["tokenizer"]
+        if tokenizer_fingerprint is not None and tokenizer_fingerprint != tok["fingerprint"]:
+            raise IncompatibleError(f"{self.root}: chunked with tokenizer {tok['name']!r} ({tok['fingerprint']}), "
+                                    f"not {tokenizer_name or 'the requested one'!r} ({tokenizer_fingerprint})")
+
+    # ---- search ------------------------------------------------------------------------------
+    def _get_index(self):
+        if self._index is None:
+            meta = self.manifest["index"]["meta"]
+            path = self.root / self.manifest["index"]["path"]
+            if self.sparse:
+                from ralm.datastore.bm25 import load_bm25
+
+                self._index = load_bm25(path)
+            else:
+                from ralm.datastore.index import load_index
+
+                keys = KeyParts([layout.keys_path(self.root, p) for p in self.parts])
+                self._index = load_index(path, meta, keys)
+        return self._index
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Queries encoded with the store's own encoder (same model, pooling and dtype)."""
+        if self.sparse:
+            raise IncompatibleError(f"{self.root}: a BM25 store has no vectors; search it with texts")
+        if self._encoder is None:
+            e = self.manifest["encoder"]
+            enc = load_encoder(EncoderConfig(e["name"], e["pooling"], e["dtype"], max_length=e["max_length"]))
+            if enc.fingerprint != e["fingerprint"]:
+                raise IncompatibleError(f"{self.root}: encoder {e['name']!r} now loads different weights "
+                                        f"({enc.fingerprint}) than the store was built with ({e['fingerprint']})")
+            self._encoder = enc
+        return self._encoder.encode(list(texts))
+
+    def _raw_search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._get_index()
+        if self.sparse:
+            return index.search(queries, k)
+        xq = queries if isinstance(queries, np.ndarray) else self.encode(queries)
+        return index.search(xq, k)
+
+    def search(self, queries: list[str] | np.ndarray, k: int = 10,
+               exclude_doc_ids: list[set[str] | str | None] | set[str] | None = None) -> list[list[Hit]]:
+        """Top-k hits per query. ``queries``: texts, or an (nq, dim) array of vectors from the store's encoder.
+
+        ``exclude_doc_ids`` (one set per query, or one set for all) drops hits from those documents
+        (RETRO's same-document rule); the search over-fetches so each query still gets k hits where the
+        store has them.
+        """
+        nq = self._validate_queries(queries)
+        n = len(self)
+        if not isinstance(k, (int, np.integer)) or k <= 0:
+            raise RalmError(f"k={k}: must be a positive integer")
+        if k > n:
+            raise RalmError(f"k={k}: larger than the store ({n} chunks)")
+        excl = self._per_query_exclusions(exclude_doc_ids, nq)
+        fetch = k if not any(excl) else min(n, 2 * k + 16)
+        while True:
+            D, I = self._raw_search(queries, fetch)  # noqa: E741
+            hits = [self._hits(D[q], I[q], excl[q], k) for q in range(nq)]
+            if fetch >= n or all(len(h) >= k for h in hits):
+                return hits
+            fetch = min(n, fetch * 4)
+
+    def _validate_queries(self, queries) -> int:
+        if isinstance(queries, np.ndarray):
+            if self.sparse:
+                raise IncompatibleError(f"{self.root}: a BM25 store is searched with texts, not vectors")
+            dim = self.manifest["encoder"]["dim"]
+            if queries.ndim != 2 or queries.shape[1] != dim:
+                raise IncompatibleError(f"query vectors of shape {queries.shape}: the store's encoder "
+                                        f"{self.encoder_name!r} has dim {dim}")
+            return len(queries)
+        if isinstance(queries, str) or not all(isinstance(q, str) for q in queries):
+            raise RalmError("queries must be a list of strings or an (nq, dim) array")
+        if not queries:
+            raise RalmError("no queries given")
+        return len(queries)
+
+    @staticmethod
+    def _per_query_exclusions(exclude, nq: int) -> list[set[str]]:
+        if exclude is None:
+            return [set()] * nq
+        if isinstance(exclude, (set, frozenset)):
+            return [set(exclude)] * nq
+        if len(exclude) != nq:
+            raise RalmError(f"exclude_doc_ids has {len(exclude)} entries for {nq} queries")
+        return [{e} if isinstance(e, str) else set(e or ()) for e in exclude]
+
+    def _hits(self, scores: np.ndarray, rows: np.ndarray, exclude: set[str], k: int) -> list[Hit]:
+        hits: list[Hit] = []
+        for score, row in zip(scores, rows, strict=True):
+            if row < 0:
+                continue
+            rec = self.chunk(int(row))
+            if rec["doc_id"] in exclude:
+                continue
+            hits.append(Hit(len(hits) + 1, float(score), rec["chunk_id"], rec["doc_id"], rec["domain"],
+                            rec["text"], rec["continuation_text"], int(row)))
+            if len(hits) == k:
+                break
+        return hits
+
+    # ---- chunk records -----------------------------------------------------------------------
+    def chunk(self, row: int) -> dict[str, Any]:
+        """The stored record of global row ``row`` plus ``continuation_text`` (next chunk of its document)."""
+        p = int(np.searchsorted(self.offsets, row, side="right") - 1)
+        table = self._part_table(p)
+        local = row - int(self.offsets[p])
+        rec = {c: table[c][local] for c in table}
+        nxt = local + 1
+        same_doc = nxt < len(table["doc_id"]) and table["doc_id"][nxt] == rec["doc_id"]
+        rec["continuation_text"] = table["text"][nxt] if same_doc and rec["continuation"] else ""
+        return rec
+
+    @lru_cache(maxsize=64)  # noqa: B019 (one store object lives as long as its cache should)
+    def _part_table(self, p: int) -> dict[str, list]:
+        import pyarrow.parquet as pq
+
+        return pq.read_table(layout.chunks_path(self.root, self.parts[p])).to_pydict()
+
+    def info(self) -> dict[str, Any]:
+        m = self.manifest
+        meta = m["index"]["meta"]
+        return {
+            "path": str(self.root), "documents": m["counts"]["documents"], "chunks": m["counts"]["chunks"],
+            "indexed_chunks": meta["ntotal"], "tokens": m["counts"]["tokens"], "domains": m["domains"],
+            "parts": len(m["parts"]), "tokenizer": m["tokenizer"]["name"], "chunk_tokens": m["chunking"]["chunk_tokens"],
+            "continuation": m["chunking"]["continuation"], "encoder": m["encoder"]["name"],
+            "encoder_dim": m["encoder"].get("dim"), "index": meta.get("factory"), "index_params": meta.get("params"),
+            "recall_at_10": meta.get("recall_at_10"), "bytes": sum(r["bytes"] for _, r in _store_files(self.root, m)),
+        }

@@ -1,0 +1,1 @@
+"""Language models and their tokenizers: presets, hub ids, local folders and GGUF files."""

