@@ -83,6 +83,11 @@ def _prepare(cfg: BuildConfig, log: Callable[[str], None]) -> tuple[Path, dict |
         from ralm.datastore.store import read_manifest
 
         manifest = read_manifest(root)
+        if (root / layout.BUILD_DIR).exists() and _finished_build_leftover(root, manifest):
+            # killed after the manifest was written but before .build was removed: the store is
+            # complete; resuming would append its parts a second time
+            log(f"{root}: removing build state left over from a finished build")
+            shutil.rmtree(root / layout.BUILD_DIR)
         if not cfg.add and not (root / layout.BUILD_DIR).exists():
             same = manifest["build"]["params"] == _jsonable(cfg.output_params()) and \
                 manifest["build"]["inputs"] == [str(i) for i in cfg.inputs]
@@ -93,6 +98,39 @@ def _prepare(cfg: BuildConfig, log: Callable[[str], None]) -> tuple[Path, dict |
     elif cfg.add:
         raise RalmError(f"--add: {root} has no finished store to append to")
     return root, manifest, False
+
+
+def _finished_build_leftover(root: Path, manifest: dict) -> bool:
+    """Whether ``.build`` beside a manifest belongs to a build that already wrote that manifest.
+
+    A build's parts start at ``base_part``; once its manifest is written the store has more parts than
+    that. Without a state file nothing can have been started (it is written before any shard), or
+    the removal of ``.build`` was cut short; either way there is nothing to resume.
+    """
+    state_path = root / layout.BUILD_DIR / "state.json"
+    if not state_path.exists():
+        return True
+    try:
+        state = json.loads(state_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return int(state.get("base_part", 0)) < len(manifest["parts"])
+
+
+def _discard_failed_start(root: Path, root_existed: bool, manifest: dict | None) -> None:
+    """After a fatal input error, remove what a build that finished no shard wrote (no half store left)."""
+    done_dir = root / layout.BUILD_DIR / "done"
+    if done_dir.exists() and any(done_dir.iterdir()):
+        return  # finished shards: keep them, a rerun resumes from them
+    if manifest is not None:  # --add on a finished store: leave the store as it was
+        shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
+        return
+    if not root.exists():
+        return
+    for child in root.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if not root_existed:
+        root.rmdir()
 
 
 def _jsonable(obj):
@@ -177,6 +215,19 @@ def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: 
     if done:
         log(f"{root}: already complete; nothing to do (use --force to rebuild, --add to append)")
         return {**manifest["summary"], "already_complete": True}
+    root_existed = root.exists()
+    fresh_state = not (root / layout.BUILD_DIR / "state.json").exists()
+    try:
+        return _build(cfg, root, manifest, log, progress, t0)
+    except RalmError:
+        if fresh_state and (root / layout.BUILD_DIR / "state.json").exists():
+            _discard_failed_start(root, root_existed, manifest)
+        raise
+
+
+def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: bool, t0: float) -> dict:
+    from tqdm import tqdm
+
     state = _resolve_state(cfg, root, manifest, log)
     base = state["base_part"]
     encoder_cfg = EncoderConfig(**state["encoder"]) if state["encoder"] else EncoderConfig(name="bm25")
@@ -218,7 +269,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: 
     finally:
         bar.close()
         executor.close()
-    if stats.documents == 0 and not manifest:
+    if stats.documents == 0:
         raise RalmError(f"{', '.join(cfg.inputs)}: empty corpus (no non-blank documents; "
                         f"{stats.blank} blank, {stats.too_large} too large, {stats.invalid_utf8_skipped} invalid)")
     for w in stats.warnings[:20]:
@@ -300,6 +351,9 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
                   if manifest else []},
         "summary": summary,
     }
+    for sub in ("chunks", "keys", "index"):  # temporary files of writes cut short by a crash
+        for tmp in (root / sub).glob(".*.tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
     write_json(root / layout.MANIFEST, new_manifest)
     shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
     for stale in index_dir.iterdir():  # earlier generations of the index, now unreferenced

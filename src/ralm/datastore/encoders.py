@@ -110,6 +110,8 @@ class DenseEncoder:
         return pooled.numpy()
 
     def _choose_dtype(self) -> str:
+        if not _cpu_has_bf16():  # emulated bf16 is several times slower than fp32: not worth probing
+            return "fp32"
         t0 = time.perf_counter()
         ref = self._forward(_PROBE, "fp32")
         t_fp32 = time.perf_counter() - t0
@@ -132,6 +134,15 @@ class DenseEncoder:
             idx = order[i:i + bs]
             out[idx] = self._forward([texts[j] for j in idx], self.dtype)
         return out
+
+
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _model_pooling(path: Path) -> str:

@@ -32,16 +32,24 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None, max_in_flight: int | None = None, num_cpus: float = 1.0):
+        if not address:
+            # Without an address ray.init() would start (or silently join) a cluster on whatever interface
+            # Ray picks; ralm only ever connects to a cluster the user started and named.
+            raise RalmError("--ray-address is required with --executor ray (the address of a running "
+                            "cluster, e.g. 127.0.0.1:6379)")
         try:
             import ray
         except ImportError:
             raise RalmError("--executor ray: ray is not installed (pip install 'ralm[ray]')") from None
         self.ray = ray
-        # Ray >= 2.5x clusters started with `ray start` expect token auth from clients
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # Ray >= 2.5x clusters started with `ray start` expect token auth from clients; the token itself comes
+        # from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (set RAY_AUTH_MODE=disabled to opt out)
+        self._owns_connection = not ray.is_initialized()
+        if self._owns_connection and "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "token"
+            _refresh_ray_auth_config()
         try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR",
-                     include_dashboard=False if address is None else None)
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR")
         except Exception as e:
             raise RalmError(f"--ray-address {address}: cannot connect to a Ray cluster "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
@@ -62,7 +70,19 @@ class RayExecutor:
             yield from self.ray.get(done)
 
     def close(self) -> None:
-        self.ray.shutdown()
+        """Disconnect this driver (never stops the cluster; keeps a connection the caller made itself)."""
+        if self._owns_connection:
+            self.ray.shutdown()
+
+
+def _refresh_ray_auth_config() -> None:
+    """Make an already-imported Ray see a RAY_AUTH_MODE set after import (it caches its config on import)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # other Ray versions: nothing cached to refresh
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def make_executor(name: str, ray_address: str | None = None) -> LocalExecutor | RayExecutor:
