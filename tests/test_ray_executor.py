@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_corpus
 
+from conftest import write_corpus
 from ralm.errors import RalmError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -133,12 +133,15 @@ def ray_cluster():
     root = Path(tempfile.mkdtemp(prefix="ralm-ray-", dir="/tmp"))  # short: Ray's unix socket paths are limited
     for sub in ("home", "tmp", "ray"):
         (root / sub).mkdir()
-    gcs, node_manager, object_manager, client_server, agent, agent_grpc, runtime_env, metrics = _free_ports(8)
+    (gcs, node_manager, object_manager, client_server, agent, agent_grpc, runtime_env, metrics,
+     autoscaler_metrics, dashboard_metrics) = _free_ports(10)
     token = secrets.token_hex(32)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once instead of draining 30 s
+               # head-only metrics servers default to fixed ports 44217 / 44227 (on loopback, as the node IP is)
+               AUTOSCALER_METRIC_PORT=str(autoscaler_metrics), DASHBOARD_METRIC_PORT=str(dashboard_metrics),
                # what the workers (children of the head, with its environment) need for the tiny models
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RALM_CACHE_DIR=str(root / "ralm-cache"))
     ray_bin = Path(sys.executable).with_name("ray")

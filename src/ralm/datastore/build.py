@@ -206,8 +206,6 @@ def _estimate_documents(inputs: list[str]) -> int | None:
 
 def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
     """Build (or resume, or append to) the store at ``cfg.out``; return the build summary."""
-    from tqdm import tqdm
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     list_input_files(cfg.inputs)  # fail fast on a missing path, before touching the output folder

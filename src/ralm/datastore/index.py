@@ -141,13 +141,19 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise RalmError(f"--index {cfg.kind}: FAISS cannot build {factory!r} ({str(e).splitlines()[0][:120]})") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        # polysemous codes only speed up Hamming-filtered search, which we don't use; training them
+        # costs minutes even on small samples
+        ivf.do_polysemous_training = False
     rng = np.random.default_rng(cfg.seed)
     # held-out queries: keys excluded from training, so tuning is not measured on training points
     nq = min(cfg.n_queries, n)
     q_rows = np.sort(rng.choice(rows, nq, replace=False))
     if not index.is_trained:
         pool = np.setdiff1d(rows, q_rows) if n > nq else rows
-        n_train = min(len(pool), max(256 * 64, 64 * getattr(faiss.extract_index_ivf(index), "nlist", 256)))
+        n_train = min(len(pool), max(256 * 64, 64 * getattr(ivf, "nlist", 256)))
         train_rows = np.sort(rng.choice(pool, n_train, replace=False))
         log(f"training {factory} on {n_train:,} of {n:,} keys")
         index.train(keys.get(train_rows))

@@ -1,0 +1,96 @@
+"""Index choice, training, recall tuning and search on clustered (structured) vectors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ralm.datastore.index import IndexConfig, build_index, choose_factory, load_index, parse_bytes
+from ralm.datastore.keys import KeyParts, exact_search, recall_at_k
+from ralm.errors import RalmError
+
+
+def clustered(n: int, dim: int = 32, centers: int = 50, seed: int = 0) -> np.ndarray:
+    """Unit vectors around random centres: neighbourhood structure, unlike uniform random vectors."""
+    rng = np.random.default_rng(seed)
+    c = rng.normal(size=(centers, dim))
+    x = c[rng.integers(0, centers, n)] + 0.35 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+DATA = clustered(6100)  # 6000 stored keys + 100 fresh queries from the same distribution
+QUERIES = DATA[6000:]
+
+
+@pytest.fixture
+def keys(tmp_path) -> KeyParts:
+    x = DATA[:6000]
+    paths = []
+    for i, part in enumerate(np.array_split(x, 3)):  # several parts: global rows span them
+        paths.append(tmp_path / f"part-{i}.npy")
+        np.save(paths[-1], part.astype(np.float16))
+    return KeyParts(paths)
+
+
+def test_auto_choice_follows_size_and_budget():
+    small = IndexConfig()
+    assert choose_factory(50_000, 384, small)[0] == "IDMap,Flat"
+    assert choose_factory(1_000_000, 384, small)[0].endswith(",Flat")  # 1.5 GB fits 4 GB
+    factory, rerank = choose_factory(1_000_000, 384, IndexConfig(memory_budget="512MB"))
+    assert ",PQ" in factory and rerank > 1
+    assert choose_factory(10, 8, IndexConfig(kind="HNSW16"))[0] == "HNSW16"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_build_tunes_to_target_recall_and_writes_metadata(tmp_path, keys, kind):
+    rows = np.arange(len(keys))
+    meta = build_index(keys, rows, IndexConfig(kind=kind, target_recall=0.9, n_queries=200), tmp_path / "i.faiss",
+                       log=lambda m: None)
+    assert meta["recall_at_10"] >= 0.9
+    assert json.loads((tmp_path / "i.json").read_text())["factory"] == meta["factory"]
+    if kind in ("ivf", "ivfpq"):
+        assert "nprobe" in meta["params"]
+    if kind == "hnsw":
+        assert "efSearch" in meta["params"]
+    index = load_index(tmp_path / "i.faiss", meta, keys)
+    # fresh queries (not stored keys) keep the recall
+    xq = QUERIES
+    _, I_exact = exact_search(keys, xq, 10)
+    D, I = index.search(xq, 10)
+    assert recall_at_k(I, I_exact) >= 0.85
+    assert np.all(np.diff(D, axis=1) <= 1e-5)  # best first
+
+
+def test_index_over_subset_of_rows_returns_only_those(tmp_path, keys):
+    rows = np.arange(0, len(keys), 2)  # e.g. after dedup
+    meta = build_index(keys, rows, IndexConfig(kind="flat"), tmp_path / "i.faiss", log=lambda m: None)
+    index = load_index(tmp_path / "i.faiss", meta, keys)
+    _, I = index.search(QUERIES[:20], 10)
+    assert np.all(I % 2 == 0)
+    _, I_exact = exact_search(keys, QUERIES[:20], 10, rows)
+    assert recall_at_k(I, I_exact) == 1.0
+
+
+def test_k_beyond_ntotal_pads(tmp_path, keys):
+    rows = np.arange(5)
+    meta = build_index(keys, rows, IndexConfig(kind="flat", n_queries=5), tmp_path / "i.faiss", log=lambda m: None)
+    D, I = load_index(tmp_path / "i.faiss", meta, keys).search(QUERIES[:2], 8)
+    assert I.shape == (2, 8) and np.all(I[:, 5:] == -1) and np.all(np.isinf(D[:, 5:]))
+
+
+def test_bad_index_config():
+    with pytest.raises(RalmError, match="--index"):
+        IndexConfig(kind="nonsense")
+    with pytest.raises(RalmError, match="--memory-budget"):
+        IndexConfig(memory_budget="lots")
+    with pytest.raises(RalmError, match="--target-recall"):
+        IndexConfig(target_recall=1.5)
+    assert parse_bytes("4GB") == 4 * 1024**3 and parse_bytes("512 mb") == 512 * 1024**2
+
+
+def test_recall_helper():
+    exact = np.array([[1, 2, 3], [4, 5, 6]])
+    assert recall_at_k(exact, exact, 3) == 1.0
+    assert recall_at_k(np.array([[1, 9, 9], [4, 5, 9]]), exact, 3) == pytest.approx((1 / 3 + 2 / 3) / 2)
