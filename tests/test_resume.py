@@ -238,3 +238,20 @@ def test_force_starts_over(setup, tmp_path):
     files = [p for p in after if (out / p).is_file()]
     assert all(after[p] != before[p] for p in files)  # every file rewritten
     assert_same_store(out, setup)
+
+
+def test_resume_refuses_changed_inputs(tmp_path, build_config):
+    from ralm.datastore import layout
+    from ralm.datastore.build import _resolve_state, build
+    from ralm.errors import RalmError
+
+    src = write_corpus(tmp_path / "c.jsonl", n_docs=6)
+    cfg = build_config([src], tmp_path / "ds")
+    (tmp_path / "ds").mkdir()
+    _resolve_state(cfg, tmp_path / "ds", None, log=lambda m: None)  # an unfinished build's state
+    assert (tmp_path / "ds" / layout.BUILD_DIR / "state.json").exists()
+    with open(src, "a") as f:
+        f.write('{"id": "new", "text": "one more document"}\n')
+    os.utime(src)
+    with pytest.raises(RalmError, match="input files changed"):
+        build(cfg, progress=False)

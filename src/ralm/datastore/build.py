@@ -54,6 +54,8 @@ class BuildConfig:
             raise RalmError("--force and --add contradict each other: choose one")
         if self.executor not in ("local", "ray"):
             raise RalmError(f"--executor {self.executor!r}: expected 'local' or 'ray'")
+        if self.executor == "ray" and not self.ray_address:
+            raise RalmError("--ray-address is required with --executor ray (e.g. 127.0.0.1:6379)")
 
     def output_params(self) -> dict:
         """Everything that determines the store's content (not how or where it is computed)."""
@@ -152,11 +154,15 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
             if mine != theirs:
                 raise RalmError(f"--add: {key} {mine} differs from the store's {theirs}; "
                                 "an appended corpus must be chunked and encoded the same way")
+    files = _input_files_fingerprint(cfg.inputs)
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state["params"] != params or state["inputs"] != [str(i) for i in cfg.inputs]:
             raise RalmError(f"--out {root}: holds an unfinished build started with other inputs or parameters; "
                             "rerun that command to finish it, or use --force to start over")
+        if state.get("files") != files:
+            raise RalmError(f"--out {root}: the input files changed since the unfinished build started "
+                            "(finished shards would no longer match them); use --force to start over")
         log(f"resuming the unfinished build in {root}")
         return state
     tok = load_tokenizer(cfg.tokenizer)
@@ -168,11 +174,16 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
             enc = load_encoder(cfg.encoder)
             dtype = enc.dtype
         encoder = {**asdict(cfg.encoder), "dtype": dtype}
-    state = {"params": params, "inputs": [str(i) for i in cfg.inputs], "encoder": encoder,
+    state = {"params": params, "inputs": [str(i) for i in cfg.inputs], "files": files, "encoder": encoder,
              "tokenizer_fingerprint": tokenizer_fingerprint(tok),
              "base_part": len(manifest["parts"]) if manifest else 0, "started": time.time()}
     write_json(state_path, state)
     return state
+
+
+def _input_files_fingerprint(inputs: list[str]) -> list[list]:
+    """(name, size, mtime) of every input file: a resume must read exactly what the first run read."""
+    return [[name, p.stat().st_size, p.stat().st_mtime_ns] for p, name in list_input_files(inputs)]
 
 
 def _shards(docs: Iterator[Document], shard_docs: int, shard_chars: int = 32_000_000) -> Iterator[list[Document]]:
