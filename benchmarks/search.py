@@ -27,7 +27,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from ralm.datastore.index import IndexConfig, build_index, load_index
+from ralm.datastore.index import DenseIndex, IndexConfig, build_index, load_index
 from ralm.datastore.keys import KeyParts, exact_search, recall_at_k
 
 DATA = Path("/work/shared/data")
@@ -63,34 +63,63 @@ def windows(length: int, stride: int) -> list[str]:
     return out
 
 
-def encode_cached(texts: list[str], folder: Path, batch: int, max_length: int, dtype: str) -> tuple[np.ndarray, dict]:
-    """fp16 MiniLM embeddings of ``texts``, encoded in resumable parts cached under ``folder``."""
-    done = folder / "all.npy"
-    if done.exists():
-        return np.load(done), {"texts": len(texts), "cached": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    from ralm.datastore.encoders import EncoderConfig, load_encoder
+_ENC = None
 
-    enc = load_encoder(EncoderConfig(max_length=max_length, dtype=dtype, batch_size=batch))
-    t_enc, n_enc = 0.0, 0
-    for i, s in enumerate(range(0, len(texts), PART)):
-        part = folder / f"part_{i:04d}.npy"
-        if part.exists():
-            continue
-        t0 = time.perf_counter()
-        x = enc.encode(texts[s:s + PART]).astype(np.float16)
-        t_enc += time.perf_counter() - t0
-        n_enc += len(x)
-        np.save(part.with_suffix(".tmp.npy"), x)
-        os.replace(part.with_suffix(".tmp.npy"), part)
-        log(f"encoded {min(s + PART, len(texts)):,}/{len(texts):,} of {folder.name} ({n_enc / t_enc:.0f} texts/s)")
-    parts = sorted(folder.glob("part_*.npy"))
+
+def _encode_part(job: tuple[list[str], str, dict, int]) -> tuple[int, float]:
+    """Worker: encode one part to an fp16 .npy (atomically); return (texts, seconds)."""
+    global _ENC
+    texts, path, cfg, threads = job
+    t0 = time.perf_counter()
+    if _ENC is None:
+        import torch
+
+        from ralm.datastore.encoders import EncoderConfig, load_encoder
+
+        torch.set_num_threads(threads)
+        _ENC = load_encoder(EncoderConfig(**cfg))
+    x = _ENC.encode(texts).astype(np.float16)
+    tmp = Path(path).with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, x)
+    os.replace(tmp, path)
+    return len(x), time.perf_counter() - t0
+
+
+def encode_cached(texts: list[str], folder: Path, batch: int, max_length: int, dtype: str,
+                  workers: int) -> tuple[np.ndarray, dict]:
+    """fp16 MiniLM embeddings of ``texts``, encoded in resumable parts cached under ``folder``.
+
+    ``workers`` single-purpose processes share the cores (threads = cores // workers each): on a busy
+    machine, one-thread processes lose less to OpenMP barriers than one process with several threads.
+    """
+    done, meta = folder / "all.npy", folder / "encode.json"
+    if done.exists():  # the throughput recorded when it was encoded
+        return np.load(done), {**(json.loads(meta.read_text()) if meta.exists() else {}), "cached": True}
+    import multiprocessing as mp
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"max_length": max_length, "dtype": dtype, "batch_size": batch}
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(texts[s:s + PART], str(folder / f"part_{i:05d}.npy"), cfg, threads)
+            for i, s in enumerate(range(0, len(texts), PART)) if not (folder / f"part_{i:05d}.npy").exists()]
+    n_enc, t0 = 0, time.perf_counter()
+    if jobs:
+        with mp.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            for n, _ in pool.imap_unordered(_encode_part, jobs):
+                n_enc += n
+                rate = n_enc / (time.perf_counter() - t0)
+                log(f"{folder.name}: encoded {n_enc:,} of {sum(len(j[0]) for j in jobs):,} ({rate:.0f} texts/s)")
+    wall = time.perf_counter() - t0
+    parts = sorted(folder.glob("part_?????.npy"))
     x = np.concatenate([np.load(p) for p in parts])
+    assert len(x) == len(texts), (len(x), len(texts))
     np.save(done, x)
     for p in parts:
         p.unlink()
-    info = {"texts": len(texts), "cached": n_enc < len(texts), "encoded_now": n_enc,
-            "seconds": round(t_enc, 1), "texts_per_s": round(n_enc / max(t_enc, 1e-9), 1)}
+    info = {"texts": len(texts), "cached": False, "encoded_now": n_enc, "seconds": round(wall, 1),
+            "texts_per_s": round(n_enc / max(wall, 1e-9), 1), "workers": workers, "threads_per_worker": threads}
+    meta.write_text(json.dumps(info))
     return x, info
 
 
@@ -106,7 +135,7 @@ def embeddings(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray, 
     q_pick = np.sort(np.random.default_rng(1).choice(len(qs), args.queries, replace=False))
     key = f"minilm_m{args.max_length}_{args.dtype}_w{args.window}_s{args.stride}_n{args.n}_q{args.queries}"
     root = args.cache_dir / key
-    enc = dict(batch=args.batch, max_length=args.max_length, dtype=args.dtype)
+    enc = dict(batch=args.batch, max_length=args.max_length, dtype=args.dtype, workers=args.workers)
     xs, i1 = encode_cached([all_w[i] for i in store_rows], root / "store", **enc)
     xq, i2 = encode_cached([qs[i] for i in q_pick], root / "questions", **enc)
     xh, i3 = encode_cached([all_w[i] for i in held_rows], root / "heldout", **enc)
@@ -121,54 +150,50 @@ def embeddings(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray, 
 
 def bandwidth_gbps(gib: float) -> dict:
     """Read bandwidth of this machine now: best of 3 over a ``gib`` GiB float32 array (numpy sum, BLAS gemv)."""
-    x = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
+    x = np.ones((int(gib * 2**30) // (4 * 384), 384), dtype=np.float32)
+    v = np.ones(384, dtype=np.float32)
     res = {}
-    for name, fn in (("numpy_sum", lambda: x.sum()),
-                     ("blas_sgemv", lambda: x.reshape(-1, 384) @ np.ones(384, dtype=np.float32))):
+    for name, fn in (("numpy_sum", lambda: x.sum()), ("blas_sgemv", lambda: x @ v)):
         fn()
-        best = min(_timed(fn) for _ in range(3))
-        res[name] = round(x.nbytes / best / 1e9, 2)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        res[name] = round(x.nbytes / min(times) / 1e9, 2)
     return {"array_gib": gib, **res, "gbps": max(res.values())}
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def qps(search: Callable[[np.ndarray], object], xq: np.ndarray, batch: int, min_time: float, rounds: int = 3) -> float:
-    """Best-of-``rounds`` queries/s; a round runs >= ``min_time`` s and >= 200 queries (>= 1 batch)."""
+def qps(systems: dict[str, Callable[[np.ndarray], object]], xq: np.ndarray, batch: int, min_time: float,
+        rounds: int = 3) -> dict[str, float]:
+    """Queries/s of each system at ``batch``: best of ``rounds`` rounds, interleaved across systems so that
+    load from other processes hits them alike; a round runs >= ``min_time`` s and >= 200 queries."""
+    if batch > len(xq):
+        xq = np.resize(xq, (batch, xq.shape[1]))
     starts = range(0, len(xq) - batch + 1, batch)
-    min_q = max(200, batch)
-    search(xq[:batch])  # warm-up
-    best = 0.0
+    best = dict.fromkeys(systems, 0.0)
+    for fn in systems.values():
+        fn(xq[:batch])  # warm-up
     for _ in range(rounds):
-        nq, t0, el = 0, time.perf_counter(), 0.0
-        while (el < min_time or nq < min_q) and el < 30 * min_time:
-            s = starts[(nq // batch) % len(starts)]
-            search(xq[s:s + batch])
-            nq += batch
-            el = time.perf_counter() - t0
-        best = max(best, nq / el)
-    return round(best, 1)
+        for name, fn in systems.items():
+            nq, t0, el = 0, time.perf_counter(), 0.0
+            while (el < min_time or nq < max(200, batch)) and el < 30 * min_time:
+                s = starts[(nq // batch) % len(starts)]
+                fn(xq[s:s + batch])
+                nq += batch
+                el = time.perf_counter() - t0
+            best[name] = max(best[name], nq / el)
+    return {name: round(v, 1) for name, v in best.items()}
 
 
-def with_threshold(index: faiss.Index, value: int | None) -> Callable[[np.ndarray], object]:
-    """Plain ``index.search(xq, 10)`` under a given FAISS blas threshold (None: the library default)."""
+def searcher(index: faiss.Index, nprobe: int | None, dense: DenseIndex | None = None) -> Callable[[np.ndarray], object]:
+    """k=10 search through ralm's ``dense.search`` or, without ``dense``, plain ``index.search`` (FAISS's own
+    default blas threshold), with nprobe set first: runs share one index object, so each sets its own."""
     def run(xq: np.ndarray) -> object:
-        old = faiss.cvar.distance_compute_blas_threshold
-        if value is not None:
-            faiss.cvar.distance_compute_blas_threshold = value
-        try:
-            return index.search(xq, 10)
-        finally:
-            faiss.cvar.distance_compute_blas_threshold = old
+        if nprobe is not None:  # None: not an IVF index (a small store's auto index is Flat)
+            faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        return dense.search(xq, 10) if dense is not None else index.search(xq, 10)
     return run
-
-
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
 
 
 def target(value: float, goal: float, note: str) -> dict:
@@ -184,12 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=32, help="encoder tokens per text")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="encoder dtype")
     ap.add_argument("--batch", type=int, default=256, help="encoder batch size")
+    ap.add_argument("--workers", type=int, default=2, help="encoder processes (cores are split between them)")
     ap.add_argument("--batches", default="1,16,256,1024", help="search batch sizes to time")
-    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing round (best of 3 rounds)")
+    ap.add_argument("--min-time", type=float, default=1.0, help="seconds per timing round")
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds per point (best is kept)")
     ap.add_argument("--bandwidth-gib", type=float, default=1.5, help="array size for the bandwidth probe")
     ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache", help="embedding cache folder")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    blas_default = faiss.cvar.distance_compute_blas_threshold  # what the plain-FAISS runs use
 
     keys_path, xq, xh, desc = embeddings(args)
     keys = KeyParts([keys_path])
@@ -201,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
         meta_flat = build_index(keys, rows, IndexConfig(kind="flat"), Path(tmp) / "flat.faiss", log=log)
         auto = load_index(Path(tmp) / "auto.faiss", meta_auto, keys)
         flat = load_index(Path(tmp) / "flat.faiss", meta_flat, keys)
-    nprobe = int(meta_auto["params"].get("nprobe", 1))
+    nprobe = meta_auto["params"].get("nprobe")
+    like = f"faiss_auto_nprobe{nprobe}" if nprobe else "faiss_auto_default"
 
     log("exact search for ground truth")
     gt_q, gt_h = exact_search(keys, xq, 10)[1], exact_search(keys, xh, 10)[1]
@@ -210,24 +239,12 @@ def main(argv: list[str] | None = None) -> None:
         return {"questions": round(recall_at_k(search(xq)[1], gt_q), 4),
                 "heldout_windows": round(recall_at_k(search(xh)[1], gt_h), 4)}
 
-    def ralm_auto(x: np.ndarray) -> object:
-        set_nprobe(auto.index, nprobe)  # shared object: plain runs below change nprobe
-        return auto.search(x, 10)
-
-    def plain(np_: int) -> Callable[[np.ndarray], object]:
-        run = with_threshold(auto.index, None)
-
-        def go(x: np.ndarray) -> object:
-            set_nprobe(auto.index, np_)
-            return run(x)
-        return go
-
     systems: dict[str, Callable[[np.ndarray], object]] = {
-        "ralm_auto": ralm_auto,
-        "faiss_auto_default": plain(1),
-        f"faiss_auto_nprobe{nprobe}": plain(nprobe),
-        "ralm_flat": lambda x: flat.search(x, 10),
-        "faiss_flat_default": with_threshold(flat.index, None),
+        "ralm_auto": searcher(auto.index, nprobe, auto),
+        "faiss_auto_default": searcher(auto.index, 1 if nprobe else None),
+        like: searcher(auto.index, nprobe),
+        "ralm_flat": searcher(flat.index, None, flat),
+        "faiss_flat_default": searcher(flat.index, None),
     }
     recalls = {name: recall(fn) for name, fn in systems.items()}
     log(f"recall@10: {json.dumps(recalls)}")
@@ -236,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     log(f"bandwidth: {bw}")
     speed: dict[str, dict[str, float]] = {name: {} for name in systems}
     for b in batches:
-        for name, fn in systems.items():
-            speed[name][str(b)] = qps(fn, xq, b, args.min_time)
-            log(f"batch {b:>5} {name:<24} {speed[name][str(b)]:>10.1f} q/s")
+        for name, v in qps(systems, xq, b, args.min_time, args.rounds).items():
+            speed[name][str(b)] = v
+            log(f"batch {b:>5} {name:<24} {v:>10.1f} q/s")
     bw_after = bandwidth_gbps(args.bandwidth_gib)
 
     flat_bytes = n * dim * 4
@@ -257,11 +274,12 @@ def main(argv: list[str] | None = None) -> None:
         "flat_single_query": {"bytes_touched": flat_bytes, "gbps": round(flat1_gbps, 2),
                               "fraction_of_bandwidth": round(flat1_gbps / measured_bw, 3)},
         "machine": {"nproc": os.cpu_count(), "faiss": faiss.__version__, "faiss_omp_threads": faiss.omp_get_max_threads(),
-                    "numpy": np.__version__, "loadavg_1m": round(os.getloadavg()[0], 2)},
+                    "faiss_blas_threshold_default": blas_default, "numpy": np.__version__,
+                    "loadavg_1m_at_end": round(os.getloadavg()[0], 2)},
         "targets": {
             "auto_recall_at_10": target(recalls["ralm_auto"]["questions"], 0.95, "ralm auto vs exact, question queries"),
             f"ralm_vs_faiss_batch{big}": target(
-                speed["ralm_auto"][big] / speed[f"faiss_auto_nprobe{nprobe}"][big], 0.95,
+                speed["ralm_auto"][big] / speed[like][big], 0.95,
                 f"ralm auto / plain FAISS same index, same nprobe={nprobe}"),
             "flat_batch16_vs_faiss_default": target(
                 speed["ralm_flat"][mid] / speed["faiss_flat_default"][mid], 3.0, "ralm flat / plain FAISS flat"),

@@ -105,8 +105,20 @@ class DenseIndex:
         """D, I of shape (nq, k): inner products and global row ids (-1 where fewer than k exist)."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         kk = min(self.ntotal, k * self.rerank)
-        with blas_always():
-            D, I = self.index.search(xq, kk)  # noqa: E741
+        flat = _flat_ip_view(self.index) if len(xq) == 1 and kk > 0 else None
+        if flat is not None:
+            # one query on exact search: FAISS scans the keys on one thread (or through per-block sgemm
+            # calls that do no better); a single BLAS gemv streams them on every core
+            xb, ids = flat
+            s = xb @ xq[0]
+            top = np.argpartition(s, len(s) - kk)[len(s) - kk:]
+            top = top[np.argsort(-s[top], kind="stable")]
+            D, I = s[top][None, :], (top if ids is None else ids[top]).astype(np.int64)[None, :]  # noqa: E741
+        else:
+            # one query is faster on FAISS's own per-query scan (an IVF's coarse search: ~200 vs ~156 q/s
+            # at 200k x 384, nprobe 128); batches gain from BLAS (flat at 16: ~340 vs ~90 q/s)
+            with blas_always() if len(xq) > 1 else contextlib.nullcontext():
+                D, I = self.index.search(xq, kk)  # noqa: E741
         if self.rerank > 1 and self.keys is not None:
             # exact scores from the fp16 keys for the PQ candidates, then keep the best k
             safe = np.where(I < 0, 0, I)
@@ -119,6 +131,16 @@ class DenseIndex:
             D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)  # noqa: E741
         return D[:, :k], I[:, :k]
+
+
+def _flat_ip_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Zero-copy (ntotal, d) float32 view of an inner-product Flat index's vectors, plus its IDMap ids."""
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    if not isinstance(inner, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT or inner.ntotal == 0:
+        return None
+    xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+    ids = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size()) if inner is not index else None
+    return xb, ids
 
 
 def _tunable(index: faiss.Index) -> tuple[str, list[int]] | None:
