@@ -103,3 +103,21 @@ def build_config(tiny_tokenizer, tiny_encoder):
                            chunking=chunking, encoder=encoder, **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory, tiny_tokenizer) -> str:
+    """A randomly initialised 2-layer Llama causal LM folder (with the tiny tokenizer, BOS = [CLS])."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer)
+    tok.bos_token = "[CLS]"
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte (lm.py); more metrics come with the methods that need them."""
