@@ -73,17 +73,18 @@ def make_targets(doc: Document, tokenizer: Any) -> Targets:
 def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows ``(begin, end, first_target)`` covering targets 1..n-1 exactly once.
 
-    Each window feeds ids[begin:end] and scores targets [first_target, end); after the first window,
-    each new target sees at least ``context - stride`` tokens of context.
+    The first window scores everything it holds; each later one scores the next ``stride`` targets
+    from the ``context`` tokens ending at them, so every target sees at least ``context - stride``
+    tokens of context (all of them, up to ``context``, near the start). A stride of ``context`` acts as
+    ``context - 1``: the logits predicting a window's first target come from the token before it.
     """
-    plan, scored_to = [], 1
-    begin = 0
-    while scored_to < n:
-        end = min(begin + context, n)
-        plan.append((begin, end, scored_to))
-        scored_to = end
-        # the next window must include position scored_to - 1, whose logits predict its first target
-        begin = min(max(begin + stride, end - context), end - 1)
+    stride = min(stride, context - 1)
+    plan = []
+    end = min(context, n)
+    plan.append((0, end, 1))
+    while end < n:
+        first, end = end, min(end + stride, n)
+        plan.append((max(0, end - context), end, first))
     return plan
 
 

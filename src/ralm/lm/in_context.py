@@ -1,0 +1,115 @@
+"""In-Context RALM (Ram et al. 2023): every ``stride`` tokens, retrieve with the last ``query_len`` tokens
+and prepend the top passages to the context of the next ``stride`` tokens.
+
+Scores the same targets as ``ralm.eval.lm.token_nll``: block [i, i+stride) is predicted from
+[BOS] + passages + the most recent tokens that fit the model's context. With no passage (the first
+block, or an empty retrieval) a block is scored from the last ``context`` tokens alone, which is the plain
+sliding window with ``window_stride = stride`` (identical when ``context - 1`` is a multiple of ``stride``),
+so with retrieval switched off this reproduces the plain LM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ralm.errors import RalmError
+from ralm.eval.lm import Targets
+
+# (queries, doc_id) -> one list of passage token-id lists per query
+Retriever = Callable[[list[str], str], list[list[list[int]]]]
+
+
+@dataclass
+class InContextConfig:
+    stride: int = field(default=16, metadata={"help": "tokens scored between two retrievals (paper: 4-32)"})
+    query_len: int = field(default=32, metadata={"help": "last tokens used as the retrieval query"})
+    docs: int = field(default=1, metadata={"help": "passages prepended to the context"})
+    doc_tokens: int = field(default=256, metadata={"help": "each passage is truncated to this many tokens"})
+
+    def __post_init__(self) -> None:
+        for name in ("stride", "query_len", "docs", "doc_tokens"):
+            if getattr(self, name) < 1:
+                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+
+
+def block_starts(n: int, stride: int) -> list[int]:
+    """First target of each scored block: targets 1..n-1 in blocks of ``stride``."""
+    return list(range(1, n, stride))
+
+
+def block_input(ids: torch.Tensor, start: int, end: int, passage: list[int], context: int, bos: int | None) -> torch.Tensor:
+    """Input ids for scoring targets [start, end): passage first, then as much recent text as fits."""
+    if not passage:
+        return ids[max(0, end - context):end]
+    head = ([bos] if bos is not None else []) + passage
+    room = context - len(head)
+    if room < end - start + 1:
+        raise RalmError(f"passages of {len(passage)} tokens leave no room for a {end - start}-token block "
+                        f"in a {context}-token context; lower --doc-tokens or --docs")
+    lo = max(1 if bos is not None else 0, end - room)
+    return torch.cat([torch.tensor(head, dtype=ids.dtype), ids[lo:end]])
+
+
+@torch.inference_mode()
+def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
+                   context: int) -> tuple[torch.Tensor, float]:
+    """(n_targets,) NLL in nats with retrieved passages in context, and the seconds spent retrieving."""
+    import time
+
+    device = next(model.parameters()).device
+    n = len(t.ids)
+    starts = block_starts(n, cfg.stride)
+    # one batched retrieval for all blocks of the document; the first block has no query text yet
+    passages: list[list[int]] = [[] for _ in starts]
+    seconds = 0.0
+    if retrieve is not None:
+        asks = [(b, s) for b, s in enumerate(starts) if s - 1 >= 1]
+        queries = [tokenizer.decode(t.ids[max(1, s - cfg.query_len):s].tolist()) for _, s in asks]
+        t0 = time.perf_counter()
+        found = retrieve(queries, t.doc_id) if queries else []
+        seconds = time.perf_counter() - t0
+        for (b, _), per_query in zip(asks, found, strict=True):
+            passages[b] = [tok for p in per_query[: cfg.docs] for tok in p[: cfg.doc_tokens]]
+    out = []
+    for start, passage in zip(starts, passages, strict=True):
+        end = min(start + cfg.stride, n)
+        inp = block_input(t.ids, start, end, passage, context, tokenizer.bos_token_id).unsqueeze(0).to(device)
+        logits = model(input_ids=inp, logits_to_keep=end - start + 1).logits[0, :-1].float()  # (end-start, V)
+        out.append(torch.nn.functional.cross_entropy(logits, t.ids[start:end].to(device), reduction="none").cpu())
+    return torch.cat(out), seconds
+
+
+def store_retriever(ds: Any, tokenizer: Any, k: int, exclude_same_doc: bool = True,
+                    decontaminate: int | None = None, doc_tokens: dict[str, torch.Tensor] | None = None) -> Retriever:
+    """A ``Retriever`` over a ralm ``Datastore``: passage = chunk text (+ continuation) in LM tokens.
+
+    ``exclude_same_doc`` drops neighbours from the evaluated document (RETRO's rule); ``decontaminate``
+    drops neighbours sharing an N-token span with the evaluated document (``doc_tokens`` by doc id).
+    """
+    def retrieve(queries: list[str], doc_id: str) -> list[list[list[int]]]:
+        fetch = min(len(ds), k * (4 if decontaminate else 1))
+        hits = ds.search(queries, k=fetch, exclude_doc_ids=[{doc_id}] * len(queries) if exclude_same_doc else None)
+        grams = _ngrams(doc_tokens[doc_id].tolist(), decontaminate) if decontaminate and doc_tokens else None
+        out = []
+        for per_query in hits:
+            kept = []
+            for h in per_query:
+                rec = ds.chunk(h.row)
+                toks = list(rec["tokens"]) + list(rec["continuation"])
+                if grams is not None and _ngrams(toks, decontaminate) & grams:
+                    continue
+                kept.append(toks)
+                if len(kept) == k:
+                    break
+            out.append(kept)
+        return out
+
+    return retrieve
+
+
+def _ngrams(tokens: list[int], n: int) -> set[tuple[int, ...]]:
+    return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
