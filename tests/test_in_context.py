@@ -14,7 +14,7 @@ from ralm.data.corpus import Document
 from ralm.datastore.build import build
 from ralm.errors import RalmError
 from ralm.eval.lm import make_targets, token_nll
-from ralm.lm.in_context import InContextConfig, block_input, in_context_nll, store_retriever
+from ralm.lm.in_context import InContextConfig, Passage, block_input, in_context_nll, replug_nll, store_retriever
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_passages_change_scores_but_not_targets(lm, doc_targets):
 
     def retrieve(queries, doc_id):
         seen.extend(queries)
-        return [[tok("river mountain city forest music")["input_ids"]] for _ in queries]
+        return [[Passage(tok("river mountain city forest music")["input_ids"], 1.0)] for _ in queries]
 
     cfg = InContextConfig(stride=8, query_len=4)
     got, _ = in_context_nll(model, tok, doc_targets, retrieve, cfg, context=64)
@@ -79,17 +79,17 @@ def test_store_retriever_excludes_same_doc_and_decontaminates(tmp_path, build_co
     doc_tokens = {first["doc_id"]: torch.tensor(list(first["tokens"]) * 2)}
     query = [ds.chunk(0)["text"]]
     leaky = store_retriever(ds, tok, k=3, exclude_same_doc=False)(query, "other")
-    assert list(ds.chunk(0)["tokens"]) == leaky[0][0][:len(first["tokens"])]  # the chunk finds itself
+    assert list(ds.chunk(0)["tokens"]) == leaky[0][0].tokens[:len(first["tokens"])]  # the chunk finds itself
     clean = store_retriever(ds, tok, k=3)(query, first["doc_id"])
     kept_rows = [r for r in range(len(ds)) if ds.chunk(r)["doc_id"] != first["doc_id"]]
     assert len(clean[0]) == 3 and kept_rows
     for passage in clean[0]:
-        assert passage[:16] != list(first["tokens"])
+        assert passage.tokens[:16] != list(first["tokens"])
     decon = store_retriever(ds, tok, k=3, exclude_same_doc=False, decontaminate=8, doc_tokens=doc_tokens)(
         query, first["doc_id"])
     grams = {tuple(first["tokens"][i:i + 8]) for i in range(len(first["tokens"]) - 7)}
-    for passage in decon[0]:
-        assert not {tuple(passage[i:i + 8]) for i in range(len(passage) - 7)} & grams
+    for p in decon[0]:
+        assert not {tuple(p.tokens[i:i + 8]) for i in range(len(p.tokens) - 7)} & grams
 
 
 def test_bad_config():
@@ -97,3 +97,21 @@ def test_bad_config():
         InContextConfig(stride=0)
     with pytest.raises(RalmError, match="--doc-tokens"):
         InContextConfig(doc_tokens=0)
+
+
+def test_replug_mixes_per_passage_probabilities(lm, doc_targets):
+    model, tok = lm
+    a = Passage(tok("river mountain city")["input_ids"], 2.0)
+    b = Passage(tok("ocean planet garden winter")["input_ids"], 0.5)
+    cfg = InContextConfig(stride=8, docs=2)
+    got, _ = replug_nll(model, tok, doc_targets, lambda qs, d: [[a, b] for _ in qs], cfg, context=64)
+    only_a, _ = in_context_nll(model, tok, doc_targets, lambda qs, d: [[a] for _ in qs], InContextConfig(stride=8), 64)
+    only_b, _ = in_context_nll(model, tok, doc_targets, lambda qs, d: [[b] for _ in qs], InContextConfig(stride=8), 64)
+    w = torch.softmax(torch.tensor([2.0, 0.5]), 0)
+    expect = -torch.log(w[0] * torch.exp(-only_a) + w[1] * torch.exp(-only_b))
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    # with one passage REPLUG is in-context RALM; with none it is the plain LM
+    one, _ = replug_nll(model, tok, doc_targets, lambda qs, d: [[a] for _ in qs], InContextConfig(stride=8), 64)
+    torch.testing.assert_close(one, only_a)
+    none, _ = replug_nll(model, tok, doc_targets, None, InContextConfig(stride=8), 65)  # (65 - 1) % 8 == 0
+    torch.testing.assert_close(none, token_nll(model, doc_targets, context=65, stride=8), rtol=1e-5, atol=1e-5)

@@ -19,8 +19,15 @@ import torch
 from ralm.errors import RalmError
 from ralm.eval.lm import Targets
 
-# (queries, doc_id) -> one list of passage token-id lists per query
-Retriever = Callable[[list[str], str], list[list[list[int]]]]
+
+@dataclass
+class Passage:
+    tokens: list[int]  # LM token ids (chunk + continuation)
+    score: float  # retrieval score (inner product, or BM25)
+
+
+# (queries, doc_id) -> the passages of each query, best first
+Retriever = Callable[[list[str], str], list[list[Passage]]]
 
 
 @dataclass
@@ -54,32 +61,64 @@ def block_input(ids: torch.Tensor, start: int, end: int, passage: list[int], con
     return torch.cat([torch.tensor(head, dtype=ids.dtype), ids[lo:end]])
 
 
+def _retrieve_blocks(tokenizer: Any, t: Targets, starts: list[int], retrieve: Retriever | None,
+                     query_len: int) -> tuple[list[list[Passage]], float]:
+    """Passages for every block, from one batched retrieval; the first block has no query text yet."""
+    import time
+
+    found: list[list[Passage]] = [[] for _ in starts]
+    if retrieve is None:
+        return found, 0.0
+    asks = [b for b, s in enumerate(starts) if s >= 2]
+    queries = [tokenizer.decode(t.ids[max(1, starts[b] - query_len):starts[b]].tolist()) for b in asks]
+    t0 = time.perf_counter()
+    results = retrieve(queries, t.doc_id) if queries else []
+    for b, per_query in zip(asks, results, strict=True):
+        found[b] = per_query
+    return found, time.perf_counter() - t0
+
+
+def _block_logprobs(model: Any, t: Targets, start: int, end: int, passage: list[int], context: int,
+                    bos: int | None) -> torch.Tensor:
+    """(end-start,) log-probabilities of targets [start, end) given the passage and recent text."""
+    device = next(model.parameters()).device
+    inp = block_input(t.ids, start, end, passage, context, bos).unsqueeze(0).to(device)
+    logits = model(input_ids=inp, logits_to_keep=end - start + 1).logits[0, :-1].float()  # (end-start, V)
+    return -torch.nn.functional.cross_entropy(logits, t.ids[start:end].to(device), reduction="none").cpu()
+
+
 @torch.inference_mode()
 def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
                    context: int) -> tuple[torch.Tensor, float]:
-    """(n_targets,) NLL in nats with retrieved passages in context, and the seconds spent retrieving."""
-    import time
-
-    device = next(model.parameters()).device
-    n = len(t.ids)
-    starts = block_starts(n, cfg.stride)
-    # one batched retrieval for all blocks of the document; the first block has no query text yet
-    passages: list[list[int]] = [[] for _ in starts]
-    seconds = 0.0
-    if retrieve is not None:
-        asks = [(b, s) for b, s in enumerate(starts) if s - 1 >= 1]
-        queries = [tokenizer.decode(t.ids[max(1, s - cfg.query_len):s].tolist()) for _, s in asks]
-        t0 = time.perf_counter()
-        found = retrieve(queries, t.doc_id) if queries else []
-        seconds = time.perf_counter() - t0
-        for (b, _), per_query in zip(asks, found, strict=True):
-            passages[b] = [tok for p in per_query[: cfg.docs] for tok in p[: cfg.doc_tokens]]
+    """(n_targets,) NLL in nats with the top ``docs`` passages in context, and the seconds spent retrieving."""
+    starts = block_starts(len(t.ids), cfg.stride)
+    found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
     out = []
-    for start, passage in zip(starts, passages, strict=True):
-        end = min(start + cfg.stride, n)
-        inp = block_input(t.ids, start, end, passage, context, tokenizer.bos_token_id).unsqueeze(0).to(device)
-        logits = model(input_ids=inp, logits_to_keep=end - start + 1).logits[0, :-1].float()  # (end-start, V)
-        out.append(torch.nn.functional.cross_entropy(logits, t.ids[start:end].to(device), reduction="none").cpu())
+    for start, passages in zip(starts, found, strict=True):
+        passage = [tok for p in passages[: cfg.docs] for tok in p.tokens[: cfg.doc_tokens]]
+        end = min(start + cfg.stride, len(t.ids))
+        out.append(-_block_logprobs(model, t, start, end, passage, context, tokenizer.bos_token_id))
+    return torch.cat(out), seconds
+
+
+@torch.inference_mode()
+def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
+               context: int) -> tuple[torch.Tensor, float]:
+    """REPLUG: one forward pass per top-``docs`` passage; each target's probability is the mixture
+    Σ_j softmax(scores)_j · p(target | passage_j, text), computed in log space."""
+    starts = block_starts(len(t.ids), cfg.stride)
+    found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
+    out = []
+    for start, passages in zip(starts, found, strict=True):
+        end = min(start + cfg.stride, len(t.ids))
+        passages = passages[: cfg.docs]
+        if not passages:
+            out.append(-_block_logprobs(model, t, start, end, [], context, tokenizer.bos_token_id))
+            continue
+        log_w = torch.log_softmax(torch.tensor([p.score for p in passages], dtype=torch.float32), 0)  # (J,)
+        lp = torch.stack([_block_logprobs(model, t, start, end, p.tokens[: cfg.doc_tokens], context,
+                                          tokenizer.bos_token_id) for p in passages])  # (J, end-start)
+        out.append(-torch.logsumexp(lp + log_w[:, None], dim=0))
     return torch.cat(out), seconds
 
 
@@ -90,7 +129,7 @@ def store_retriever(ds: Any, tokenizer: Any, k: int, exclude_same_doc: bool = Tr
     ``exclude_same_doc`` drops neighbours from the evaluated document (RETRO's rule); ``decontaminate``
     drops neighbours sharing an N-token span with the evaluated document (``doc_tokens`` by doc id).
     """
-    def retrieve(queries: list[str], doc_id: str) -> list[list[list[int]]]:
+    def retrieve(queries: list[str], doc_id: str) -> list[list[Passage]]:
         fetch = min(len(ds), k * (4 if decontaminate else 1))
         hits = ds.search(queries, k=fetch, exclude_doc_ids=[{doc_id}] * len(queries) if exclude_same_doc else None)
         grams = _ngrams(doc_tokens[doc_id].tolist(), decontaminate) if decontaminate and doc_tokens else None
@@ -102,7 +141,7 @@ def store_retriever(ds: Any, tokenizer: Any, k: int, exclude_same_doc: bool = Tr
                 toks = list(rec["tokens"]) + list(rec["continuation"])
                 if grams is not None and _ngrams(toks, decontaminate) & grams:
                     continue
-                kept.append(toks)
+                kept.append(Passage(toks, h.score))
                 if len(kept) == k:
                     break
             out.append(kept)
