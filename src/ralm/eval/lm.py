@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,9 +119,17 @@ def summarize(nll_sum: float, tokens: int, n_bytes: int, seconds: float, **extra
     }
 
 
+# A method's scorer: (targets, context) -> (NLL per target, seconds spent retrieving)
+Scorer = Callable[[Targets, int], tuple[torch.Tensor, float]]
+
+
 def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalConfig | None = None,
-                progress: bool = True) -> dict:
-    """Perplexity and bits per byte of ``model`` on ``docs`` with no retrieval (the baseline)."""
+                scorer: Scorer | None = None, method: str = "none", progress: bool = True) -> dict:
+    """Perplexity and bits per byte of ``model`` on ``docs``, scored by ``method``'s ``scorer``.
+
+    Without a scorer this is the plain LM with sliding windows (``cfg.window_stride``). Every method
+    scores the same targets, so their ppl and bpb are directly comparable.
+    """
     from tqdm import tqdm
 
     cfg = cfg or LMEvalConfig()
@@ -131,15 +140,23 @@ def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalCon
     stride = cfg.window_stride or max(1, context // 2)
     if stride > context:
         raise RalmError(f"--window-stride {stride} exceeds the context of {context} tokens")
+    if scorer is None:
+        def scorer(t: Targets, ctx: int) -> tuple[torch.Tensor, float]:
+            return token_nll(model, t, ctx, stride), 0.0
     targets = [make_targets(d, tokenizer) for d in docs]
     total = sum(t.n_targets for t in targets)
-    nll_sum, n_bytes = 0.0, 0
+    nll_sum, n_bytes, retrieval_s = 0.0, 0, 0.0
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="tok", desc="eval none", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(total=total, unit="tok", desc=f"eval {method}", disable=not progress, file=sys.stderr) as bar:
         for t in targets:
-            nll = token_nll(model, t, context, stride)
+            nll, r_s = scorer(t, context)
+            if len(nll) != t.n_targets:  # a method that scored other tokens would not be comparable
+                raise AssertionError(f"{method} scored {len(nll)} targets of {t.doc_id!r}, expected {t.n_targets}")
             nll_sum += float(nll.double().sum())
             n_bytes += t.scored_bytes
+            retrieval_s += r_s
             bar.update(len(nll))
-    return summarize(nll_sum, total, n_bytes, time.perf_counter() - t0, method="none", documents=len(docs),
-                     context=context, window_stride=stride, config=asdict(cfg))
+    seconds = time.perf_counter() - t0
+    return summarize(nll_sum, total, n_bytes, seconds, method=method, documents=len(docs), context=context,
+                     window_stride=stride, retrieval_seconds=round(retrieval_s, 3),
+                     retrieval_share=round(retrieval_s / max(seconds, 1e-9), 4), config=asdict(cfg))
