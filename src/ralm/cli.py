@@ -158,6 +158,47 @@ def info(
             typer.echo(f"{key:>15}: {value}")
 
 
+@app.command("eval-lm")
+def eval_lm(
+    model: Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")] = "smollm2-135m",
+    data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
+    method: Annotated[str, typer.Option(help="none, in-context or replug")] = "none",
+    datastore: Annotated[str | None, typer.Option(help="datastore for the retrieval methods")] = None,
+    context: Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")] = None,
+    window_stride: Annotated[int | None, typer.Option(help="plain LM: new tokens scored per window (default context/2)")] = None,
+    max_docs: Annotated[int | None, typer.Option(help="evaluate at most this many documents")] = None,
+    stride: Annotated[int, typer.Option(help="retrieval methods: tokens scored between retrievals")] = 16,
+    query_len: Annotated[int, typer.Option(help="retrieval methods: last tokens used as the query")] = 32,
+    docs: Annotated[int, typer.Option(help="passages in context (in-context) or mixed (replug)")] = 1,
+    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many tokens")] = 256,
+    exclude_same_doc: Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")] = True,
+    decontaminate: Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
+    from ralm.eval.lm import LMEvalConfig
+    from ralm.eval.runner import EvalLMConfig, run_eval_lm
+    from ralm.lm.in_context import InContextConfig
+
+    try:
+        if not data:
+            raise RalmError("--data: give at least one file of held-out documents")
+        cfg = EvalLMConfig(model=model, data=list(data), method=method, datastore=datastore,
+                           lm=LMEvalConfig(context, window_stride, max_docs),
+                           in_context=InContextConfig(stride, query_len, docs, doc_tokens),
+                           exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
+        result = run_eval_lm(cfg, progress=not quiet)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{result['method']}: ppl {result['ppl']:.3f}  bpb {result['bpb']:.4f}  over {result['tokens']:,} tokens "
+                   f"/ {result['bytes']:,} bytes of {result['documents']} documents; {result['tokens_per_second']} tok/s, "
+                   f"retrieval {100 * result['retrieval_share']:.1f}% of the time")
+
+
 def main() -> None:
     try:
         app()
