@@ -79,6 +79,9 @@ def load(name_or_path: str = DEFAULT_LM, device: str = "cpu", dtype: str = "floa
     ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16``.
     """
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # ralm shows its own progress; a bar per load is noise
 
     if dtype not in DTYPES:
         raise RalmError(f"--lm-dtype {dtype}: expected one of {', '.join(DTYPES)}")
