@@ -45,15 +45,19 @@ def test_add_refuses_other_chunking(tmp_path, build_config):
         build(build_config([a], tmp_path / "ds", add=True, chunking=ChunkingConfig(chunk_tokens=32)), progress=False)
 
 
-def test_dedup_drops_exact_duplicate_chunks(tmp_path, build_config):
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "bm25"])
+def test_dedup_drops_exact_duplicate_chunks(tmp_path, build_config, sparse):
+    from ralm.datastore.encoders import EncoderConfig
+
+    extra = {"encoder": EncoderConfig(name="bm25")} if sparse else {}
     src = write_corpus(tmp_path / "a.jsonl", n_docs=6, seed=3)
     lines = src.read_text().splitlines()
     dup = tmp_path / "dup.jsonl"
     # the same texts again under new ids: every chunk is an exact duplicate of an earlier one
     dup.write_text("\n".join(lines + [json.dumps({**json.loads(x), "id": json.loads(x)["id"] + "-copy"})
                                       for x in lines]) + "\n")
-    plain = build(build_config([dup], tmp_path / "plain", shard_docs=4), progress=False)
-    dedup = build(build_config([dup], tmp_path / "dedup", shard_docs=4, dedup=True), progress=False)
+    plain = build(build_config([dup], tmp_path / "plain", shard_docs=4, **extra), progress=False)
+    dedup = build(build_config([dup], tmp_path / "dedup", shard_docs=4, dedup=True, **extra), progress=False)
     assert plain["indexed_chunks"] == plain["chunks"]
     assert dedup["chunks"] == plain["chunks"]
     assert dedup["indexed_chunks"] == plain["chunks"] // 2

@@ -304,7 +304,12 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
             yield pq.read_table(layout.chunks_path(root, p["part"]), columns=["text"])["text"].to_pylist()
 
     n = sum(p["chunks"] for p in parts)
-    keep = exact_duplicate_mask(texts_by_part()) if cfg.dedup else np.ones(n, dtype=bool)
+    # BM25 indexes every text anyway: read them once and dedup from memory; dense stores stream them
+    texts = [t for ts in texts_by_part() for t in ts] if cfg.encoder.sparse else None
+    if cfg.dedup:
+        keep = exact_duplicate_mask(iter([texts]) if texts is not None else texts_by_part())
+    else:
+        keep = np.ones(n, dtype=bool)
     rows = np.flatnonzero(keep).astype(np.int64)
     generation = (manifest["generation"] + 1) if manifest else 1
     index_dir = root / "index"
@@ -314,7 +319,6 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
         from ralm.datastore.bm25 import build_bm25
 
         path = index_dir / f"bm25-g{generation:04d}"
-        texts = [t for ts in texts_by_part() for t in ts]
         meta = build_bm25([texts[r] for r in rows], rows, path)
         files = sorted(f for f in path.rglob("*") if f.is_file())
     else:

@@ -133,9 +133,14 @@ class DenseIndex:
         return D[:, :k], I[:, :k]
 
 
+def _unwrap_idmap(index: faiss.Index) -> faiss.Index:
+    """The index inside an IDMap wrapper (or the index itself)."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
 def _flat_ip_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Zero-copy (ntotal, d) float32 view of an inner-product Flat index's vectors, plus its IDMap ids."""
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = _unwrap_idmap(index)
     if not isinstance(inner, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT or inner.ntotal == 0:
         return None
     xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
@@ -144,7 +149,7 @@ def _flat_ip_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | 
 
 
 def _tunable(index: faiss.Index) -> tuple[str, list[int]] | None:
-    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+    inner = _unwrap_idmap(index)
     if isinstance(inner, faiss.IndexIVF):
         return "nprobe", [2 ** i for i in range(int(math.log2(inner.nlist)) + 1)]
     if isinstance(inner, faiss.IndexHNSW):
