@@ -78,14 +78,14 @@ def test_store_retriever_excludes_same_doc_and_decontaminates(tmp_path, build_co
     first = ds.chunk(0)
     doc_tokens = {first["doc_id"]: torch.tensor(list(first["tokens"]) * 2)}
     query = [ds.chunk(0)["text"]]
-    leaky = store_retriever(ds, tok, k=3, exclude_same_doc=False)(query, "other")
+    leaky = store_retriever(ds, k=3, exclude_same_doc=False)(query, "other")
     assert list(ds.chunk(0)["tokens"]) == leaky[0][0].tokens[:len(first["tokens"])]  # the chunk finds itself
-    clean = store_retriever(ds, tok, k=3)(query, first["doc_id"])
+    clean = store_retriever(ds, k=3)(query, first["doc_id"])
     kept_rows = [r for r in range(len(ds)) if ds.chunk(r)["doc_id"] != first["doc_id"]]
     assert len(clean[0]) == 3 and kept_rows
     for passage in clean[0]:
         assert passage.tokens[:16] != list(first["tokens"])
-    decon = store_retriever(ds, tok, k=3, exclude_same_doc=False, decontaminate=8, doc_tokens=doc_tokens)(
+    decon = store_retriever(ds, k=3, exclude_same_doc=False, decontaminate=8, doc_tokens=doc_tokens)(
         query, first["doc_id"])
     grams = {tuple(first["tokens"][i:i + 8]) for i in range(len(first["tokens"]) - 7)}
     for p in decon[0]:

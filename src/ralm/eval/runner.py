@@ -57,7 +57,7 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True) -> dict:
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(tok), tokenizer_name=cfg.model)
         doc_tokens = {d.id: make_targets(d, tok).ids for d in docs} if cfg.decontaminate else None
         k = cfg.in_context.docs
-        retrieve = store_retriever(ds, tok, k, cfg.exclude_same_doc, cfg.decontaminate, doc_tokens)
+        retrieve = store_retriever(ds, k, cfg.exclude_same_doc, cfg.decontaminate, doc_tokens)
         fn = in_context_nll if cfg.method == "in-context" else replug_nll
 
         def scorer(t, context):

@@ -122,7 +122,7 @@ def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | Non
     return torch.cat(out), seconds
 
 
-def store_retriever(ds: Any, tokenizer: Any, k: int, exclude_same_doc: bool = True,
+def store_retriever(ds: Any, k: int, exclude_same_doc: bool = True,
                     decontaminate: int | None = None, doc_tokens: dict[str, torch.Tensor] | None = None) -> Retriever:
     """A ``Retriever`` over a ralm ``Datastore``: passage = chunk text (+ continuation) in LM tokens.
 
