@@ -94,3 +94,35 @@ def test_recall_helper():
     exact = np.array([[1, 2, 3], [4, 5, 6]])
     assert recall_at_k(exact, exact, 3) == 1.0
     assert recall_at_k(np.array([[1, 9, 9], [4, 5, 9]]), exact, 3) == pytest.approx((1 / 3 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_l2_metric_matches_numpy_and_subsets_are_respected(tmp_path, keys, kind):
+    """kNN-LM stores search squared L2 (smallest first); a row subset is applied inside the search."""
+    rows = np.arange(len(keys))
+    scaled = QUERIES * 3.0  # unnormalised queries: L2 and inner-product rankings differ
+    meta = build_index(keys, rows, IndexConfig(kind=kind, metric="l2", target_recall=0.9, n_queries=200),
+                       tmp_path / "i.faiss", log=lambda m: None)
+    assert meta["metric"] == "l2" and meta["recall_at_10"] >= 0.9
+    index = load_index(tmp_path / "i.faiss", meta, keys)
+    D_np, I_np = exact_search(keys, scaled, 10, metric="l2")
+    D, I = index.search(scaled, 10)
+    assert np.all(np.diff(D, axis=1) >= -1e-4)  # nearest first
+    assert recall_at_k(I, I_np) >= 0.85
+    if kind == "flat":
+        np.testing.assert_allclose(D, D_np, rtol=1e-4, atol=1e-3)
+        assert recall_at_k(I, exact_search(keys, scaled, 10)[1]) < 1.0  # not the inner-product ranking
+    allowed = np.sort(np.random.default_rng(1).choice(len(keys), 500, replace=False))
+    for xq in (scaled[:1], scaled):  # the single-query path and the batched one
+        _, I_sub = index.search(xq, 10, allowed=allowed)
+        assert np.isin(I_sub, allowed).all()  # IVF probes more lists for a subset: still k hits
+        if kind == "flat":
+            assert recall_at_k(I_sub, exact_search(keys, xq, 10, allowed, metric="l2")[1]) == 1.0
+
+
+def test_subset_smaller_than_k_pads(tmp_path, keys):
+    meta = build_index(keys, np.arange(len(keys)), IndexConfig(kind="flat"), tmp_path / "i.faiss", log=lambda m: None)
+    D, I = load_index(tmp_path / "i.faiss", meta, keys).search(QUERIES[:3], 8, allowed=np.array([4, 7, 9]))
+    assert np.all(np.sort(I[:, :3], axis=1) == [4, 7, 9]) and np.all(I[:, 3:] == -1) and np.all(np.isinf(D[:, 3:]))
+    with pytest.raises(RalmError, match="metric"):
+        IndexConfig(metric="cosine")

@@ -15,6 +15,8 @@ app = typer.Typer(help="Retrieval-augmented language models: build a datastore o
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Named real data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+knnlm_app = typer.Typer(help="kNN-LM stores: the LM's hidden states at every corpus position.", no_args_is_help=True)
+app.add_typer(knnlm_app, name="knnlm")
 
 
 def _fail(err: Exception) -> None:
@@ -162,8 +164,8 @@ def info(
 def eval_lm(
     model: Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")] = "smollm2-135m",
     data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
-    method: Annotated[str, typer.Option(help="none, in-context or replug")] = "none",
-    datastore: Annotated[str | None, typer.Option(help="datastore for the retrieval methods")] = None,
+    method: Annotated[str, typer.Option(help="none, in-context, replug or knn-lm")] = "none",
+    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug) or kNN-LM store (knn-lm)")] = None,
     context: Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")] = None,
     window_stride: Annotated[int | None, typer.Option(help="plain LM: new tokens scored per window (default context/2)")] = None,
     max_docs: Annotated[int | None, typer.Option(help="evaluate at most this many documents")] = None,
@@ -173,13 +175,22 @@ def eval_lm(
     doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many tokens")] = 256,
     exclude_same_doc: Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")] = True,
     decontaminate: Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")] = None,
+    k: Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")] = 1024,
+    lmbda: Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")] = 0.25,
+    temperature: Annotated[float, typer.Option(help="knn-lm: softmax temperature over -distance")] = 1.0,
+    validation: Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen (overrides --lmbda)")] = None,
+    lmbda_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated λ values of the sweep")] = None,
+    subset: Annotated[float | None, typer.Option(help="search only this random fraction of the store")] = None,
+    subset_seed: Annotated[int, typer.Option(help="seed of the nested random subset")] = 0,
+    leakage_report: Annotated[bool, typer.Option("--leakage-report", help="ppl/bpb by overlap of each 64-token chunk with its neighbours")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
     from ralm.eval.lm import LMEvalConfig
-    from ralm.eval.runner import EvalLMConfig, run_eval_lm
+    from ralm.eval.runner import LMBDA_GRID, EvalLMConfig, run_eval_lm
     from ralm.lm.in_context import InContextConfig
+    from ralm.lm.knnlm import KNNLMConfig
 
     try:
         if not data:
@@ -187,7 +198,10 @@ def eval_lm(
         cfg = EvalLMConfig(model=model, data=list(data), method=method, datastore=datastore,
                            lm=LMEvalConfig(context, window_stride, max_docs),
                            in_context=InContextConfig(stride, query_len, docs, doc_tokens),
-                           exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
+                           knn=KNNLMConfig(k, lmbda, temperature), validation=list(validation or []) or None,
+                           lmbda_grid=_floats(lmbda_grid, "--lmbda-grid") if lmbda_grid else LMBDA_GRID,
+                           exclude_same_doc=exclude_same_doc, decontaminate=decontaminate,
+                           subset=subset, subset_seed=subset_seed, leakage_report=leakage_report)
         result = run_eval_lm(cfg, progress=not quiet)
     except RalmError as e:
         _fail(e)
@@ -197,6 +211,59 @@ def eval_lm(
         typer.echo(f"{result['method']}: ppl {result['ppl']:.3f}  bpb {result['bpb']:.4f}  over {result['tokens']:,} tokens "
                    f"/ {result['bytes']:,} bytes of {result['documents']} documents; {result['tokens_per_second']} tok/s, "
                    f"retrieval {100 * result['retrieval_share']:.1f}% of the time")
+        if "lmbda_sweep_validation" in result:
+            typer.echo(f"λ = {result['lmbda']} chosen on validation: {result['lmbda_sweep_validation']}")
+        if "leakage" in result:
+            from ralm.eval.leakage import leakage_markdown
+
+            typer.echo(leakage_markdown(result["leakage"]))
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise RalmError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+@knnlm_app.command("build")
+def knnlm_build(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL, .txt or Parquet files, or folders of them")],
+    out: Annotated[str, typer.Option("--out", "-o", help="kNN-LM store directory to create")],
+    model: Annotated[str, typer.Option(help="the LM whose hidden states are stored (preset, folder, GGUF, hub id)")] = "smollm2-135m",
+    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field with the text")] = "text",
+    id_field: Annotated[str, typer.Option(help="field with the document id (default: file:line)")] = "id",
+    context: Annotated[int | None, typer.Option(help="tokens per window (default: as eval-lm, model max capped at 2048)")] = None,
+    window_stride: Annotated[int | None, typer.Option(help="new positions per window (default context/2)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
+    shard_tokens: Annotated[int, typer.Option(help="positions per part: the unit of resumption and of build memory")] = 50_000,
+    index: Annotated[str, typer.Option(help="auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string")] = "auto",
+    memory_budget: Annotated[str, typer.Option(help="RAM the index may use at search time (e.g. 4GB)")] = "4GB",
+    target_recall: Annotated[float, typer.Option(help="recall@10 vs exact search that tuning must reach")] = 0.9,
+    force: Annotated[bool, typer.Option("--force", help="delete an existing or unfinished store and start over")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Store the LM's final hidden state at every corpus position with the next token (resumable)."""
+    from ralm.data.corpus import CorpusConfig
+    from ralm.datastore.index import IndexConfig
+    from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
+
+    try:
+        cfg = KNNBuildConfig(inputs=list(inputs), out=out, model=model, corpus=CorpusConfig(text_field, id_field),
+                             index=IndexConfig(index, memory_budget, target_recall, metric="l2"),
+                             context=context, window_stride=window_stride, batch_size=batch_size,
+                             shard_tokens=shard_tokens, force=force)
+        summary = build_knn_store(cfg, progress=not quiet)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        s = summary
+        typer.echo(f"{out}: {s['keys']:,} keys of dim {s['dim']} from {s['documents']:,} documents "
+                   f"(windows of {s['context']}, stride {s['window_stride']}); index {s['index']} {s['index_params']} "
+                   f"recall@10 {s['recall_at_10']}; {s['seconds']} s")
 
 
 def main() -> None:

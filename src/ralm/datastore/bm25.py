@@ -18,13 +18,17 @@ class BM25Index:
     def ntotal(self) -> int:
         return len(self.rows)
 
-    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """D (BM25 scores), I (global row ids) of shape (nq, k); -1 / -inf pad where fewer match."""
+    def search(self, queries: list[str], k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """D (BM25 scores), I (global row ids) of shape (nq, k); -1 / -inf pad where fewer match.
+
+        ``allowed`` (global rows) restricts the search to a subset: masked documents score 0.
+        """
         import bm25s
 
         kk = min(k, self.ntotal)
+        mask = None if allowed is None else np.isin(self.rows, allowed).astype(np.float32)
         tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
-        docs, scores = self.retriever.retrieve(tokens, k=kk, show_progress=False, n_threads=1)
+        docs, scores = self.retriever.retrieve(tokens, k=kk, show_progress=False, n_threads=1, weight_mask=mask)
         D = scores.astype(np.float32)
         I = self.rows[docs].astype(np.int64)  # noqa: E741
         I[D <= 0] = -1  # no shared term: not a real hit

@@ -186,7 +186,7 @@ def _input_files_fingerprint(inputs: list[str]) -> list[list]:
     return [[name, p.stat().st_size, p.stat().st_mtime_ns] for p, name in list_input_files(inputs)]
 
 
-def _shards(docs: Iterator[Document], shard_docs: int, shard_chars: int = 32_000_000) -> Iterator[list[Document]]:
+def shard_documents(docs: Iterator[Document], shard_docs: int, shard_chars: int = 32_000_000) -> Iterator[list[Document]]:
     shard: list[Document] = []
     chars = 0
     for d in docs:
@@ -260,7 +260,7 @@ def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: b
     records: dict[int, dict] = {}
 
     def tasks() -> Iterator[ShardTask]:
-        for i, shard in enumerate(_shards(docs, cfg.shard_docs)):
+        for i, shard in enumerate(shard_documents(docs, cfg.shard_docs)):
             part = base + i
             marker = layout.done_path(root, part)
             if marker.exists():  # finished before a crash: keep it

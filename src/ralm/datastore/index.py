@@ -1,4 +1,7 @@
-"""FAISS inner-product indexes over a store's keys: budget-driven choice, training, recall tuning.
+"""FAISS indexes over a store's keys: budget-driven choice, training, recall tuning.
+
+Retrieval stores use inner product over normalised sentence embeddings; kNN-LM stores use squared L2
+over LM hidden states (``IndexConfig.metric``).
 
 ``auto`` picks from the number of vectors and the memory budget (as autofaiss does): exact ``Flat`` for
 small stores; ``IVF,Flat`` when the float32 vectors fit the budget; otherwise ``IVF,PQ`` whose candidates
@@ -25,6 +28,7 @@ from ralm.utils.atomic import atomic_path, write_json
 
 FLAT_MAX = 100_000  # below this, exact search is both fast enough and free of tuning
 NAMED = ("auto", "flat", "ivf", "ivfpq", "hnsw")
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def parse_bytes(text: str) -> int:
@@ -40,11 +44,14 @@ class IndexConfig:
     memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may use at search time"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact search to tune for"})
     n_queries: int = field(default=500, metadata={"help": "held-out keys used to measure recall"})
+    metric: str = field(default="ip", metadata={"help": "'ip' (inner product) or 'l2' (squared distance)"})
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in NAMED and "," not in self.kind and not re.match(r"^(Flat|HNSW|IVF|PQ|IDMap)", self.kind):
             raise RalmError(f"--index {self.kind!r}: expected one of {', '.join(NAMED)} or a FAISS factory string")
+        if self.metric not in METRICS:
+            raise RalmError(f"metric {self.metric!r}: expected 'ip' or 'l2'")
         if not 0 < self.target_recall <= 1:
             raise RalmError(f"--target-recall {self.target_recall}: must be in (0, 1]")
         self.budget_bytes = parse_bytes(self.memory_budget)
@@ -89,23 +96,30 @@ def blas_always():
 
 
 class DenseIndex:
-    """A FAISS index over global row ids, with the tuned search parameters and optional exact re-rank."""
+    """A FAISS index over global row ids, with the tuned search parameters and optional exact re-rank.
+
+    ``search`` returns FAISS's convention: inner products (largest first) or squared L2 distances
+    (smallest first), -1 ids padded with the worst possible score.
+    """
 
     def __init__(self, index: faiss.Index, meta: dict, keys: KeyParts | None):
         self.index, self.meta, self.keys = index, meta, keys
         self.rerank = int(meta.get("rerank", 1))
-        for name, value in meta.get("params", {}).items():
+        self.metric = "l2" if meta.get("metric") == "l2" else "ip"
+        self.params = dict(meta.get("params", {}))
+        for name, value in self.params.items():
             faiss.ParameterSpace().set_index_parameter(self.index, name, value)
 
     @property
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """D, I of shape (nq, k): inner products and global row ids (-1 where fewer than k exist)."""
+    def search(self, xq: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """D, I of shape (nq, k) over global row ids; ``allowed`` (sorted rows) restricts the search to a subset."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         kk = min(self.ntotal, k * self.rerank)
-        flat = _flat_ip_view(self.index) if len(xq) == 1 and kk > 0 else None
+        worst = -np.inf if self.metric == "ip" else np.inf
+        flat = _flat_ip_view(self.index) if len(xq) == 1 and kk > 0 and allowed is None else None
         if flat is not None:
             # one query on exact search: FAISS scans the keys on one thread (or through per-block sgemm
             # calls that do no better); a single BLAS gemv streams them on every core
@@ -117,20 +131,46 @@ class DenseIndex:
         else:
             # one query is faster on FAISS's own per-query scan (an IVF's coarse search: ~200 vs ~156 q/s
             # at 200k x 384, nprobe 128); batches gain from BLAS (flat at 16: ~340 vs ~90 q/s)
+            params = self._selector_params(allowed) if allowed is not None else None
             with blas_always() if len(xq) > 1 else contextlib.nullcontext():
-                D, I = self.index.search(xq, kk)  # noqa: E741
+                D, I = self.index.search(xq, kk, params=params)  # noqa: E741
+            D[I < 0] = worst  # FAISS pads filtered searches with +-FLT_MAX
         if self.rerank > 1 and self.keys is not None:
             # exact scores from the fp16 keys for the PQ candidates, then keep the best k
             safe = np.where(I < 0, 0, I)
-            exact = np.einsum("qd,qcd->qc", xq, self.keys.get(safe))
-            exact[I < 0] = -np.inf
-            order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            cand = self.keys.get(safe)  # (nq, kk, d)
+            exact = np.einsum("qd,qcd->qc", xq, cand)
+            if self.metric == "l2":
+                exact = (xq * xq).sum(1)[:, None] - 2 * exact + (cand * cand).sum(2)
+            exact[I < 0] = worst
+            order = np.argsort(exact if self.metric == "l2" else -exact, axis=1, kind="stable")[:, :k]
             D, I = np.take_along_axis(exact, order, 1), np.take_along_axis(I, order, 1)  # noqa: E741
         if D.shape[1] < k:
             pad = k - D.shape[1]
-            D = np.pad(D, ((0, 0), (0, pad)), constant_values=-np.inf)
+            D = np.pad(D, ((0, 0), (0, pad)), constant_values=worst)
             I = np.pad(I, ((0, 0), (0, pad)), constant_values=-1)  # noqa: E741
         return D[:, :k], I[:, :k]
+
+    def _selector_params(self, allowed: np.ndarray) -> faiss.SearchParameters:
+        """Search parameters that keep only ``allowed`` rows, carrying the tuned nprobe / efSearch."""
+        mask = np.zeros(max(self.ntotal, int(allowed.max(initial=-1)) + 1), dtype=bool)
+        mask[allowed] = True
+        bitmap = np.packbits(mask, bitorder="little")  # FAISS reads bit (id & 7) of byte id >> 3
+        sel = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        inner = _unwrap_idmap(self.index)
+        frac = max(len(allowed), 1) / max(self.ntotal, 1)
+        if isinstance(inner, faiss.IndexIVF):
+            # a subset leaves a fraction f of each probed list: probing 1/f times more lists keeps the
+            # number of candidates (and so the recall) about what the tuned nprobe gives on the whole store
+            nprobe = min(inner.nlist, math.ceil(int(self.params.get("nprobe", inner.nprobe)) / frac))
+            params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        elif isinstance(inner, faiss.IndexHNSW):  # same reasoning: a wider beam for a sparser graph
+            ef = math.ceil(int(self.params.get("efSearch", inner.hnsw.efSearch)) / frac)
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=min(ef, 1 << 16))
+        else:
+            params = faiss.SearchParameters(sel=sel)
+        params._keep = (bitmap, sel)  # the selector reads the bitmap by pointer: keep both alive with params
+        return params
 
 
 def _unwrap_idmap(index: faiss.Index) -> faiss.Index:
@@ -165,7 +205,7 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
         raise RalmError("no chunks to index: the corpus produced no text")
     factory, rerank = choose_factory(n, dim, cfg)
     try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(dim, factory, METRICS[cfg.metric])
     except RuntimeError as e:
         raise RalmError(f"--index {cfg.kind}: FAISS cannot build {factory!r} ({str(e).splitlines()[0][:120]})") from None
     ivf = faiss.try_extract_index_ivf(index)
@@ -190,7 +230,7 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
 
     dense = DenseIndex(index, {"rerank": rerank}, keys)
     xq = keys.get(q_rows)
-    _, I_exact = exact_search(keys, xq, 10, rows)
+    _, I_exact = exact_search(keys, xq, 10, rows, metric=cfg.metric)
     params: dict[str, int] = {}
     tunable = _tunable(index)
     with blas_always():
@@ -207,7 +247,8 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
     if recall < cfg.target_recall:
         log(f"warning: {factory} reaches recall@10 {recall:.3f} < target {cfg.target_recall}; consider --index flat")
     meta = {
-        "type": cfg.kind, "factory": factory, "metric": "inner_product", "ntotal": n, "dim": dim,
+        "type": cfg.kind, "factory": factory, "metric": "l2" if cfg.metric == "l2" else "inner_product",
+        "ntotal": n, "dim": dim,
         "params": params, "rerank": rerank, "recall_at_10": round(recall, 4), "recall_queries": nq,
         "target_recall": cfg.target_recall, "memory_budget_bytes": cfg.budget_bytes,
         "build_seconds": round(t_build, 2), "tune_seconds": round(time.perf_counter() - t0 - t_build, 2),

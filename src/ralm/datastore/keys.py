@@ -51,21 +51,30 @@ class KeyParts:
                 yield ids, self.get(ids)
 
 
-def exact_search(keys: KeyParts, xq: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force inner-product top-k in numpy: the ground truth for recall and for tests."""
+def exact_search(keys: KeyParts, xq: np.ndarray, k: int, rows: np.ndarray | None = None,
+                 metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force top-k in numpy: the ground truth for recall and for tests.
+
+    ``metric`` "ip": D holds inner products, best (largest) first; "l2": squared L2 distances, best
+    (smallest) first, as FAISS reports them.
+    """
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     nq = len(xq)
+    sign = 1.0 if metric == "ip" else -1.0  # rank by sign * score, largest first
     D = np.full((nq, k), -np.inf, dtype=np.float32)
     I = np.full((nq, k), -1, dtype=np.int64)  # noqa: E741 (faiss naming)
+    q_norms = (xq * xq).sum(1)[:, None] if metric == "l2" else None
     for ids, xb in keys.blocks(rows):
         s = xq @ xb.T  # (nq, block)
+        if q_norms is not None:
+            s = -(q_norms - 2 * s + (xb * xb).sum(1)[None, :])  # -|q - x|^2
         kk = min(k, s.shape[1])
         top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
         D = np.concatenate([D, np.take_along_axis(s, top, 1)], axis=1)
         I = np.concatenate([I, ids[top]], axis=1)  # noqa: E741
         order = np.argsort(-D, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)  # noqa: E741
-    return D, I
+    return sign * D, I
 
 
 def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray, k: int = 10) -> float:

@@ -34,23 +34,31 @@ class Hit:
         return d
 
 
-def read_manifest(root: Path) -> dict:
+FORMATS = {layout.FORMAT: ("datastore", "ralm build", "in-context or replug"),
+           "ralm-knnlm": ("kNN-LM store", "ralm knnlm build", "knn-lm")}
+
+
+def read_manifest(root: Path, fmt: str = layout.FORMAT, version: int = layout.VERSION) -> dict:
+    """The manifest of a finished store of format ``fmt``; one-line errors for every other state."""
+    what, command, _ = FORMATS[fmt]
     path = root / layout.MANIFEST
     if not root.exists():
-        raise StoreError(f"{root}: no such datastore directory")
+        raise StoreError(f"{root}: no such {what} directory")
     if not path.exists():
         if (root / layout.BUILD_DIR).exists():
-            raise StoreError(f"{root}: unfinished datastore (build interrupted); rerun the same `ralm build` "
+            raise StoreError(f"{root}: unfinished {what} (build interrupted); rerun the same `{command}` "
                              "command to finish it")
-        raise StoreError(f"{root}: not a ralm datastore (no {layout.MANIFEST})")
+        raise StoreError(f"{root}: not a ralm {what} (no {layout.MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: corrupt manifest ({e})") from None
-    if manifest.get("format") != layout.FORMAT:
-        raise StoreError(f"{path}: not a ralm datastore manifest")
-    if manifest.get("version") != layout.VERSION:
-        raise StoreError(f"{path}: format version {manifest.get('version')} is not supported (expected {layout.VERSION})")
+    if manifest.get("format") != fmt:
+        other = FORMATS.get(manifest.get("format"))
+        hint = f" (it is a {other[0]}: use it with {other[2]})" if other else ""
+        raise StoreError(f"{path}: not a ralm {what} manifest{hint}; build one with `{command}`")
+    if manifest.get("version") != version:
+        raise StoreError(f"{path}: format version {manifest.get('version')} is not supported (expected {version})")
     return manifest
 
 
@@ -86,6 +94,7 @@ class Datastore:
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._index: Any = None
         self._encoder: Any = None
+        self.allowed: np.ndarray | None = None  # a subset of rows to search (``restrict``), or all
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> Datastore:
@@ -105,7 +114,22 @@ class Datastore:
         return self.manifest["encoder"]["kind"] == "sparse"
 
     def __len__(self) -> int:
-        return int(self.manifest["index"]["meta"]["ntotal"])
+        return int(self.manifest["index"]["meta"]["ntotal"]) if self.allowed is None else len(self.allowed)
+
+    def restrict(self, rows: np.ndarray) -> Datastore:
+        """A view that searches only the given global rows (e.g. a random subset, for store-size scaling).
+
+        The view shares the loaded index and encoder; FAISS applies the subset inside the search, so
+        results are what an index over those rows alone would return (exactly so for exact search).
+        """
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) == 0:
+            raise RalmError("restrict: empty subset of rows")
+        self._get_index()
+        view = Datastore.__new__(Datastore)
+        view.__dict__.update(self.__dict__)
+        view.allowed = rows
+        return view
 
     def check_compatible(self, encoder: str | None = None, tokenizer_fingerprint: str | None = None,
                          tokenizer_name: str | None = None) -> None:
@@ -150,9 +174,9 @@ class Datastore:
     def _raw_search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
         index = self._get_index()
         if self.sparse:
-            return index.search(queries, k)
+            return index.search(queries, k, allowed=self.allowed)
         xq = queries if isinstance(queries, np.ndarray) else self.encode(queries)
-        return index.search(xq, k)
+        return index.search(xq, k, allowed=self.allowed)
 
     def search(self, queries: list[str] | np.ndarray, k: int = 10,
                exclude_doc_ids: list[set[str] | str | None] | set[str] | None = None) -> list[list[Hit]]:

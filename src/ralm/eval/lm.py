@@ -124,11 +124,13 @@ Scorer = Callable[[Targets, int], tuple[torch.Tensor, float]]
 
 
 def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalConfig | None = None,
-                scorer: Scorer | None = None, method: str = "none", progress: bool = True) -> dict:
+                scorer: Scorer | None = None, method: str = "none", progress: bool = True,
+                per_target: dict[str, torch.Tensor] | None = None) -> dict:
     """Perplexity and bits per byte of ``model`` on ``docs``, scored by ``method``'s ``scorer``.
 
     Without a scorer this is the plain LM with sliding windows (``cfg.window_stride``). Every method
-    scores the same targets, so their ppl and bpb are directly comparable.
+    scores the same targets, so their ppl and bpb are directly comparable. ``per_target``, when given,
+    receives each document's per-target NLL by document id.
     """
     from tqdm import tqdm
 
@@ -152,6 +154,8 @@ def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalCon
             nll, r_s = scorer(t, context)
             if len(nll) != t.n_targets:  # a method that scored other tokens would not be comparable
                 raise AssertionError(f"{method} scored {len(nll)} targets of {t.doc_id!r}, expected {t.n_targets}")
+            if per_target is not None:
+                per_target[t.doc_id] = nll
             nll_sum += float(nll.double().sum())
             n_bytes += t.scored_bytes
             retrieval_s += r_s

@@ -1,32 +1,49 @@
 """``ralm eval-lm``: load a model and held-out documents, build the method's scorer, evaluate.
 
-Methods: ``none`` (plain LM, sliding windows), ``in-context`` (In-Context RALM) and ``replug``, all on
-the same targets so their perplexity and bits per byte sit in one table.
+Methods: ``none`` (plain LM, sliding windows), ``in-context`` (In-Context RALM), ``replug`` and ``knn-lm``,
+all on the same targets so their perplexity and bits per byte sit in one table. kNN-LM can pick λ on a
+validation split (``validation``): its per-target LM and kNN probabilities do not depend on λ, so one
+pass over the validation documents prices every λ of the grid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ralm.data.corpus import CorpusConfig, iter_documents
+import torch
+
+from ralm.data.corpus import CorpusConfig, Document, iter_documents
 from ralm.errors import RalmError
+from ralm.eval.leakage import NeighbourLog, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
 from ralm.lm.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
+from ralm.lm.knnlm import KNNLMConfig, KNNScorer, mix
 
-METHODS = ("none", "in-context", "replug")
+METHODS = ("none", "in-context", "replug", "knn-lm")
+LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
 class EvalLMConfig:
     model: str
     data: list[str]
-    method: str = field(default="none", metadata={"help": "none, in-context or replug"})
-    datastore: str | None = field(default=None, metadata={"help": "store the retrieval methods read from"})
+    method: str = field(default="none", metadata={"help": "none, in-context, replug or knn-lm"})
+    datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug) or "
+                                                                  "kNN-LM store (knn-lm)"})
     lm: LMEvalConfig = field(default_factory=LMEvalConfig)
     in_context: InContextConfig = field(default_factory=InContextConfig)
+    knn: KNNLMConfig = field(default_factory=KNNLMConfig)
+    validation: list[str] | None = field(default=None, metadata={"help": "knn-lm: documents on which λ is chosen "
+                                                                          "from the grid (overrides --lmbda)"})
+    lmbda_grid: tuple[float, ...] = field(default=LMBDA_GRID, metadata={"help": "λ values of the sweep"})
     exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the evaluated document"})
     decontaminate: int | None = field(default=None, metadata={"help": "drop neighbours sharing an N-token span"})
+    subset: float | None = field(default=None, metadata={"help": "search only this random fraction of the store"})
+    subset_seed: int = field(default=0, metadata={"help": "seed of the (nested) random subset"})
+    leakage_report: bool = field(default=False, metadata={"help": "bucket 64-token chunks by their longest common "
+                                                                 "token run with the neighbours; ppl/bpb per bucket"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -35,36 +52,121 @@ class EvalLMConfig:
             raise RalmError(f"--method {self.method} needs --datastore")
         if self.decontaminate is not None and self.decontaminate < 1:
             raise RalmError(f"--decontaminate {self.decontaminate}: must be >= 1")
+        if self.validation and self.method != "knn-lm":
+            raise RalmError("--validation picks λ for --method knn-lm only")
+        bad = [x for x in self.lmbda_grid if not 0.0 <= x <= 1.0]
+        if bad or not self.lmbda_grid:
+            raise RalmError(f"--lmbda-grid {bad or 'empty'}: every λ must be in [0, 1]")
+        if self.leakage_report and self.method == "none":
+            raise RalmError("--leakage-report needs a retrieval method (in-context, replug or knn-lm)")
+        if self.subset is not None and not 0 < self.subset <= 1:
+            raise RalmError(f"--subset {self.subset}: must be in (0, 1]")
 
 
-def run_eval_lm(cfg: EvalLMConfig, progress: bool = True) -> dict:
-    """Evaluate ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the metrics dict."""
-    from ralm.datastore.store import Datastore
-    from ralm.eval.lm import make_targets
+def _documents(files: list[str], max_docs: int | None) -> list[Document]:
+    docs = list(iter_documents(files, CorpusConfig()))
+    return docs[:max_docs] if max_docs else docs
+
+
+def _sweep(scorer: KNNScorer, grid: tuple[float, ...]) -> dict[float, float]:
+    """Perplexity at every λ of the grid from the scorer's recorded per-target probabilities."""
+    lm, knn = torch.cat(scorer.lp_lm), torch.cat(scorer.lp_knn)
+    return {lam: math.exp(-float(mix(lm, knn, lam).double().mean())) for lam in grid}
+
+
+def open_knn_store(cfg: EvalLMConfig, model: Any, tok: Any) -> Any:
+    from ralm.datastore.knn_store import KNNStore
+    from ralm.lm.hidden import model_fingerprint
+    from ralm.lm.presets import tokenizer_fingerprint
+
+    store = KNNStore.open(cfg.datastore)
+    store.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tok), cfg.model,
+                           model.config.get_text_config().hidden_size)
+    return store
+
+
+def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) -> dict:
+    """Evaluate ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the metrics dict.
+
+    ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve).
+    """
+    from ralm.eval.lm import make_targets, model_context
     from ralm.lm.models import load
     from ralm.lm.presets import tokenizer_fingerprint
 
-    docs = list(iter_documents(cfg.data, CorpusConfig()))
-    if cfg.lm.max_docs:
-        docs = docs[: cfg.lm.max_docs]
-    lm = load(cfg.model)
+    docs = _documents(cfg.data, cfg.lm.max_docs)
+    lm = loaded or load(cfg.model)
     model, tok = lm.model, lm.tokenizer
     scorer: Any = None
     extra: dict[str, Any] = {"model": cfg.model}
-    if cfg.method != "none":
+    logs: dict[str, Any] = {}  # doc id -> NeighbourLog, for the leakage report
+    if cfg.method in ("in-context", "replug"):
+        from ralm.datastore.store import Datastore
+
         ds = Datastore.open(cfg.datastore)
         # passages are the store's own token ids: they must be the model's tokens
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(tok), tokenizer_name=cfg.model)
+        ds = _restrict(ds, ds.manifest["counts"]["chunks"], cfg)
         doc_tokens = {d.id: make_targets(d, tok).ids for d in docs} if cfg.decontaminate else None
         k = cfg.in_context.docs
         retrieve = store_retriever(ds, k, cfg.exclude_same_doc, cfg.decontaminate, doc_tokens)
         fn = in_context_nll if cfg.method == "in-context" else replug_nll
 
         def scorer(t, context):
-            return fn(model, tok, t, retrieve, cfg.in_context, context)
+            log = logs.setdefault(t.doc_id, NeighbourLog()) if cfg.leakage_report else None
+            return fn(model, tok, t, retrieve, cfg.in_context, context, log=log)
 
+        extra.update(stride=cfg.in_context.stride, query_len=cfg.in_context.query_len, docs=k,
+                     doc_tokens=cfg.in_context.doc_tokens)
+    elif cfg.method == "knn-lm":
+        store = open_knn_store(cfg, model, tok)
+        store = _restrict(store, len(store.values), cfg)
+        context = model_context(model, cfg.lm.context)
+        stride = cfg.lm.window_stride or max(1, context // 2)
+        knn_cfg = cfg.knn
+        if cfg.validation:
+            val = KNNScorer(model, store, cfg.knn, stride, cfg.exclude_same_doc, cfg.decontaminate)
+            evaluate_lm(model, tok, _documents(cfg.validation, cfg.lm.max_docs), cfg.lm, scorer=val,
+                        method="knn-lm (validation)", progress=progress)
+            sweep = _sweep(val, cfg.lmbda_grid)
+            best = min(sweep, key=sweep.get)
+            knn_cfg = KNNLMConfig(k=cfg.knn.k, lmbda=best, temperature=cfg.knn.temperature)
+            extra.update(lmbda_sweep_validation={str(lam): round(p, 4) for lam, p in sweep.items()},
+                         validation=cfg.validation)
+        scorer = KNNScorer(model, store, knn_cfg, stride, cfg.exclude_same_doc, cfg.decontaminate,
+                           log_factory=(lambda t: logs.setdefault(t.doc_id, NeighbourLog())) if cfg.leakage_report
+                           else None)
+        extra.update(k=knn_cfg.k, lmbda=knn_cfg.lmbda, temperature=knn_cfg.temperature, store_keys=len(store))
+    if cfg.method != "none":
         extra.update(datastore=cfg.datastore, exclude_same_doc=cfg.exclude_same_doc,
-                     decontaminate=cfg.decontaminate, stride=cfg.in_context.stride,
-                     query_len=cfg.in_context.query_len, docs=k, doc_tokens=cfg.in_context.doc_tokens)
-    result = evaluate_lm(model, tok, docs, cfg.lm, scorer=scorer, method=cfg.method, progress=progress)
+                     decontaminate=cfg.decontaminate, subset=cfg.subset)
+    per_target: dict[str, torch.Tensor] = {}
+    result = evaluate_lm(model, tok, docs, cfg.lm, scorer=scorer, method=cfg.method, progress=progress,
+                         per_target=per_target if cfg.leakage_report else None)
+    if cfg.method == "knn-lm":
+        extra["lmbda_sweep_test"] = {str(lam): round(p, 4) for lam, p in _sweep(scorer, cfg.lmbda_grid).items()}
+    if cfg.leakage_report:
+        extra["leakage"] = _leakage(model, tok, docs, cfg, result, per_target, logs)
     return {**result, **extra}
+
+
+def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, result: dict,
+             per_target: dict[str, torch.Tensor], logs: dict[str, Any]) -> dict:
+    """RETRO's leakage table: the method and the plain LM (same windows as ``none``) per overlap bucket."""
+    from ralm.eval.leakage import DocScores, leakage_report
+    from ralm.eval.lm import make_targets, token_nll
+
+    scores = []
+    for d in docs:
+        t = make_targets(d, tok)
+        baseline = token_nll(model, t, result["context"], result["window_stride"])
+        scores.append(DocScores(t, per_target[d.id], baseline, target_bytes(d.text, tok, t), logs[d.id]))
+    return leakage_report(scores, method=cfg.method, baseline="none")
+
+
+def _restrict(store: Any, n_rows: int, cfg: EvalLMConfig) -> Any:
+    if cfg.subset is None or cfg.subset == 1.0:
+        return store
+    from ralm.datastore.subset import nested_rows
+
+    return store.restrict(nested_rows(n_rows, cfg.subset, cfg.subset_seed))

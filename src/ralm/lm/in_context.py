@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ralm.errors import RalmError
 from ralm.eval.lm import Targets
+
+if TYPE_CHECKING:
+    from ralm.eval.leakage import NeighbourLog
 
 
 @dataclass
@@ -89,29 +92,38 @@ def _block_logprobs(model: Any, t: Targets, start: int, end: int, passage: list[
 
 @torch.inference_mode()
 def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
-                   context: int) -> tuple[torch.Tensor, float]:
-    """(n_targets,) NLL in nats with the top ``docs`` passages in context, and the seconds spent retrieving."""
+                   context: int, log: NeighbourLog | None = None) -> tuple[torch.Tensor, float]:
+    """(n_targets,) NLL in nats with the top ``docs`` passages in context, and the seconds spent retrieving.
+
+    ``log`` (leakage report) receives, per block, each passage as it entered the context.
+    """
     starts = block_starts(len(t.ids), cfg.stride)
     found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
     out = []
     for start, passages in zip(starts, found, strict=True):
-        passage = [tok for p in passages[: cfg.docs] for tok in p.tokens[: cfg.doc_tokens]]
+        used = [p.tokens[: cfg.doc_tokens] for p in passages[: cfg.docs]]
+        passage = [tok for u in used for tok in u]
         end = min(start + cfg.stride, len(t.ids))
+        if log is not None:
+            log.add(start, end, used)
         out.append(-_block_logprobs(model, t, start, end, passage, context, tokenizer.bos_token_id))
     return torch.cat(out), seconds
 
 
 @torch.inference_mode()
 def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
-               context: int) -> tuple[torch.Tensor, float]:
+               context: int, log: NeighbourLog | None = None) -> tuple[torch.Tensor, float]:
     """REPLUG: one forward pass per top-``docs`` passage; each target's probability is the mixture
-    Σ_j softmax(scores)_j · p(target | passage_j, text), computed in log space."""
+    Σ_j softmax(scores)_j · p(target | passage_j, text), computed in log space. ``log`` as in
+    ``in_context_nll``."""
     starts = block_starts(len(t.ids), cfg.stride)
     found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
     out = []
     for start, passages in zip(starts, found, strict=True):
         end = min(start + cfg.stride, len(t.ids))
         passages = passages[: cfg.docs]
+        if log is not None:
+            log.add(start, end, [p.tokens[: cfg.doc_tokens] for p in passages])
         if not passages:
             out.append(-_block_logprobs(model, t, start, end, [], context, tokenizer.bos_token_id))
             continue

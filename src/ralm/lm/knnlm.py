@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 
 from ralm.errors import RalmError
@@ -55,3 +57,106 @@ def interpolate(lm_log_probs: torch.Tensor, knn_log_probs_: torch.Tensor, lmbda:
     if lmbda == 1.0:
         return knn_log_probs_
     return torch.logaddexp(knn_log_probs_ + math.log(lmbda), lm_log_probs.float() + math.log1p(-lmbda))
+
+
+def target_log_probs(distances: np.ndarray, rows_values: np.ndarray, valid: np.ndarray, targets: np.ndarray,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """(nq,) log p_kNN(target) from neighbour distances (nq, k), their values (nq, k) and a validity mask.
+
+    Only the target's probability is needed for perplexity, so the (nq, V) distribution is never built;
+    a query with no valid neighbour, or none with the target's value, gets -inf.
+    """
+    scores = torch.from_numpy(-np.asarray(distances, dtype=np.float32) / temperature)
+    scores = scores.masked_fill(~torch.from_numpy(valid), float("-inf"))
+    log_w = torch.log_softmax(scores, dim=-1)  # (nq, k); rows of -inf stay nan
+    hit = torch.from_numpy(rows_values == targets[:, None]) & torch.from_numpy(valid)
+    return torch.logsumexp(log_w.masked_fill(~hit, float("-inf")), dim=-1).nan_to_num(nan=float("-inf"))
+
+
+def mix(lp_lm: torch.Tensor, lp_knn: torch.Tensor, lmbda: float) -> torch.Tensor:
+    """Per-target log(λ·p_kNN + (1-λ)·p_LM); exactly ``lp_lm`` at λ = 0 and ``lp_knn`` at λ = 1."""
+    if lmbda == 0.0:
+        return lp_lm
+    if lmbda == 1.0:
+        return lp_knn
+    return torch.logaddexp(lp_knn + math.log(lmbda), lp_lm + math.log1p(-lmbda))
+
+
+def _ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
+    """Polynomial hashes (uint64, wrapping) of every n-gram along the last axis."""
+    h = np.zeros(tokens.shape[:-1] + (tokens.shape[-1] - n + 1,), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * np.uint64(1_000_003) + tokens[..., j:tokens.shape[-1] - n + 1 + j].astype(np.uint64)
+    return h
+
+
+class KNNScorer:
+    """Scores a document with kNN-LM over sliding windows; keeps per-target log p_LM and log p_kNN.
+
+    The LM and kNN parts do not depend on λ, so one pass gives the perplexity at every λ (the sweep).
+    """
+
+    def __init__(self, model: Any, store: Any, cfg: KNNLMConfig, window_stride: int, exclude_same_doc: bool = True,
+                 decontaminate: int | None = None, log_factory: Any = None, log_neighbours: int = 4):
+        # log_factory(targets) -> a NeighbourLog for that document (leakage report), or None for no log
+        self.model, self.store, self.cfg, self.window_stride = model, store, cfg, window_stride
+        self.exclude_same_doc, self.decontaminate = exclude_same_doc, decontaminate
+        self.log_factory, self.log_neighbours = log_factory, log_neighbours
+        self.lp_lm: list[torch.Tensor] = []
+        self.lp_knn: list[torch.Tensor] = []
+        self.logs: list[Any] = []
+
+    @torch.inference_mode()
+    def __call__(self, t: Any, context: int) -> tuple[torch.Tensor, float]:
+        import time
+
+        from ralm.eval.lm import window_plan
+        from ralm.lm.hidden import head_inputs
+
+        lp_lm, states = [], []
+        device = next(self.model.parameters()).device
+        for begin, end, first in window_plan(len(t.ids), context, self.window_stride):
+            with head_inputs(self.model) as seen:
+                logits = self.model(input_ids=t.ids[begin:end][None].to(device),
+                                    logits_to_keep=end - first + 1).logits[0, :-1].float()  # (end-first, V)
+            targets = t.ids[first:end].to(device)
+            lp_lm.append(-torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
+            states.append(seen[0][0, :-1].float().cpu())  # (end-first, d): the states that predict the targets
+        lp_lm_doc = torch.cat(lp_lm)
+        xq = torch.cat(states).numpy()
+        t0 = time.perf_counter()
+        D, I = self.store.search(xq, min(self.cfg.k, max(1, len(self.store))))  # noqa: E741
+        seconds = time.perf_counter() - t0
+        valid = I >= 0
+        safe = np.where(valid, I, 0)
+        if self.exclude_same_doc and (own := self.store.ordinal(t.doc_id)) >= 0:
+            valid &= self.store.docs[safe] != own
+        if self.decontaminate:
+            valid &= ~self._contaminated(t, safe, valid)
+        target_ids = t.ids[t.first:].numpy()
+        lp_knn_doc = target_log_probs(D, self.store.values[safe], valid, target_ids, self.cfg.temperature)
+        self.lp_lm.append(lp_lm_doc)
+        self.lp_knn.append(lp_knn_doc)
+        if self.log_factory is not None:
+            self.logs.append(self._log(t, safe, valid))
+        return -mix(lp_lm_doc, lp_knn_doc, self.cfg.lmbda), seconds
+
+    def _contaminated(self, t: Any, rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """(nq, k) neighbours whose last N stored tokens (ending at their value) occur in the evaluated text."""
+        n = self.decontaminate
+        doc_hashes = _ngram_hashes(t.ids[t.first:].numpy()[None], n)[0] if t.n_targets >= n else np.zeros(0, np.uint64)
+        span = rows[..., None] + np.arange(-n + 1, 1)  # (nq, k, n) rows ending at each neighbour
+        inside = (span >= 0).all(-1)
+        span = np.clip(span, 0, None)
+        inside &= (self.store.docs[span] == self.store.docs[rows][..., None]).all(-1)
+        h = _ngram_hashes(self.store.values[span], n)[..., 0]  # (nq, k)
+        return valid & inside & np.isin(h, doc_hashes)
+
+    def _log(self, t: Any, rows: np.ndarray, valid: np.ndarray) -> Any:
+        """A neighbour log: for each target, the stored token windows of its best few valid neighbours."""
+        log = self.log_factory(t)
+        for q in range(len(rows)):
+            best = rows[q][valid[q]][: self.log_neighbours]
+            log.add(t.first + q, t.first + q + 1, self.store.windows(best, 64))
+        return log
