@@ -219,6 +219,52 @@ def eval_lm(
             typer.echo(leakage_markdown(result["leakage"]))
 
 
+@app.command()
+def scale(
+    data: Annotated[list[str], typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")],
+    out: Annotated[str, typer.Option("--out", "-o", help="folder for scale.json, scale.md and scale.png")],
+    model: Annotated[str, typer.Option(help="preset, model folder, GGUF file or hub id")] = "smollm2-135m",
+    methods: Annotated[str, typer.Option(help="comma-separated: in-context, replug, knn-lm")] = "in-context",
+    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug)")] = None,
+    knn_store: Annotated[str | None, typer.Option(help="kNN-LM store (knn-lm)")] = None,
+    fractions: Annotated[str, typer.Option(help="comma-separated nested subset sizes in (0, 1]")] = "0.01,0.1,0.3,1",
+    seed: Annotated[int, typer.Option(help="seed of the nested subsets")] = 0,
+    metric: Annotated[str, typer.Option(help="plotted metric: ppl or bpb")] = "ppl",
+    context: Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")] = None,
+    window_stride: Annotated[int | None, typer.Option(help="plain LM and kNN-LM: new tokens scored per window")] = None,
+    max_docs: Annotated[int | None, typer.Option(help="evaluate at most this many documents")] = None,
+    stride: Annotated[int, typer.Option(help="in-context/replug: tokens scored between retrievals")] = 16,
+    docs: Annotated[int, typer.Option(help="in-context/replug: passages per block")] = 1,
+    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many tokens")] = 256,
+    k: Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")] = 1024,
+    lmbda: Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")] = 0.25,
+    validation: Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen at each size")] = None,
+    exclude_same_doc: Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")] = True,
+    decontaminate: Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Metric vs datastore size: evaluate on nested random subsets of the store; JSON, markdown and a PNG plot."""
+    from ralm.eval.lm import LMEvalConfig
+    from ralm.eval.runner import EvalLMConfig
+    from ralm.eval.scaling import ScaleConfig, run_scale, scale_markdown
+    from ralm.lm.in_context import InContextConfig
+    from ralm.lm.knnlm import KNNLMConfig
+
+    try:
+        base = EvalLMConfig(model=model, data=list(data), lm=LMEvalConfig(context, window_stride, max_docs),
+                            in_context=InContextConfig(stride, 32, docs, doc_tokens), knn=KNNLMConfig(k, lmbda),
+                            validation=None, exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
+        base.validation = list(validation or []) or None  # validated per point (knn-lm only)
+        cfg = ScaleConfig(eval=base, out=out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                          datastore=datastore, knn_store=knn_store, fractions=_floats(fractions, "--fractions"),
+                          seed=seed, metric=metric)
+        result = run_scale(cfg, progress=not quiet, log=(lambda m: None) if quiet else None)
+    except RalmError as e:
+        _fail(e)
+    typer.echo(json.dumps(result, indent=2) if json_out else scale_markdown(result) + f"plot: {Path(out) / 'scale.png'}")
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())

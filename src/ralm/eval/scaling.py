@@ -1,0 +1,152 @@
+"""``ralm scale``: the LM metric against datastore size, on nested random subsets of the store.
+
+Every point evaluates the same held-out documents; a subset is searched in place (FAISS applies the row
+subset inside the search), so nothing is re-encoded. The plain LM is one flat reference line.
+Outputs: ``scale.json`` (every point), ``scale.md`` (a table) and ``scale.png`` (metric vs store tokens, log x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ralm.errors import RalmError
+from ralm.eval.runner import EvalLMConfig, run_eval_lm
+from ralm.utils.atomic import atomic_path, write_json
+
+RETRIEVAL_METHODS = ("in-context", "replug")
+
+
+@dataclass
+class ScaleConfig:
+    eval: EvalLMConfig  # model, data, windows and method settings; method and store are set per point
+    out: str = field(metadata={"help": "folder for scale.json, scale.md and scale.png"})
+    methods: tuple[str, ...] = field(default=("in-context",), metadata={"help": "methods to scale"})
+    datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug)"})
+    knn_store: str | None = field(default=None, metadata={"help": "kNN-LM store (knn-lm)"})
+    fractions: tuple[float, ...] = field(default=(0.01, 0.1, 0.3, 1.0), metadata={"help": "nested subset sizes"})
+    seed: int = field(default=0, metadata={"help": "seed of the nested subsets"})
+    metric: str = field(default="ppl", metadata={"help": "plotted metric: ppl or bpb"})
+
+    def __post_init__(self) -> None:
+        for m in self.methods:
+            if m not in (*RETRIEVAL_METHODS, "knn-lm"):
+                raise RalmError(f"--methods {m!r}: expected in-context, replug or knn-lm")
+        if not self.methods:
+            raise RalmError("--methods: give at least one method")
+        if any(m in RETRIEVAL_METHODS for m in self.methods) and not self.datastore:
+            raise RalmError("--datastore is required for in-context / replug")
+        if "knn-lm" in self.methods and not self.knn_store:
+            raise RalmError("--knn-store is required for knn-lm")
+        bad = [f for f in self.fractions if not 0 < f <= 1]
+        if bad or not self.fractions:
+            raise RalmError(f"--fractions {bad or 'empty'}: every fraction must be in (0, 1]")
+        if self.metric not in ("ppl", "bpb"):
+            raise RalmError(f"--metric {self.metric!r}: expected ppl or bpb")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise RalmError(f"--out {out}: exists and is not a directory")
+
+
+def store_tokens(method: str, path: str, rows: np.ndarray | None) -> int:
+    """Tokens held by the (subset of the) store: chunk tokens, or one per key for a kNN-LM store."""
+    if method == "knn-lm":
+        from ralm.datastore.knn_store import read_knn_manifest
+
+        total = read_knn_manifest(Path(path))["summary"]["keys"]
+        return total if rows is None else len(rows)
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ralm.datastore import layout
+    from ralm.datastore.store import read_manifest
+
+    manifest = read_manifest(Path(path))
+    lengths = np.concatenate([pc.list_value_length(pq.read_table(layout.chunks_path(Path(path), p["part"]),
+                                                                  columns=["tokens"])["tokens"]).to_numpy()
+                              for p in manifest["parts"]])
+    return int(lengths.sum() if rows is None else lengths[rows].sum())
+
+
+def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
+    """Evaluate every (method, fraction) point plus the plain LM; write JSON, markdown and PNG."""
+    from ralm.datastore.subset import nested_rows
+    from ralm.lm.models import load
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    loaded = load(cfg.eval.model)
+    base = dataclasses.replace(cfg.eval, method="none", datastore=None, subset=None, validation=None)
+    none = run_eval_lm(base, progress=progress, loaded=loaded)
+    log(f"none: ppl {none['ppl']:.3f} bpb {none['bpb']:.4f}")
+    points = []
+    for method in cfg.methods:
+        store = cfg.knn_store if method == "knn-lm" else cfg.datastore
+        n_rows = _rows_in(method, store)
+        for frac in sorted(cfg.fractions):
+            rows = None if frac == 1.0 else nested_rows(n_rows, frac, cfg.seed)
+            point_cfg = dataclasses.replace(cfg.eval, method=method, datastore=store, subset=frac, subset_seed=cfg.seed,
+                                            validation=cfg.eval.validation if method == "knn-lm" else None)
+            r = run_eval_lm(point_cfg, progress=progress, loaded=loaded)
+            point = {"method": method, "fraction": frac, "store_tokens": store_tokens(method, store, rows),
+                     **{k: r[k] for k in ("ppl", "bpb", "tokens", "bytes", "seconds", "tokens_per_second")}}
+            if method == "knn-lm":
+                point["lmbda"] = r["lmbda"]
+            points.append(point)
+            log(f"{method} @ {frac:g} ({point['store_tokens']:,} store tokens): ppl {r['ppl']:.3f} bpb {r['bpb']:.4f}")
+    result = {"model": cfg.eval.model, "data": cfg.eval.data, "metric": cfg.metric, "seed": cfg.seed,
+              "none": {k: none[k] for k in ("ppl", "bpb", "tokens", "bytes")}, "points": points}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "scale.json", result)
+    with atomic_path(out / "scale.md") as tmp:
+        tmp.write_text(scale_markdown(result), encoding="utf-8")
+    plot_scale(result, out / "scale.png")
+    return result
+
+
+def _rows_in(method: str, path: str) -> int:
+    if method == "knn-lm":
+        from ralm.datastore.knn_store import read_knn_manifest
+
+        return int(read_knn_manifest(Path(path))["summary"]["keys"])
+    from ralm.datastore.store import read_manifest
+
+    return int(read_manifest(Path(path))["counts"]["chunks"])
+
+
+def scale_markdown(result: dict[str, Any]) -> str:
+    lines = ["| method | fraction | store tokens | ppl | bpb |", "|---|---:|---:|---:|---:|",
+             f"| none | – | 0 | {result['none']['ppl']:.3f} | {result['none']['bpb']:.4f} |"]
+    for p in result["points"]:
+        lines.append(f"| {p['method']} | {p['fraction']:g} | {p['store_tokens']:,} | {p['ppl']:.3f} | {p['bpb']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scale(result: dict[str, Any], path: Path) -> None:
+    """Metric against store tokens (log x), one line per method, the plain LM as a dashed reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+
+    metric = result["metric"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(p["method"] for p in result["points"]):
+        pts = sorted((p["store_tokens"], p[metric]) for p in result["points"] if p["method"] == method)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.axhline(result["none"][metric], color="grey", linestyle="--", label="none (no retrieval)")
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore tokens")
+    ax.set_ylabel("perplexity" if metric == "ppl" else "bits per byte")
+    ax.set_title(f"{result['model']}: {metric} vs datastore size")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
