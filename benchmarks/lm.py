@@ -64,20 +64,23 @@ def _pick(src: Path, dst: Path, n: int, lo: int = 2500, hi: int = 5000) -> Path:
     return dst
 
 
-def build_stores(paths: dict[str, Path]) -> dict:
-    from ralm.datastore.build import BuildConfig, build
+def knn_store(paths: dict[str, Path]) -> dict:
     from ralm.datastore.index import IndexConfig
     from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
 
-    t0 = time.perf_counter()
-    # the same arguments as the command that may have started it: a rerun resumes it
+    # the same arguments as the `ralm knnlm build` command that may have started it: a rerun resumes it
     knn = build_knn_store(KNNBuildConfig([str(paths["store"])], str(CACHE / "knn"), model=MODEL, context=CONTEXT,
-                                         window_stride=CONTEXT, batch_size=4, index=IndexConfig(target_recall=0.9,
-                                                                                                 metric="l2")))
-    log(f"kNN-LM store: {knn['keys']:,} keys ({time.perf_counter() - t0:.0f} s)")
-    ds = build(BuildConfig(inputs=[str(paths["store"])], out=str(CACHE / "ds"), shard_docs=100))
+                                         window_stride=CONTEXT, batch_size=4,
+                                         index=IndexConfig(target_recall=0.9, metric="l2")))
     return {"knn_keys": knn["keys"], "knn_index": knn["index"], "knn_index_params": knn["index_params"],
-            "knn_recall_at_10": knn["recall_at_10"], "ds_chunks": ds["chunks"], "ds_index": ds["index"]}
+            "knn_recall_at_10": knn["recall_at_10"], "knn_build_seconds": knn["seconds"]}
+
+
+def retrieval_store(paths: dict[str, Path]) -> dict:
+    from ralm.datastore.build import BuildConfig, build
+
+    ds = build(BuildConfig(inputs=[str(paths["store"])], out=str(CACHE / "ds"), shard_docs=100))
+    return {"ds_chunks": ds["chunks"], "ds_index": ds["index"], "ds_recall_at_10": ds["recall_at_10"]}
 
 
 def evaluate(method: str, data: Path, **kw) -> dict:
@@ -121,32 +124,36 @@ def stage(name: str, fresh: bool, fn) -> dict:
     return result
 
 
-def leakage(paths: dict[str, Path]) -> dict:
-    res = {m: evaluate(m, paths["leak"], exclude_same_doc=m == "none") for m in ("none", "in-context", "knn-lm")}
-    for m in ("in-context", "knn-lm"):
+def leakage(paths: dict[str, Path], methods: tuple[str, ...]) -> dict:
+    res = {m: evaluate(m, paths["leak"], exclude_same_doc=m == "none") for m in ("none", *methods)}
+    for m in methods:
         res[m]["ppl_cut_vs_none"] = round(1 - res[m]["ppl"] / res["none"]["ppl"], 4)
-    res["target"] = "in-context and knn-lm each cut ppl by >= 40%"
-    res["pass"] = all(res[m]["ppl_cut_vs_none"] >= 0.40 for m in ("in-context", "knn-lm"))
+        res[m]["pass"] = res[m]["ppl_cut_vs_none"] >= 0.40
+    res["target"] = "cut ppl by >= 40% against none"
     return res
 
 
-def clean(paths: dict[str, Path]) -> dict:
+def clean_retrieval(paths: dict[str, Path]) -> dict:
     res = {"none": evaluate("none", paths["test_small"]),
            "in-context": evaluate("in-context", paths["test_small"], decontaminate=32),
-           "replug": evaluate("replug", paths["test_small"], decontaminate=32, docs=2),
+           "replug": evaluate("replug", paths["test_small"], decontaminate=32, docs=2)}
+    ic = res["in-context"]
+    res["speed"] = {"in_context_tokens_per_s": ic["tokens_per_second"], "lm_only_tokens_per_s":
+                    res["none"]["tokens_per_second"], "in_context_retrieval_share": ic["retrieval_share"]}
+    return res
+
+
+def clean_knn(paths: dict[str, Path]) -> dict:
+    """LM-only and kNN-LM on the same documents in the same run: the speed ratio is measured here too."""
+    res = {"none": evaluate("none", paths["test_small"]),
            "knn-lm": evaluate("knn-lm", paths["test_small"], decontaminate=32, validation=[str(paths["valid_small"])])}
     res["target"] = "knn-lm (λ tuned on validation) not worse than none"
     res["pass"] = res["knn-lm"]["ppl"] <= res["none"]["ppl"] * (1 + 1e-6)
+    lm_only, knn = res["none"]["tokens_per_second"], res["knn-lm"]["tokens_per_second"]
+    res["speed"] = {"lm_only_tokens_per_s": lm_only, "knn_lm_tokens_per_s": knn, "ratio": round(knn / lm_only, 3),
+                    "knn_retrieval_share": res["knn-lm"]["retrieval_share"],
+                    "target": "kNN-LM tokens/s >= 0.7 x LM-only", "pass": knn >= 0.7 * lm_only}
     return res
-
-
-def speed(clean_res: dict) -> dict:
-    lm_only, knn = clean_res["none"]["tokens_per_second"], clean_res["knn-lm"]["tokens_per_second"]
-    ic = clean_res["in-context"]
-    return {"lm_only_tokens_per_s": lm_only, "knn_lm_tokens_per_s": knn, "ratio": round(knn / lm_only, 3),
-            "knn_retrieval_share": clean_res["knn-lm"]["retrieval_share"],
-            "in_context_tokens_per_s": ic["tokens_per_second"], "in_context_retrieval_share": ic["retrieval_share"],
-            "target": "kNN-LM tokens/s >= 0.7 x LM-only (same run, same documents)", "pass": knn >= 0.7 * lm_only}
 
 
 def memory(paths: dict[str, Path]) -> dict:
@@ -169,23 +176,27 @@ def memory(paths: dict[str, Path]) -> dict:
             "target": "peak RSS < model + index + 1 GB", "pass": r["peak_rss_bytes"] < limit}
 
 
+STAGES = ("leak-in-context", "clean-retrieval", "leak-knn", "clean-knn", "memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fresh", action="store_true", help="rerun every stage (stores are reused)")
-    ap.add_argument("--stages", default="leakage,clean,speed,memory", help="comma-separated stages to run")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     paths = prepare()
-    result: dict = {"model": MODEL, "context": CONTEXT, "stores": build_stores(paths)}
+    result: dict = {"model": MODEL, "context": CONTEXT}
     stages = args.stages.split(",")
-    if "leakage" in stages:
-        result["leakage"] = stage("leakage", args.fresh, lambda: leakage(paths))
-    if "clean" in stages or "speed" in stages:
-        result["clean"] = stage("clean", args.fresh, lambda: clean(paths))
-    if "speed" in stages:
-        result["speed"] = speed(result["clean"])
-    if "memory" in stages:
-        result["memory"] = stage("memory", args.fresh, lambda: memory(paths))
+    if {"leak-in-context", "clean-retrieval"} & set(stages):
+        result["retrieval_store"] = retrieval_store(paths)
+    if {"leak-knn", "clean-knn", "memory"} & set(stages):
+        result["knn_store"] = knn_store(paths)
+    runs = {"leak-in-context": lambda: leakage(paths, ("in-context",)), "clean-retrieval": lambda: clean_retrieval(paths),
+            "leak-knn": lambda: leakage(paths, ("knn-lm",)), "clean-knn": lambda: clean_knn(paths),
+            "memory": lambda: memory(paths)}
+    for name in stages:
+        result[name] = stage(name, args.fresh, runs[name])
     print(json.dumps(result, indent=2))
 
 

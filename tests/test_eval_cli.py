@@ -79,3 +79,34 @@ def test_store_with_another_tokenizer_is_refused(setup, tmp_path, tiny_lm, build
     r = runner.invoke(app, ["eval-lm", "--model", tiny_lm, "--data", str(held_out), "--method", "in-context",
                             "--datastore", str(other), "--quiet"])
     assert r.exit_code != 0 and "tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_document_with_nothing_to_score_is_one_line(tmp_path, tiny_lm):
+    """Without a BOS token a one-token document has no scored target: refused, naming the document."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.bos_token = None
+    no_bos = tmp_path / "no-bos-lm"
+    AutoModelForCausalLM.from_pretrained(tiny_lm).save_pretrained(no_bos)
+    tok.save_pretrained(no_bos)
+    data = tmp_path / "short.jsonl"
+    data.write_text(json.dumps({"id": "tiny-doc", "text": "a"}) + "\n")  # one byte: one token
+    r = runner.invoke(app, ["eval-lm", "--model", str(no_bos), "--data", str(data), "--quiet"])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tiny-doc" in lines[0] and "nothing to score" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("not json", "not valid JSON"),
+    ('{"version": "1.1"}', "data"),
+    ('{"data": [{"title": "t", "paragraphs": [{"qas": []}]}]}', "context"),
+])
+def test_malformed_squad_is_one_line(tmp_path, tiny_lm, content, needle):
+    path = tmp_path / "squad.json"
+    path.write_text(content)
+    r = runner.invoke(app, ["eval-qa", "--model", tiny_lm, "--data", str(path), "--quiet"])
+    assert r.exit_code == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and needle in lines[0], r.stderr

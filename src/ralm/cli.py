@@ -219,6 +219,45 @@ def eval_lm(
             typer.echo(leakage_markdown(result["leakage"]))
 
 
+@app.command("eval-qa")
+def eval_qa(
+    data: Annotated[str, typer.Option(help="SQuAD-format JSON file (questions, gold answers, paragraphs)")],
+    model: Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")] = "smollm2-135m",
+    datastore: Annotated[str | None, typer.Option(help="store to retrieve passages from (open book); none: closed book only")] = None,
+    docs: Annotated[int, typer.Option(help="K: passages retrieved per question, put in the prompt, and recall@K depth")] = 1,
+    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many LM tokens")] = 256,
+    limit: Annotated[int | None, typer.Option(help="evaluate a random sample of this many questions (fixed by --seed)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the --limit sample")] = 0,
+    max_new_tokens: Annotated[int, typer.Option(help="longest answer generated, in tokens")] = 16,
+    batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 8,
+    closed_book: Annotated[bool, typer.Option(help="with --datastore, also run the closed-book baseline")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """SQuAD EM and F1 of a causal LM answering closed book, or open book with retrieved passages (+ recall@K)."""
+    from ralm.eval.qa import EvalQAConfig, run_eval_qa
+
+    try:
+        cfg = EvalQAConfig(data=data, model=model, datastore=datastore, docs=docs, doc_tokens=doc_tokens,
+                           limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           closed_book=closed_book)
+        result = run_eval_qa(cfg, progress=not quiet)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        return
+    line = f"{result['mode']}: EM {result['em']:.2f}  F1 {result['f1']:.2f}  over {result['n']} questions"
+    cb = result["closed_book"]
+    if result["mode"] == "open-book" and cb is not None:
+        line += f"; closed book EM {cb['em']:.2f}  F1 {cb['f1']:.2f} (F1 gain {result['f1_gain']:+.2f})"
+    if result["recall_at_k"] is not None:
+        line += f"; gold paragraph recall@{result['k']} {result['recall_at_k']:.3f}"
+    elif result.get("recall_note"):
+        line += f"; recall not measured ({result['recall_note']})"
+    typer.echo(f"{line}; {result['questions_per_second']} questions/s")
+
+
 @app.command()
 def scale(
     data: Annotated[list[str], typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")],
