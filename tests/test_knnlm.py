@@ -79,6 +79,18 @@ def test_lambda_zero_equals_plain_lm_exactly(knn_setup, lm):
     assert knn["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)
 
 
+def test_query_blocks_do_not_change_the_result(knn_setup, lm):
+    """Searching a document's positions in blocks (bounded memory) gives the same p_kNN as one search."""
+    _, held, out, _ = knn_setup
+    model, tok = lm
+    t = make_targets(next(iter_documents([str(held)], CorpusConfig())), tok)
+    whole = KNNScorer(model, KNNStore.open(out), KNNLMConfig(k=8, lmbda=0.5), STRIDE)
+    blocked = KNNScorer(model, KNNStore.open(out), KNNLMConfig(k=8, lmbda=0.5), STRIDE)
+    blocked.query_block = 7
+    assert t.n_targets > 3 * blocked.query_block
+    torch.testing.assert_close(whole(t, CTX)[0], blocked(t, CTX)[0])
+
+
 def test_same_document_exclusion_and_leakage(knn_setup, tiny_lm):
     corpus, _, out, _ = knn_setup
     base = dict(model=tiny_lm, data=[str(corpus)], datastore=str(out), lm=LMEvalConfig(CTX, STRIDE, max_docs=2))

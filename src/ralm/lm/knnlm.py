@@ -103,9 +103,9 @@ class KNNScorer:
         self.model, self.store, self.cfg, self.window_stride = model, store, cfg, window_stride
         self.exclude_same_doc, self.decontaminate = exclude_same_doc, decontaminate
         self.log_factory, self.log_neighbours = log_factory, log_neighbours
+        self.query_block = 1024
         self.lp_lm: list[torch.Tensor] = []
         self.lp_knn: list[torch.Tensor] = []
-        self.logs: list[Any] = []
 
     @torch.inference_mode()
     def __call__(self, t: Any, context: int) -> tuple[torch.Tensor, float]:
@@ -124,22 +124,29 @@ class KNNScorer:
             lp_lm.append(-torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
             states.append(seen[0][0, :-1].float().cpu())  # (end-first, d): the states that predict the targets
         lp_lm_doc = torch.cat(lp_lm)
-        xq = torch.cat(states).numpy()
-        t0 = time.perf_counter()
-        D, I = self.store.search(xq, min(self.cfg.k, max(1, len(self.store))))  # noqa: E741
-        seconds = time.perf_counter() - t0
-        valid = I >= 0
-        safe = np.where(valid, I, 0)
-        if self.exclude_same_doc and (own := self.store.ordinal(t.doc_id)) >= 0:
-            valid &= self.store.docs[safe] != own
-        if self.decontaminate:
-            valid &= ~self._contaminated(t, safe, valid)
+        xq = torch.cat(states).numpy()  # (n_targets, d)
         target_ids = t.ids[t.first:].numpy()
-        lp_knn_doc = target_log_probs(D, self.store.values[safe], valid, target_ids, self.cfg.temperature)
+        k = min(self.cfg.k, max(1, len(self.store)))
+        own = self.store.ordinal(t.doc_id) if self.exclude_same_doc else -1
+        lp_knn, seconds = [], 0.0
+        log = self.log_factory(t) if self.log_factory is not None else None
+        for s in range(0, len(xq), self.query_block):  # bounded memory: (block, k) neighbours at a time
+            t0 = time.perf_counter()
+            D, I = self.store.search(xq[s:s + self.query_block], k)  # noqa: E741
+            seconds += time.perf_counter() - t0
+            valid = I >= 0
+            safe = np.where(valid, I, 0)
+            if own >= 0:
+                valid &= self.store.docs[safe] != own
+            if self.decontaminate:
+                valid &= ~self._contaminated(t, safe, valid)
+            lp_knn.append(target_log_probs(D, self.store.values[safe], valid, target_ids[s:s + self.query_block],
+                                           self.cfg.temperature))
+            if log is not None:
+                self._log(log, t.first + s, safe, valid)
+        lp_knn_doc = torch.cat(lp_knn)
         self.lp_lm.append(lp_lm_doc)
         self.lp_knn.append(lp_knn_doc)
-        if self.log_factory is not None:
-            self.logs.append(self._log(t, safe, valid))
         return -mix(lp_lm_doc, lp_knn_doc, self.cfg.lmbda), seconds
 
     def _contaminated(self, t: Any, rows: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -153,10 +160,8 @@ class KNNScorer:
         h = _ngram_hashes(self.store.values[span], n)[..., 0]  # (nq, k)
         return valid & inside & np.isin(h, doc_hashes)
 
-    def _log(self, t: Any, rows: np.ndarray, valid: np.ndarray) -> Any:
-        """A neighbour log: for each target, the stored token windows of its best few valid neighbours."""
-        log = self.log_factory(t)
+    def _log(self, log: Any, first: int, rows: np.ndarray, valid: np.ndarray) -> None:
+        """For each target from ``first`` on: the stored token windows of its best few valid neighbours."""
         for q in range(len(rows)):
             best = rows[q][valid[q]][: self.log_neighbours]
-            log.add(t.first + q, t.first + q + 1, self.store.windows(best, 64))
-        return log
+            log.add(first + q, first + q + 1, self.store.windows(best, 64))
