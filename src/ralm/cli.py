@@ -230,6 +230,7 @@ def eval_qa(
     seed: Annotated[int, typer.Option(help="seed of the --limit sample")] = 0,
     max_new_tokens: Annotated[int, typer.Option(help="longest answer generated, in tokens")] = 16,
     batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 8,
+    demos: Annotated[bool, typer.Option(help="three hand-written question/answer demonstrations before the question")] = True,
     closed_book: Annotated[bool, typer.Option(help="with --datastore, also run the closed-book baseline")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
@@ -240,7 +241,7 @@ def eval_qa(
     try:
         cfg = EvalQAConfig(data=data, model=model, datastore=datastore, docs=docs, doc_tokens=doc_tokens,
                            limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           closed_book=closed_book)
+                           demos=demos, closed_book=closed_book)
         result = run_eval_qa(cfg, progress=not quiet)
     except RalmError as e:
         _fail(e)

@@ -1,5 +1,9 @@
 """Corpus readers: JSONL, plain text, Parquet files and folders of them, streamed as ``Document``s.
 
+An explicitly named ``.json`` file is read as a SQuAD-format file: one document per paragraph, with the
+paragraph id ``f"{title}#{i}"`` as doc id (``ralm.data.squad``), so a store built from it finds gold
+paragraphs by id. Folders are not searched for ``.json`` files.
+
 Everything is streamed (one line / one file / one record batch at a time), so memory does not grow
 with the corpus. Recoverable problems (blank documents, invalid UTF-8, oversized documents) are skipped
 or repaired and counted in ``ReadStats``; unrecoverable ones (missing path, malformed JSON, a missing
@@ -16,6 +20,7 @@ from pathlib import Path
 from ralm.errors import RalmError
 
 SUFFIXES = (".jsonl", ".txt", ".parquet")
+SQUAD_SUFFIX = ".json"  # only as an explicitly named file: a SQuAD-format file, one document per paragraph
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,11 @@ def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = Non
                     out.append((f, f"{p.name}/{f.relative_to(p).as_posix()}"))
                 elif stats is not None:
                     stats.skipped_files.append(str(f))
-        elif p.suffix in SUFFIXES:
+        elif p.suffix in SUFFIXES or p.suffix == SQUAD_SUFFIX:
             out.append((p, p.name))
         else:
-            raise RalmError(f"{raw}: unsupported input type {p.suffix or '(none)'}; expected {', '.join(SUFFIXES)}")
+            raise RalmError(f"{raw}: unsupported input type {p.suffix or '(none)'}; expected {', '.join(SUFFIXES)} "
+                            f"or a SQuAD-format {SQUAD_SUFFIX} file")
     if not out:
         raise RalmError(f"{', '.join(map(str, inputs))}: no {', '.join(SUFFIXES)} files found")
     return out
@@ -110,6 +116,8 @@ def iter_documents(
             yield from _read_jsonl(path, name, cfg, stats)
         elif path.suffix == ".txt":
             yield from _read_txt(path, name, cfg, stats)
+        elif path.suffix == SQUAD_SUFFIX:
+            yield from _read_squad(path, cfg, stats)
         else:
             yield from _read_parquet(path, name, cfg, stats)
 
@@ -204,3 +212,11 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig, stats: ReadStats) ->
             doc_id = str(ids[i]) if ids is not None and ids[i] is not None else f"{name}:{row}"
             domain = cfg.domain or str((data.get("domain") or [None] * (i + 1))[i] or "default")
             yield from _emit(text, doc_id, domain, stats)
+
+
+def _read_squad(path: Path, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Document]:
+    from ralm.data.squad import DOMAIN, squad_documents
+
+    for doc in squad_documents(path, domain=cfg.domain or DOMAIN):
+        if not _too_large(len(doc.text.encode("utf-8")), f"{path}:{doc.id}", cfg, stats):
+            yield from _emit(doc.text, doc.id, doc.domain, stats)
