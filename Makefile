@@ -1,4 +1,4 @@
-# Quick start: `make demo` (set up + build a store from a real corpus + show neighbours), `make test`.
+# Quick start: `make demo` (set up + stores from a real corpus + the LM with and without retrieval), `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -31,6 +31,8 @@ bench: setup
 	$(BIN)/python benchmarks/build.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/exact.py
+	$(BIN)/python benchmarks/qa.py
+	$(BIN)/python benchmarks/lm.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
