@@ -154,7 +154,7 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
             if mine != theirs:
                 raise RalmError(f"--add: {key} {mine} differs from the store's {theirs}; "
                                 "an appended corpus must be chunked and encoded the same way")
-    files = _input_files_fingerprint(cfg.inputs)
+    files = input_files_fingerprint(cfg.inputs)
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state["params"] != params or state["inputs"] != [str(i) for i in cfg.inputs]:
@@ -181,7 +181,7 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
     return state
 
 
-def _input_files_fingerprint(inputs: list[str]) -> list[list]:
+def input_files_fingerprint(inputs: list[str]) -> list[list]:
     """(name, size, mtime) of every input file: a resume must read exactly what the first run read."""
     return [[name, p.stat().st_size, p.stat().st_mtime_ns] for p, name in list_input_files(inputs)]
 

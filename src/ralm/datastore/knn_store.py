@@ -33,7 +33,7 @@ from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input
 from ralm.datastore.index import IndexConfig, build_index, load_index
 from ralm.datastore.keys import KeyParts
 from ralm.datastore.layout import BUILD_DIR
-from ralm.errors import IncompatibleError, RalmError, StoreError
+from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
 
@@ -168,18 +168,18 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
            progress: bool, t0: float) -> dict:
     from tqdm import tqdm
 
+    from ralm.datastore.build import input_files_fingerprint
     from ralm.eval.lm import model_context
     from ralm.lm.hidden import check_states_match_head, model_fingerprint
     from ralm.lm.models import load
     from ralm.lm.presets import tokenizer_fingerprint
-
 
     lm = load(cfg.model)
     model, tok = lm.model, lm.tokenizer
     context = model_context(model, cfg.context)
     stride = min(cfg.window_stride or max(1, context // 2), context - 1)
     check_states_match_head(model, torch.arange(min(8, context))[None] % model.config.get_text_config().vocab_size)
-    files = [[n, p.stat().st_size, p.stat().st_mtime_ns] for p, n in list_input_files(cfg.inputs)]
+    files = input_files_fingerprint(cfg.inputs)
     fp = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok)}
     if state_path.exists():
         state = json.loads(state_path.read_text())
@@ -267,18 +267,15 @@ class KNNStore:
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> KNNStore:
+        """Open a finished store; refuse unfinished, truncated or (with ``verify``) corrupt ones."""
+        from ralm.datastore.store import check_files
+
         root = Path(path)
         manifest = read_knn_manifest(root)
         files = [(root / f["path"], f) for f in manifest["index"]["files"]]
         for r in manifest["parts"]:
             files += [(p, r[kind]) for kind, p in _paths(root, r["part"]).items()]
-        for p, rec in files:
-            if not p.exists():
-                raise StoreError(f"{p}: missing from the kNN-LM store")
-            if p.stat().st_size != rec["bytes"]:
-                raise StoreError(f"{p}: truncated or altered ({p.stat().st_size} bytes, manifest says {rec['bytes']})")
-            if verify and sha256_file(p) != rec["sha256"]:
-                raise StoreError(f"{p}: checksum mismatch (file is corrupt)")
+        check_files(files, verify, "the kNN-LM store")
         return cls(root, manifest)
 
     def __len__(self) -> int:

@@ -74,9 +74,14 @@ def _store_files(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
 
 def verify_files(root: Path, manifest: dict, checksums: bool) -> None:
     """Every file the manifest names exists with its size (and, with ``checksums``, its sha256)."""
-    for path, rec in _store_files(root, manifest):
+    check_files(_store_files(root, manifest), checksums, "the datastore")
+
+
+def check_files(files: list[tuple[Path, dict]], checksums: bool, where: str) -> None:
+    """Each ``(path, {"bytes", "sha256"})`` exists with that size (and, with ``checksums``, that sha256)."""
+    for path, rec in files:
         if not path.exists():
-            raise StoreError(f"{path}: missing from the datastore")
+            raise StoreError(f"{path}: missing from {where}")
         size = path.stat().st_size
         if size != rec["bytes"]:
             raise StoreError(f"{path}: truncated or altered ({size} bytes, manifest says {rec['bytes']})")

@@ -56,10 +56,7 @@ class ScaleConfig:
 def store_tokens(method: str, path: str, rows: np.ndarray | None) -> int:
     """Tokens held by the (subset of the) store: chunk tokens, or one per key for a kNN-LM store."""
     if method == "knn-lm":
-        from ralm.datastore.knn_store import read_knn_manifest
-
-        total = read_knn_manifest(Path(path))["summary"]["keys"]
-        return total if rows is None else len(rows)
+        return _rows_in(method, path) if rows is None else len(rows)
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
