@@ -24,6 +24,22 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
+# options that eval-lm and scale share: one declaration, one help text
+Model = Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")]
+Context = Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")]
+WindowStride = Annotated[int | None, typer.Option(help="plain LM and kNN-LM: new tokens scored per window (default context/2)")]
+MaxDocs = Annotated[int | None, typer.Option(help="evaluate at most this many documents")]
+Stride = Annotated[int, typer.Option(help="in-context/replug: tokens scored between retrievals")]
+Docs = Annotated[int, typer.Option(help="passages in context (in-context) or mixed (replug)")]
+DocTokens = Annotated[int, typer.Option(help="each passage truncated to this many tokens")]
+K = Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")]
+Lmbda = Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")]
+Validation = Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen (overrides --lmbda)")]
+ExcludeSameDoc = Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")]
+Decontaminate = Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+
+
 @data_app.command("get")
 def data_get(
     name: Annotated[str, typer.Argument(help="data set name (bbc-news, rotten-tomatoes, squad-dev, wiki-en)")],
@@ -162,29 +178,29 @@ def info(
 
 @app.command("eval-lm")
 def eval_lm(
-    model: Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")] = "smollm2-135m",
+    model: Model = "smollm2-135m",
     data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
     method: Annotated[str, typer.Option(help="none, in-context, replug or knn-lm")] = "none",
     datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug) or kNN-LM store (knn-lm)")] = None,
-    context: Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")] = None,
-    window_stride: Annotated[int | None, typer.Option(help="plain LM: new tokens scored per window (default context/2)")] = None,
-    max_docs: Annotated[int | None, typer.Option(help="evaluate at most this many documents")] = None,
-    stride: Annotated[int, typer.Option(help="retrieval methods: tokens scored between retrievals")] = 16,
+    context: Context = None,
+    window_stride: WindowStride = None,
+    max_docs: MaxDocs = None,
+    stride: Stride = 16,
     query_len: Annotated[int, typer.Option(help="retrieval methods: last tokens used as the query")] = 32,
-    docs: Annotated[int, typer.Option(help="passages in context (in-context) or mixed (replug)")] = 1,
-    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many tokens")] = 256,
-    exclude_same_doc: Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")] = True,
-    decontaminate: Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")] = None,
-    k: Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")] = 1024,
-    lmbda: Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")] = 0.25,
+    docs: Docs = 1,
+    doc_tokens: DocTokens = 256,
+    exclude_same_doc: ExcludeSameDoc = True,
+    decontaminate: Decontaminate = None,
+    k: K = 1024,
+    lmbda: Lmbda = 0.25,
     temperature: Annotated[float, typer.Option(help="knn-lm: softmax temperature over -distance")] = 1.0,
-    validation: Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen (overrides --lmbda)")] = None,
+    validation: Validation = None,
     lmbda_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated λ values of the sweep")] = None,
     subset: Annotated[float | None, typer.Option(help="search only this random fraction of the store")] = None,
     subset_seed: Annotated[int, typer.Option(help="seed of the nested random subset")] = 0,
     leakage_report: Annotated[bool, typer.Option("--leakage-report", help="ppl/bpb by overlap of each 64-token chunk with its neighbours")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
     from ralm.eval.lm import LMEvalConfig
@@ -263,26 +279,26 @@ def eval_qa(
 def scale(
     data: Annotated[list[str], typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")],
     out: Annotated[str, typer.Option("--out", "-o", help="folder for scale.json, scale.md and scale.png")],
-    model: Annotated[str, typer.Option(help="preset, model folder, GGUF file or hub id")] = "smollm2-135m",
+    model: Model = "smollm2-135m",
     methods: Annotated[str, typer.Option(help="comma-separated: in-context, replug, knn-lm")] = "in-context",
     datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug)")] = None,
     knn_store: Annotated[str | None, typer.Option(help="kNN-LM store (knn-lm)")] = None,
     fractions: Annotated[str, typer.Option(help="comma-separated nested subset sizes in (0, 1]")] = "0.01,0.1,0.3,1",
     seed: Annotated[int, typer.Option(help="seed of the nested subsets")] = 0,
     metric: Annotated[str, typer.Option(help="plotted metric: ppl or bpb")] = "ppl",
-    context: Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")] = None,
-    window_stride: Annotated[int | None, typer.Option(help="plain LM and kNN-LM: new tokens scored per window")] = None,
-    max_docs: Annotated[int | None, typer.Option(help="evaluate at most this many documents")] = None,
-    stride: Annotated[int, typer.Option(help="in-context/replug: tokens scored between retrievals")] = 16,
-    docs: Annotated[int, typer.Option(help="in-context/replug: passages per block")] = 1,
-    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many tokens")] = 256,
-    k: Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")] = 1024,
-    lmbda: Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")] = 0.25,
-    validation: Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen at each size")] = None,
-    exclude_same_doc: Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")] = True,
-    decontaminate: Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")] = None,
+    context: Context = None,
+    window_stride: WindowStride = None,
+    max_docs: MaxDocs = None,
+    stride: Stride = 16,
+    docs: Docs = 1,
+    doc_tokens: DocTokens = 256,
+    k: K = 1024,
+    lmbda: Lmbda = 0.25,
+    validation: Validation = None,
+    exclude_same_doc: ExcludeSameDoc = True,
+    decontaminate: Decontaminate = None,
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Metric vs datastore size: evaluate on nested random subsets of the store; JSON, markdown and a PNG plot."""
     from ralm.eval.lm import LMEvalConfig
@@ -294,11 +310,10 @@ def scale(
     try:
         base = EvalLMConfig(model=model, data=list(data), lm=LMEvalConfig(context, window_stride, max_docs),
                             in_context=InContextConfig(stride, 32, docs, doc_tokens), knn=KNNLMConfig(k, lmbda),
-                            validation=None, exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
-        base.validation = list(validation or []) or None  # validated per point (knn-lm only)
+                            exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
         cfg = ScaleConfig(eval=base, out=out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          datastore=datastore, knn_store=knn_store, fractions=_floats(fractions, "--fractions"),
-                          seed=seed, metric=metric)
+                          datastore=datastore, knn_store=knn_store, validation=list(validation or []) or None,
+                          fractions=_floats(fractions, "--fractions"), seed=seed, metric=metric)
         result = run_scale(cfg, progress=not quiet, log=(lambda m: None) if quiet else None)
     except RalmError as e:
         _fail(e)

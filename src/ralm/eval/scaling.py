@@ -24,11 +24,13 @@ RETRIEVAL_METHODS = ("in-context", "replug")
 
 @dataclass
 class ScaleConfig:
-    eval: EvalLMConfig  # model, data, windows and method settings; method and store are set per point
+    eval: EvalLMConfig  # model, data, windows and method settings; method, store and validation set per point
     out: str = field(metadata={"help": "folder for scale.json, scale.md and scale.png"})
     methods: tuple[str, ...] = field(default=("in-context",), metadata={"help": "methods to scale"})
     datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug)"})
     knn_store: str | None = field(default=None, metadata={"help": "kNN-LM store (knn-lm)"})
+    validation: list[str] | None = field(default=None, metadata={"help": "knn-lm: documents on which λ is chosen "
+                                                                          "at each store size"})
     fractions: tuple[float, ...] = field(default=(0.01, 0.1, 0.3, 1.0), metadata={"help": "nested subset sizes"})
     seed: int = field(default=0, metadata={"help": "seed of the nested subsets"})
     metric: str = field(default="ppl", metadata={"help": "plotted metric: ppl or bpb"})
@@ -77,7 +79,7 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
 
     log = log or (lambda m: print(m, file=sys.stderr))
     loaded = load(cfg.eval.model)
-    base = dataclasses.replace(cfg.eval, method="none", datastore=None, subset=None, validation=None)
+    base = dataclasses.replace(cfg.eval, method="none", datastore=None, subset=None)
     none = run_eval_lm(base, progress=progress, loaded=loaded)
     log(f"none: ppl {none['ppl']:.3f} bpb {none['bpb']:.4f}")
     points = []
@@ -87,7 +89,7 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
         for frac in sorted(cfg.fractions):
             rows = None if frac == 1.0 else nested_rows(n_rows, frac, cfg.seed)
             point_cfg = dataclasses.replace(cfg.eval, method=method, datastore=store, subset=frac, subset_seed=cfg.seed,
-                                            validation=cfg.eval.validation if method == "knn-lm" else None)
+                                            validation=cfg.validation if method == "knn-lm" else None)
             r = run_eval_lm(point_cfg, progress=progress, loaded=loaded)
             point = {"method": method, "fraction": frac, "store_tokens": store_tokens(method, store, rows),
                      **{k: r[k] for k in ("ppl", "bpb", "tokens", "bytes", "seconds", "tokens_per_second")}}
