@@ -180,8 +180,11 @@ def info(
 def eval_lm(
     model: Model = "smollm2-135m",
     data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
-    method: Annotated[str, typer.Option(help="none, in-context, replug or knn-lm")] = "none",
-    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug) or kNN-LM store (knn-lm)")] = None,
+    method: Annotated[str, typer.Option(help="none, in-context, replug, knn-lm or retro")] = "none",
+    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug, retro; retro defaults "
+                                                       "to its checkpoint's) or kNN-LM store (knn-lm)")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder (from `ralm retrofit`)")] = None,
+    retrieval: Annotated[str, typer.Option(help="retro: on (neighbours from the store) or off (the frozen model)")] = "on",
     context: Context = None,
     window_stride: WindowStride = None,
     max_docs: MaxDocs = None,
@@ -212,6 +215,7 @@ def eval_lm(
         if not data:
             raise RalmError("--data: give at least one file of held-out documents")
         cfg = EvalLMConfig(model=model, data=list(data), method=method, datastore=datastore,
+                           checkpoint=checkpoint, retrieval=retrieval,
                            lm=LMEvalConfig(context, window_stride, max_docs),
                            in_context=InContextConfig(stride, query_len, docs, doc_tokens),
                            knn=KNNLMConfig(k, lmbda, temperature), validation=list(validation or []) or None,
@@ -318,6 +322,64 @@ def scale(
     except RalmError as e:
         _fail(e)
     typer.echo(json.dumps(result, indent=2) if json_out else scale_markdown(result) + f"plot: {Path(out) / 'scale.png'}")
+
+
+@app.command()
+def retrofit(
+    datastore: Annotated[str, typer.Option(help="retrieval store with chunk-size chunks and continuations")],
+    train: Annotated[list[str], typer.Option(help="training documents (JSONL/.txt/Parquet/folder); repeatable")],
+    out: Annotated[str, typer.Option(help="checkpoint folder (a rerun with the same settings resumes)")],
+    model: Model = "smollm2-135m",
+    eval_docs: Annotated[list[str] | None, typer.Option("--eval", help="held-out documents evaluated every --eval-every steps")] = None,
+    steps: Annotated[int, typer.Option(help="optimiser steps (a resumed run continues up to this)")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = 4,
+    seq_len: Annotated[int, typer.Option(help="tokens per training window (multiple of --chunk-size)")] = 512,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-4,
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 50,
+    eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0: at the end only)")] = 100,
+    save_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 100,
+    chunk_size: Annotated[int, typer.Option(help="RETRO chunk size m; must equal the store's")] = 64,
+    neighbours: Annotated[int, typer.Option(help="neighbours per chunk")] = 2,
+    cca_layers: Annotated[str | None, typer.Option(help="comma-separated 0-based layers followed by CCA "
+                                                        "(default: every 3rd from the 6th)")] = None,
+    enc_dim: Annotated[int, typer.Option(help="retrieval encoder width")] = 256,
+    enc_layers: Annotated[int, typer.Option(help="retrieval encoder depth")] = 2,
+    cca_dim: Annotated[int, typer.Option(help="inner width of each CCA")] = 256,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: where supported)")] = None,
+    neighbours_cache: Annotated[str | None, typer.Option("--neighbours-cache", help="read this precomputed "
+                                                         "neighbours cache instead of computing OUT/neighbours")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="discard the checkpoint in --out and start over")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """RETRO-fit a frozen causal LM: train CCA layers and a retrieval encoder on neighbours from the store."""
+    from ralm.lm.retro import RetroConfig
+    from ralm.tuning.retrofit import RetrofitConfig
+    from ralm.tuning.retrofit import retrofit as run
+
+    try:
+        layers = [int(x) for x in cca_layers.split(",")] if cca_layers else None
+    except ValueError:
+        _fail(RalmError(f"--cca-layers {cca_layers!r}: expected comma-separated integers"))
+    try:
+        retro = RetroConfig(chunk_size=chunk_size, neighbours=neighbours, neighbour_len=2 * chunk_size,
+                            cca_layers=layers, enc_dim=enc_dim, enc_layers=enc_layers, cca_dim=cca_dim)
+        cfg = RetrofitConfig(datastore=datastore, train=list(train), out=out, model=model, eval=list(eval_docs or []) or None,
+                             retro=retro, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
+                             eval_every=eval_every, save_every=save_every, bf16=bf16, neighbours=neighbours_cache,
+                             seed=seed, force=force)
+        summary = run(cfg, progress=not quiet)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"trained {summary['steps']} steps ({summary['trained_tokens']:,} tokens this run, "
+                   f"{summary['tokens_per_second']} tok/s); {summary['new']:,} new parameters "
+                   f"({100 * summary['new_share']:.2f}% of the base); checkpoint in {summary['checkpoint']}")
+        if "eval_ppl_on" in summary:
+            typer.echo(f"eval ppl: retrieval on {summary['eval_ppl_on']}, off {summary['eval_ppl_off']}")
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

@@ -1,7 +1,8 @@
 """``ralm eval-lm``: load a model and held-out documents, build the method's scorer, evaluate.
 
-Methods: ``none`` (plain LM, sliding windows), ``in-context`` (In-Context RALM), ``replug`` and ``knn-lm``,
-all on the same targets so their perplexity and bits per byte sit in one table. kNN-LM can pick λ on a
+Methods: ``none`` (plain LM, sliding windows), ``in-context`` (In-Context RALM), ``replug``, ``knn-lm`` and
+``retro`` (a RETRO-fit checkpoint, retrieval on or off), all on the same targets so their perplexity and
+bits per byte sit in one table. kNN-LM can pick λ on a
 validation split (``validation``): its per-target LM and kNN probabilities do not depend on λ, so one
 pass over the validation documents prices every λ of the grid.
 """
@@ -21,7 +22,7 @@ from ralm.eval.lm import LMEvalConfig, evaluate_lm
 from ralm.lm.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
 from ralm.lm.knnlm import KNNLMConfig, KNNScorer, mix
 
-METHODS = ("none", "in-context", "replug", "knn-lm")
+METHODS = ("none", "in-context", "replug", "knn-lm", "retro")
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -29,9 +30,12 @@ LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 class EvalLMConfig:
     model: str
     data: list[str]
-    method: str = field(default="none", metadata={"help": "none, in-context, replug or knn-lm"})
-    datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug) or "
-                                                                  "kNN-LM store (knn-lm)"})
+    method: str = field(default="none", metadata={"help": "none, in-context, replug, knn-lm or retro"})
+    datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug, retro) "
+                                                                  "or kNN-LM store (knn-lm)"})
+    checkpoint: str | None = field(default=None, metadata={"help": "retro: the RETRO-fit checkpoint folder"})
+    retrieval: str = field(default="on", metadata={"help": "retro: on (neighbours from the store) or off "
+                                                           "(the frozen model)"})
     lm: LMEvalConfig = field(default_factory=LMEvalConfig)
     in_context: InContextConfig = field(default_factory=InContextConfig)
     knn: KNNLMConfig = field(default_factory=KNNLMConfig)
@@ -48,7 +52,18 @@ class EvalLMConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RalmError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if self.method != "none" and not self.datastore:
+        if self.retrieval not in ("on", "off"):
+            raise RalmError(f"--retrieval {self.retrieval!r}: expected on or off")
+        if self.method == "retro":
+            from ralm.lm.retro_checkpoint import read_checkpoint_config
+
+            if not self.checkpoint:
+                raise RalmError("--method retro needs --checkpoint")
+            # the store the checkpoint was trained with, unless another is named
+            self.datastore = self.datastore or read_checkpoint_config(self.checkpoint).get("datastore")
+        elif self.checkpoint:
+            raise RalmError("--checkpoint is for --method retro")
+        if self.method != "none" and not self.datastore and not (self.method == "retro" and self.retrieval == "off"):
             raise RalmError(f"--method {self.method} needs --datastore")
         if self.decontaminate is not None and self.decontaminate < 1:
             raise RalmError(f"--decontaminate {self.decontaminate}: must be >= 1")
@@ -58,7 +73,7 @@ class EvalLMConfig:
         if bad or not self.lmbda_grid:
             raise RalmError(f"--lmbda-grid {bad or 'empty'}: every λ must be in [0, 1]")
         if self.leakage_report and self.method == "none":
-            raise RalmError("--leakage-report needs a retrieval method (in-context, replug or knn-lm)")
+            raise RalmError("--leakage-report needs a retrieval method (in-context, replug, knn-lm or retro)")
         if self.subset is not None and not 0 < self.subset <= 1:
             raise RalmError(f"--subset {self.subset}: must be in (0, 1]")
 
@@ -137,12 +152,20 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
                            log_factory=(lambda t: logs.setdefault(t.doc_id, NeighbourLog())) if cfg.leakage_report
                            else None)
         extra.update(k=knn_cfg.k, lmbda=knn_cfg.lmbda, temperature=knn_cfg.temperature, store_keys=len(store))
+    elif cfg.method == "retro":
+        scorer, retro = _retro_scorer(cfg, model, tok, logs)
+        extra.update(checkpoint=cfg.checkpoint, retrieval=cfg.retrieval, chunk_size=retro.cfg.chunk_size,
+                     neighbours=retro.cfg.neighbours)
     if cfg.method != "none":
         extra.update(datastore=cfg.datastore, exclude_same_doc=cfg.exclude_same_doc,
                      decontaminate=cfg.decontaminate, subset=cfg.subset)
     per_target: dict[str, torch.Tensor] = {}
-    result = evaluate_lm(model, tok, docs, cfg.lm, scorer=scorer, method=cfg.method, progress=progress,
-                         per_target=per_target if cfg.leakage_report else None)
+    try:
+        result = evaluate_lm(model, tok, docs, cfg.lm, scorer=scorer, method=cfg.method, progress=progress,
+                             per_target=per_target if cfg.leakage_report else None)
+    finally:
+        if cfg.method == "retro":  # leave a reused model as it came
+            retro.remove_hooks()
     if cfg.method == "knn-lm":
         extra["lmbda_sweep_test"] = {str(lam): round(p, 4) for lam, p in _sweep(scorer, cfg.lmbda_grid).items()}
     if cfg.leakage_report:
@@ -162,6 +185,39 @@ def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, resu
         baseline = token_nll(model, t, result["context"], result["window_stride"])
         scores.append(DocScores(t, per_target[d.id], baseline, target_bytes(d.text, tok, t), logs[d.id]))
     return leakage_report(scores, method=cfg.method, baseline="none")
+
+
+def _retro_scorer(cfg: EvalLMConfig, model: Any, tok: Any, logs: dict[str, Any]) -> tuple[Any, Any]:
+    """A RETRO-fit checkpoint on the plain LM's windows; with retrieval on, each document's chunk neighbours
+    are retrieved in one batch (same-document exclusion and decontamination as for the other methods)."""
+    import time
+
+    from ralm.eval.lm import model_context
+    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.retro_checkpoint import load_retrofit
+    from ralm.lm.retro_neighbours import check_store_fits, document_neighbours
+    from ralm.lm.retro_scoring import retro_nll
+
+    retro, _ = load_retrofit(cfg.checkpoint, model, tok, cfg.model)
+    stride = cfg.lm.window_stride or max(1, model_context(model, cfg.lm.context) // 2)
+    ds = None
+    if cfg.retrieval == "on":
+        from ralm.datastore.store import Datastore
+
+        ds = Datastore.open(cfg.datastore)
+        check_store_fits(ds, retro.cfg, tokenizer_fingerprint(tok), cfg.model)
+        ds = _restrict(ds, ds.manifest["counts"]["chunks"], cfg)
+
+    def scorer(t, context):
+        log = logs.setdefault(t.doc_id, NeighbourLog()) if cfg.leakage_report else None
+        neighbours, seconds = None, 0.0
+        if ds is not None:
+            t0 = time.perf_counter()
+            neighbours = document_neighbours(ds, tok, [t], retro.cfg, cfg.exclude_same_doc, cfg.decontaminate)[0]
+            seconds = time.perf_counter() - t0
+        return retro_nll(retro, t, context, stride, neighbours, log), seconds
+
+    return scorer, retro
 
 
 def _restrict(store: Any, n_rows: int, cfg: EvalLMConfig) -> Any:

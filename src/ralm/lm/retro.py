@@ -1,0 +1,314 @@
+"""RETRO-fitting (Borgeaud et al. 2022): chunked cross-attention and a retrieval encoder on a frozen causal LM.
+
+The pretrained LM stays frozen and untouched; forward hooks on chosen decoder layers add
+
+    h <- h + CCA(h, E)        E = RetrievalEncoder(neighbours, decoder activations of their chunk)
+
+so only the encoder and the CCA layers train. Every CCA output projection starts at zero, which makes an
+untrained RETRO-fit model give the frozen model's logits bit for bit, and a forward pass without neighbours
+skips the hooks altogether (retrieval OFF is the frozen model, always).
+
+Chunk geometry (chunk size m). Chunks sit on a grid of *absolute* positions in the document: chunk u holds
+positions [u·m, (u+1)·m). The neighbours of chunk u were retrieved with chunk u's text, so only positions
+from its last token on may read them: the *attending chunk* of u is [u·m + m − 1, (u+1)·m + m − 2].
+A forward pass sees a window of the document starting at absolute position ``offset``; neighbours are given
+for the chunks lying wholly inside the window (the retrieval encoder reads their decoder activations), and
+positions before the first attending chunk read nothing, exactly as the first m − 1 tokens of a document.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ralm.errors import RalmError
+
+PAD = -1  # neighbour token padding (short neighbours, missing neighbours)
+
+
+@dataclass
+class RetroConfig:
+    chunk_size: int = field(default=64, metadata={"help": "tokens per chunk m (RETRO: 64); must match the store"})
+    neighbours: int = field(default=2, metadata={"help": "neighbours read per chunk (RETRO: 2)"})
+    neighbour_len: int = field(default=128, metadata={"help": "tokens per neighbour: chunk + continuation"})
+    cca_layers: list[int] | None = field(default=None, metadata={
+        "help": "0-based decoder layers followed by CCA (default: RETRO's every 3rd layer from the 6th)"})
+    enc_dim: int = field(default=256, metadata={"help": "retrieval encoder width"})
+    enc_layers: int = field(default=2, metadata={"help": "retrieval encoder depth"})
+    enc_heads: int = field(default=4, metadata={"help": "retrieval encoder attention heads"})
+    cca_dim: int = field(default=256, metadata={"help": "inner width of each chunked cross-attention"})
+    cca_heads: int = field(default=4, metadata={"help": "chunked cross-attention heads"})
+    ffn_mult: int = field(default=4, metadata={"help": "encoder feed-forward width / enc_dim"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the new layers while training"})
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
+                     "cca_dim", "cca_heads", "ffn_mult"):
+            if getattr(self, name) < 1:
+                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.chunk_size < 2:
+            raise RalmError(f"--chunk-size {self.chunk_size}: must be >= 2")
+        if self.enc_dim % self.enc_heads or self.cca_dim % self.cca_heads:
+            raise RalmError("--enc-dim and --cca-dim must be multiples of their number of heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise RalmError(f"--dropout {self.dropout}: must be in [0, 1)")
+        if self.cca_layers is not None:
+            self.cca_layers = sorted(set(int(i) for i in self.cca_layers))
+            if not self.cca_layers or self.cca_layers[0] < 0:
+                raise RalmError(f"--cca-layers {self.cca_layers}: need at least one layer index >= 0")
+
+
+def default_cca_layers(n_layers: int) -> list[int]:
+    """RETRO's rule, 0-based: CCA after every 3rd layer from the 6th (12 layers: 6, 9, 12 in 1-based terms)."""
+    return [i - 1 for i in range(min(6, n_layers), n_layers + 1, 3)]
+
+
+def decoder_layers(model: Any) -> nn.ModuleList:
+    """The decoder's list of layers (Llama, Gemma 3, GPT-2, ... all keep one ModuleList of that length)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise RalmError(f"{type(model).__name__}: cannot find its {n} decoder layers to fit CCA onto")
+
+
+def window_chunks(offset: int, length: int, m: int) -> tuple[int, int, int]:
+    """For a window of ``length`` tokens at absolute ``offset``: (local start of its first whole chunk,
+    absolute index of that chunk, number of whole chunks)."""
+    o = (-offset) % m
+    return o, (offset + o) // m, max(0, (length - o) // m)
+
+
+# ---- building blocks ---------------------------------------------------------------------------------
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_ok: torch.Tensor | None,
+            dropout: float) -> torch.Tensor:
+    """Multi-head attention: q (N, Lq, D), k/v (N, Lk, D), key_ok (N, Lk) bool or None -> (N, Lq, D).
+
+    A query whose keys are all masked would get NaN from softmax; its keys are unmasked here instead and
+    the caller zeroes what it produced.
+    """
+    N, Lq, D = q.shape
+    split = lambda x: x.view(N, x.shape[1], heads, D // heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
+    mask = None
+    if key_ok is not None:
+        mask = (key_ok | ~key_ok.any(-1, keepdim=True))[:, None, None, :]  # (N, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(N, Lq, D)
+
+
+class CrossAttention(nn.Module):
+    """Pre-norm cross-attention from ``x`` (width d_q) to ``ctx`` (width d_kv) through an inner width."""
+
+    def __init__(self, d_q: int, d_kv: int, inner: int, heads: int, dropout: float, zero_out: bool = False):
+        super().__init__()
+        self.norm_q, self.norm_kv = nn.LayerNorm(d_q), nn.LayerNorm(d_kv)
+        self.q, self.kv = nn.Linear(d_q, inner, bias=False), nn.Linear(d_kv, 2 * inner, bias=False)
+        self.out = nn.Linear(inner, d_q, bias=False)
+        if zero_out:  # the layer starts as an exact no-op
+            nn.init.zeros_(self.out.weight)
+        self.heads, self.dropout = heads, dropout
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ok: torch.Tensor | None = None) -> torch.Tensor:
+        k, v = self.kv(self.norm_kv(ctx)).chunk(2, dim=-1)
+        drop = self.dropout if self.training else 0.0
+        return self.out(_attend(self.q(self.norm_q(x)), k, v, self.heads, ctx_ok, drop))
+
+
+class EncoderLayer(nn.Module):
+    """Bidirectional self-attention over a neighbour, cross-attention to its chunk's decoder activations, FFN."""
+
+    def __init__(self, cfg: RetroConfig, d_model: int):
+        super().__init__()
+        e = cfg.enc_dim
+        self.self_attn = CrossAttention(e, e, e, cfg.enc_heads, cfg.dropout)
+        self.cross_attn = CrossAttention(e, d_model, e, cfg.enc_heads, cfg.dropout)
+        self.ffn = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, cfg.ffn_mult * e), nn.GELU(),
+                                 nn.Linear(cfg.ffn_mult * e, e), nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, x_ok: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+        # x (N, R, e) neighbour tokens; x_ok (N, R); chunk (N, m, d) decoder activations of its chunk
+        x = x + self.self_attn(x, x, x_ok)
+        x = x + self.cross_attn(x, chunk)
+        return x + self.ffn(x)
+
+
+class RetrievalEncoder(nn.Module):
+    """Encodes each neighbour (chunk + continuation, embedded with the frozen LM's token embeddings),
+    conditioned on the decoder activations of the chunk it was retrieved for."""
+
+    def __init__(self, cfg: RetroConfig, d_model: int):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(d_model, cfg.enc_dim)
+        self.pos = nn.Parameter(torch.randn(cfg.neighbour_len, cfg.enc_dim) * 0.02)
+        self.layers = nn.ModuleList(EncoderLayer(cfg, d_model) for _ in range(cfg.enc_layers))
+        self.norm = nn.LayerNorm(cfg.enc_dim)
+
+    def forward(self, emb: torch.Tensor, ok: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+        # emb (B, U, K, R, d) neighbour token embeddings; ok (B, U, K, R); chunks (B, U, m, d)
+        B, U, K, R, d = emb.shape
+        x = self.proj(emb) + self.pos[:R]  # (B, U, K, R, e)
+        x = x.view(B * U * K, R, -1)
+        ctx = chunks.unsqueeze(2).expand(B, U, K, *chunks.shape[2:]).reshape(B * U * K, chunks.shape[2], d)
+        x_ok = ok.reshape(B * U * K, R)
+        for layer in self.layers:
+            x = layer(x, x_ok, ctx)
+        return self.norm(x).view(B, U, K * R, -1)  # (B, U, K·R, e)
+
+
+class ChunkedCrossAttention(nn.Module):
+    """Tokens of the attending chunk of u read the encoded neighbours of chunk u (zero-initialised output)."""
+
+    def __init__(self, cfg: RetroConfig, d_model: int):
+        super().__init__()
+        self.m = cfg.chunk_size
+        self.attn = CrossAttention(d_model, cfg.enc_dim, cfg.cca_dim, cfg.cca_heads, cfg.dropout, zero_out=True)
+
+    def forward(self, h: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, first: int) -> torch.Tensor:
+        # h (B, L, d); enc (B, U, K·R, e); enc_ok (B, U, K·R); first: local start of the first whole chunk
+        B, L, d = h.shape
+        U, m = enc.shape[1], self.m
+        s = first + m - 1  # the first attending chunk starts at the last token of the first chunk
+        if U == 0 or s >= L:
+            return torch.zeros_like(h)
+        att = h[:, s:s + U * m]  # (B, <=U·m, d)
+        n = att.shape[1]
+        att = F.pad(att, (0, 0, 0, U * m - n)).reshape(B * U, m, d)  # (B·U, m, d)
+        out = self.attn(att, enc.reshape(B * U, *enc.shape[2:]), enc_ok.reshape(B * U, -1))
+        out = out * enc_ok.any(-1).reshape(B * U, 1, 1)  # chunks without any neighbour read nothing
+        out = out.reshape(B, U * m, d)[:, :n]
+        return F.pad(out, (0, 0, s, L - s - n))  # (B, L, d)
+
+
+# ---- the RETRO-fit wrapper ---------------------------------------------------------------------------
+@dataclass
+class _Pass:
+    """What the hooks of one forward pass need: the neighbours and, once encoded, their encoding."""
+
+    neighbours: torch.Tensor  # (B, U, K, R) token ids, PAD where absent
+    first: int  # local start of the first whole chunk
+    encoded: torch.Tensor | None = None  # (B, U, K·R, e)
+    encoded_ok: torch.Tensor | None = None  # (B, U, K·R)
+
+
+class RetroFit(nn.Module):
+    """A frozen causal LM with a retrieval encoder and CCA layers hooked after chosen decoder layers.
+
+    ``model(input_ids, neighbours=N, offset=o)``: ``N`` (B, U, K, R) holds the neighbour tokens of the U
+    whole chunks of a window starting at absolute position ``o`` (see ``window_chunks``); ``None`` runs
+    the frozen model alone. Any other keyword goes to the base model.
+    """
+
+    def __init__(self, base: Any, cfg: RetroConfig):
+        super().__init__()
+        text = base.config.get_text_config()
+        layers = decoder_layers(base)
+        cfg = replace(cfg, cca_layers=cfg.cca_layers or default_cca_layers(len(layers)))  # the caller's stays as is
+        if cfg.cca_layers[-1] >= len(layers):
+            raise RalmError(f"--cca-layers {cfg.cca_layers}: the model has {len(layers)} layers (0-based)")
+        self.cfg, self.base = cfg, base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        d = text.hidden_size
+        self.encoder = RetrievalEncoder(cfg, d)
+        self.cca = nn.ModuleDict({str(i): ChunkedCrossAttention(cfg, d) for i in cfg.cca_layers})
+        self._pass: _Pass | None = None
+        self._handles = [layers[i].register_forward_hook(self._hook(str(i))) for i in cfg.cca_layers]
+
+    # the new parameters are the only ones that train and the only ones a checkpoint holds
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if not n.startswith("base.")}
+
+    def new_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous() for n, p in self.new_parameters().items()}
+
+    def load_new_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.new_parameters()
+        if set(state) != set(own):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise RalmError(f"checkpoint does not fit this RETRO-fit layout (missing {missing[:3]}, "
+                            f"unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, p in own.items():
+                if state[name].shape != p.shape:
+                    raise RalmError(f"checkpoint tensor {name} has shape {tuple(state[name].shape)}, "
+                                    f"expected {tuple(p.shape)}")
+                p.copy_(state[name])
+
+    def parameter_counts(self) -> dict[str, int]:
+        new = sum(p.numel() for p in self.new_parameters().values())
+        base = sum(p.numel() for p in self.base.parameters())
+        return {"new": new, "base": base, "new_share": new / base}
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            p = self._pass
+            if p is None:  # retrieval OFF: the frozen layer's output, untouched
+                return None
+            h = output[0] if isinstance(output, tuple) else output  # (B, L, d)
+            if p.encoded is None:  # the first CCA layer encodes the neighbours from its own activations
+                p.encoded, p.encoded_ok = self._encode(p, h)
+            h = h + self.cca[name](h, p.encoded, p.encoded_ok, p.first).to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    def _encode(self, p: _Pass, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        N = p.neighbours  # (B, U, K, R)
+        B, U, K, R = N.shape
+        m = self.cfg.chunk_size
+        ok = N != PAD
+        emb = self.base.get_input_embeddings()(N.clamp(min=0))  # (B, U, K, R, d), frozen embeddings
+        chunks = h[:, p.first:p.first + U * m].reshape(B, U, m, h.shape[-1])  # (B, U, m, d)
+        enc = self.encoder(emb.to(h.dtype), ok, chunks)
+        return enc, ok.reshape(B, U, K * R)
+
+    @contextmanager
+    def _with(self, p: _Pass | None):
+        self._pass = p
+        try:
+            yield
+        finally:
+            self._pass = None
+
+    def forward(self, input_ids: torch.Tensor, neighbours: torch.Tensor | None = None, offset: int = 0,
+                **kwargs: Any) -> Any:
+        if neighbours is None:
+            return self.base(input_ids=input_ids, **kwargs)
+        B, L = input_ids.shape
+        first, _, U = window_chunks(offset, L, self.cfg.chunk_size)
+        if neighbours.dim() != 4 or neighbours.shape[:2] != (B, U) or neighbours.shape[3] > self.cfg.neighbour_len:
+            raise RalmError(f"neighbours of shape {tuple(neighbours.shape)}: expected ({B}, {U}, K, "
+                            f"<={self.cfg.neighbour_len}) for a {L}-token window at offset {offset}")
+        if U == 0:
+            return self.base(input_ids=input_ids, **kwargs)
+        with self._with(_Pass(neighbours.to(input_ids.device), first)):
+            return self.base(input_ids=input_ids, **kwargs)
+
+
+def describe(cfg: RetroConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def pad_neighbours(seqs: list[list[list[int]]], k: int, r: int) -> torch.Tensor:
+    """(U, K, R) tensor from per-chunk lists of neighbour token lists (fewer than K or shorter than R: PAD)."""
+    out = torch.full((len(seqs), k, r), PAD, dtype=torch.long)
+    for u, chunk in enumerate(seqs):
+        for j, toks in enumerate(chunk[:k]):
+            toks = toks[:r]
+            out[u, j, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+    return out
+
+
+def n_chunks(n_tokens: int, m: int) -> int:
+    return math.ceil(n_tokens / m)

@@ -1,0 +1,75 @@
+"""RETRO-fit checkpoints: only the new parameters (safetensors) plus the config that rebuilds them.
+
+A checkpoint folder holds ``retro.safetensors`` (encoder + CCA weights) and ``retro.json`` (the
+``RetroConfig``, the base model's name, weights fingerprint and tokenizer fingerprint, the store it was
+trained with, the training step). The frozen base model is never copied: loading fits a fresh RETRO-fit
+wrapper onto the named (or given) base model and refuses one with other weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ralm.errors import IncompatibleError, RalmError
+from ralm.lm.retro import RetroConfig, RetroFit
+
+WEIGHTS, CONFIG = "retro.safetensors", "retro.json"
+
+
+def save_checkpoint(path: str | Path, model: RetroFit, meta: dict[str, Any]) -> None:
+    """Write the new parameters, then the config (its presence marks a complete checkpoint)."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from ralm.utils.atomic import atomic_path, write_json
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(root / WEIGHTS) as tmp:
+        save_file(model.new_state_dict(), str(tmp))
+    write_json(root / CONFIG, {"format": "ralm-retrofit", "version": 1, "retro": asdict(model.cfg), **meta})
+
+
+def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
+    root = Path(path)
+    cfg = root / CONFIG
+    if not root.is_dir():
+        raise RalmError(f"--checkpoint {root}: no such checkpoint folder")
+    if not cfg.exists() or not (root / WEIGHTS).exists():
+        raise RalmError(f"--checkpoint {root}: not a RETRO-fit checkpoint (needs {CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RalmError(f"{cfg}: corrupt checkpoint config ({e})") from None
+    if meta.get("format") != "ralm-retrofit":
+        raise RalmError(f"{cfg}: not a RETRO-fit checkpoint config")
+    return meta
+
+
+def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | None = None) -> tuple[RetroFit, dict]:
+    """Fit the checkpoint's layers onto ``base`` (its own frozen LM); return the model and the checkpoint config."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ralm.lm.hidden import model_fingerprint
+    from ralm.lm.presets import tokenizer_fingerprint
+
+    meta = read_checkpoint_config(path)
+    fp, want = model_fingerprint(base), meta.get("model_fingerprint")
+    if fp != want:
+        raise IncompatibleError(f"--checkpoint {path}: trained on base model {meta.get('model')!r} ({want}), "
+                                f"not {base_name or 'the given model'!r} ({fp})")
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    if tok_fp != meta.get("tokenizer_fingerprint"):
+        raise IncompatibleError(f"--checkpoint {path}: trained with tokenizer {meta.get('tokenizer_fingerprint')}, "
+                                f"not {tok_fp}")
+    model = RetroFit(base, RetroConfig(**meta["retro"]))
+    try:
+        state = load_file(str(Path(path) / WEIGHTS))
+    except (SafetensorError, OSError) as e:
+        raise RalmError(f"--checkpoint {path}: unreadable {WEIGHTS} ({e})") from None
+    model.load_new_state_dict(state)
+    return model.eval(), meta

@@ -1,0 +1,1 @@
+"""Training loops that fit only new parameters onto a frozen pretrained LM."""

@@ -1,0 +1,317 @@
+"""``ralm retrofit``: train a RETRO-fit model's new layers (retrieval encoder + CCA) on a frozen causal LM.
+
+1. The training (and evaluation) documents are tokenised as ``eval-lm`` sees them and cut on RETRO's chunk
+   grid; the neighbours of every whole chunk are retrieved once from the datastore (same-document
+   excluded) and cached under ``OUT/neighbours`` (or read from ``--neighbours``).
+2. Training windows of ``seq_len`` tokens start on chunk boundaries; each step draws ``batch_size`` of them
+   (a fresh seeded permutation per epoch, so a resumed run draws what the original would have).
+3. Only the new parameters get gradients: AdamW, linear warm-up then cosine decay to 10%, gradient
+   clipping, bf16 autocast where the hardware has bf16 units. Every ``eval_every`` steps the mean loss on
+   the evaluation windows is logged with retrieval on and off; every ``save_every`` steps (and at the end)
+   the checkpoint is written: new parameters (safetensors), config, and the optimiser state to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ralm.errors import RalmError
+from ralm.lm.presets import DEFAULT_LM
+from ralm.lm.retro import PAD, RetroConfig, RetroFit
+
+TRAINER_STATE, LOG = "trainer.pt", "train_log.jsonl"
+
+
+@dataclass
+class RetrofitConfig:
+    datastore: str
+    train: list[str]
+    out: str
+    model: str = field(default=DEFAULT_LM, metadata={"help": "the frozen base LM"})
+    eval: list[str] | None = field(default=None, metadata={"help": "held-out documents for the periodic evaluation"})
+    retro: RetroConfig = field(default_factory=RetroConfig)
+    steps: int = field(default=1000, metadata={"help": "optimiser steps (a resumed run continues up to this)"})
+    batch_size: int = field(default=4, metadata={"help": "windows per step"})
+    seq_len: int = field(default=512, metadata={"help": "tokens per training window (a multiple of the chunk size)"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (RETRO-fitting: ~2e-4)"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every N steps (0: only at the end)"})
+    eval_windows: int = field(default=32, metadata={"help": "evaluation windows used each time"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on where the device "
+                                                                "has bf16 units)"})
+    neighbours: str | None = field(default=None, metadata={"help": "a precomputed neighbours cache to read "
+                                                                   "(default: computed into OUT/neighbours)"})
+    exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the training document"})
+    seed: int = 0
+    force: bool = field(default=False, metadata={"help": "discard an existing checkpoint in OUT and start over"})
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_windows"):
+            if getattr(self, name) < 1:
+                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        for name in ("warmup", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        if self.seq_len % self.retro.chunk_size:
+            raise RalmError(f"--seq-len {self.seq_len}: must be a multiple of the chunk size {self.retro.chunk_size}")
+        if not self.lr > 0 or self.grad_clip <= 0 or self.weight_decay < 0:
+            raise RalmError("--lr and --grad-clip must be > 0 and --weight-decay >= 0")
+        if not self.train:
+            raise RalmError("--train: name at least one training file or folder")
+
+    def resume_key(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (steps may grow)."""
+        return json.loads(json.dumps({"model": self.model, "retro": asdict(self.retro), "batch_size": self.batch_size,
+                                      "seq_len": self.seq_len, "lr": self.lr, "warmup": self.warmup,
+                                      "weight_decay": self.weight_decay, "seed": self.seed,
+                                      "exclude_same_doc": self.exclude_same_doc}))
+
+
+# ---- data --------------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    doc: int  # index of the document
+    begin: int  # absolute start (a multiple of the chunk size)
+    end: int
+
+
+def windows(lengths: list[int], seq_len: int) -> list[Window]:
+    """Consecutive ``seq_len`` windows over every document (the last one shorter); at least 2 tokens each."""
+    return [Window(i, b, min(b + seq_len, n)) for i, n in enumerate(lengths) for b in range(0, n, seq_len)
+            if min(b + seq_len, n) - b >= 2]
+
+
+def collate(ws: list[Window], ids: list[torch.Tensor], nbs: list[torch.Tensor], m: int,
+            pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (B, L) input ids, (B, L) labels (-100 on padding) and (B, U, K, R) neighbours."""
+    from ralm.lm.retro_neighbours import window_neighbours
+
+    L = max(w.end - w.begin for w in ws)
+    U = L // m
+    inp = torch.full((len(ws), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(ws), L), -100, dtype=torch.long)
+    K, R = nbs[0].shape[1:] if len(nbs[0]) else (1, 1)
+    nb = torch.full((len(ws), U, K, R), PAD, dtype=torch.long)
+    for b, w in enumerate(ws):
+        n = w.end - w.begin
+        inp[b, :n] = ids[w.doc][w.begin:w.end]
+        labels[b, :n] = ids[w.doc][w.begin:w.end]
+        own = window_neighbours(nbs[w.doc], w.begin, n, m) if len(nbs[w.doc]) else nb[b, :0]
+        nb[b, :len(own)] = own
+    return inp, labels, nb
+
+
+def batch_loss(model: RetroFit, inp: torch.Tensor, labels: torch.Tensor, nb: torch.Tensor | None,
+               bf16: bool) -> torch.Tensor:
+    """Mean next-token cross entropy over the real (non-padding) targets of a batch."""
+    device = next(model.base.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inp.to(device), neighbours=None if nb is None else nb.to(device), offset=0).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             labels[:, 1:].flatten().to(device), ignore_index=-100)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def lr_lambda(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume training) and return a summary: losses, tokens/s, parameter share, checkpoint path."""
+    from tqdm import tqdm
+
+    from ralm.lm.hidden import model_fingerprint
+    from ralm.lm.models import load
+    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.retro_checkpoint import load_retrofit, save_checkpoint
+
+    out = Path(cfg.out)
+    state_path = out / TRAINER_STATE
+    if out.exists() and cfg.force:
+        _clear(out)
+    elif out.exists() and any(out.iterdir()) and not state_path.exists() and not (out / "neighbours").exists():
+        raise RalmError(f"--out {out}: exists and is not a RETRO-fit run; choose another folder or pass --force")
+    lm = load(cfg.model)
+    model_fp, tok_fp = model_fingerprint(lm.model), tokenizer_fingerprint(lm.tokenizer)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm.model.to(device)
+    bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
+    torch.manual_seed(cfg.seed)
+
+    ids, nbs = _data(cfg, lm, cfg.train, "train", progress)
+    eval_ids, eval_nbs = _data(cfg, lm, cfg.eval, "eval", progress) if cfg.eval else ([], [])
+    train_w = windows([len(x) for x in ids], cfg.seq_len)
+    if not train_w:
+        raise RalmError(f"--train {cfg.train}: no document has 2 tokens to train on")
+    eval_w = windows([len(x) for x in eval_ids], cfg.seq_len)[: cfg.eval_windows]
+
+    step, log_rows = 0, []
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        if state["resume_key"] != cfg.resume_key():
+            raise RalmError(f"--out {out}: holds a run with other settings; pass the same ones, or --force to "
+                            "start over")
+        model, _ = load_retrofit(out, lm.model, lm.tokenizer, cfg.model)
+        step = state["step"]
+        if step >= cfg.steps:
+            raise RalmError(f"--out {out}: already trained for {step} steps; raise --steps to train further")
+        print(f"resuming {out} at step {step}", file=sys.stderr)
+    else:
+        model = RetroFit(lm.model, cfg.retro)
+    model.to(device)
+    params = [p for p in model.new_parameters().values()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
+    if step:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    counts = model.parameter_counts()
+    meta = {"model": cfg.model, "model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp,
+            "datastore": str(Path(cfg.datastore).resolve()), "train": cfg.train, "parameters": counts}
+    pad_id = lm.tokenizer.pad_token_id
+    m = cfg.retro.chunk_size
+    off_loss = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=False) if eval_w else None
+
+    def checkpoint() -> None:
+        save_checkpoint(out, model, {**meta, "step": step})
+        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "resume_key": cfg.resume_key()}, state_path)
+
+    def evaluate() -> dict[str, Any]:
+        row: dict[str, Any] = {"step": step}
+        if eval_w:
+            on = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=True)
+            row.update(eval_loss_on=round(on, 4), eval_loss_off=round(off_loss, 4),
+                       eval_ppl_on=round(math.exp(on), 3), eval_ppl_off=round(math.exp(off_loss), 3))
+        return row
+
+    model.train()
+    model.base.eval()  # the frozen model keeps inference behaviour (no dropout)
+    tokens, t0, loss_ema = 0, time.perf_counter(), None
+    with tqdm(total=cfg.steps, initial=step, desc="retrofit", unit="step", disable=not progress,
+              file=sys.stderr) as bar:
+        while step < cfg.steps:
+            batch = _batch(train_w, step, cfg.batch_size, cfg.seed)
+            inp, labels, nb = collate(batch, ids, nbs, m, pad_id)
+            loss = batch_loss(model, inp, labels, nb, bf16)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += int((labels[:, 1:] != -100).sum())
+            tps = tokens / (time.perf_counter() - t0)
+            value = loss.item()
+            loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tps:.0f}")
+            bar.update(1)
+            row = {"step": step, "loss": round(value, 4), "grad_norm": round(grad_norm, 4),
+                   "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1)}
+            if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
+                row.update(evaluate())
+                model.train()
+                model.base.eval()
+                if "eval_ppl_on" in row:
+                    bar.write(f"step {step}: eval ppl on {row['eval_ppl_on']} / off {row['eval_ppl_off']}")
+            log_rows.append(row)
+            with open(out / LOG, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
+                checkpoint()
+    seconds = time.perf_counter() - t0
+    last_eval = next((r for r in reversed(log_rows) if "eval_loss_on" in r), {})
+    return {"checkpoint": str(out), "steps": step, "trained_tokens": tokens, "seconds": round(seconds, 1),
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "bf16": bf16, "device": device.type,
+            "final_loss": log_rows[-1]["loss"] if log_rows else None, **counts, **last_eval}
+
+
+def _batch(ws: list[Window], step: int, size: int, seed: int) -> list[Window]:
+    """The windows of a step: position step·size onwards in a per-epoch seeded permutation."""
+    out = []
+    for j in range(step * size, (step + 1) * size):
+        epoch, pos = divmod(j, len(ws))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(ws[int(torch.randperm(len(ws), generator=g)[pos])])
+    return out
+
+
+@torch.no_grad()
+def _eval_loss(model: RetroFit, ws: list[Window], ids: list[torch.Tensor], nbs: list[torch.Tensor], m: int,
+               pad_id: int, bf16: bool, retrieval: bool, batch: int = 4) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(ws), batch):
+        inp, labels, nb = collate(ws[i:i + batch], ids, nbs, m, pad_id)
+        count = int((labels[:, 1:] != -100).sum())
+        total += float(batch_loss(model, inp, labels, nb if retrieval else None, bf16)) * count
+        n += count
+    return total / max(n, 1)
+
+
+def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: bool
+          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Token ids of every document of ``files`` and the neighbours of their whole chunks (cached)."""
+    from ralm.data.corpus import CorpusConfig, iter_documents
+    from ralm.datastore.build import input_files_fingerprint
+    from ralm.datastore.store import Datastore
+    from ralm.eval.lm import make_targets
+    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.retro_neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id
+
+    ds = Datastore.open(cfg.datastore)
+    tok_fp = tokenizer_fingerprint(lm.tokenizer)
+    check_store_fits(ds, cfg.retro, tok_fp, cfg.model)
+    docs = list(iter_documents(files, CorpusConfig()))
+    targets = []
+    for d in docs:
+        try:
+            targets.append(make_targets(d, lm.tokenizer))
+        except RalmError:  # a document with nothing to score is nothing to train on either
+            continue
+    r = cfg.retro
+    expect = {"store": store_id(ds), "tokenizer": tok_fp, "chunk_size": r.chunk_size, "neighbours": r.neighbours,
+              "neighbour_len": r.neighbour_len, "exclude_same_doc": cfg.exclude_same_doc,
+              "inputs": json.loads(json.dumps(input_files_fingerprint(files))), "documents": len(targets)}
+    path = Path(cfg.neighbours) / split if cfg.neighbours else Path(cfg.out) / "neighbours" / split
+    if cfg.neighbours or (path / "header.json").exists():
+        cache = NeighbourCache.load(path, expect)
+    else:
+        per_doc = document_neighbours(ds, lm.tokenizer, targets, r, cfg.exclude_same_doc, progress=progress)
+        cache = NeighbourCache.from_docs(expect, per_doc, r.neighbours, r.neighbour_len)
+        cache.save(path)
+    return [t.ids for t in targets], [cache.doc(i) for i in range(len(targets))]
+
+
+def _clear(out: Path) -> None:
+    import shutil
+
+    from ralm.lm.retro_checkpoint import CONFIG, WEIGHTS
+
+    for name in (WEIGHTS, CONFIG, TRAINER_STATE, LOG):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "neighbours", ignore_errors=True)

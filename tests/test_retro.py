@@ -1,0 +1,143 @@
+"""RETRO-fit model on tiny random LMs: exact no-op when untrained, chunked causality, layer rule, shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ralm.errors import RalmError
+from ralm.lm.retro import PAD, RetroConfig, RetroFit, default_cca_layers, window_chunks
+
+V = 97
+
+
+def tiny_base(arch: str):
+    torch.manual_seed(0)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=32, n_layer=3, n_head=4, bos_token_id=0,
+                                          eos_token_id=0)).eval()
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return Gemma3ForCausalLM(Gemma3TextConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                              sliding_window=16)).eval()
+
+
+def small_cfg(**kw) -> RetroConfig:
+    return RetroConfig(**{"chunk_size": 8, "neighbour_len": 16, "enc_dim": 16, "enc_layers": 1, "enc_heads": 2,
+                          "cca_dim": 16, "cca_heads": 2, **kw})
+
+
+def random_neighbours(offset: int, length: int, cfg: RetroConfig, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    _, _, U = window_chunks(offset, length, cfg.chunk_size)
+    nb = torch.randint(0, V, (2, U, cfg.neighbours, cfg.neighbour_len), generator=g)
+    nb[:, :, -1, -3:] = PAD  # a short neighbour
+    return nb
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("offset", [0, 5, 8])
+def test_untrained_retrofit_gives_the_base_logits_bit_for_bit(arch, offset):
+    base = tiny_base(arch)
+    ids = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        model = RetroFit(base, small_cfg()).eval()
+        on = model(ids, neighbours=random_neighbours(offset, 40, model.cfg), offset=offset).logits
+        off = model(ids).logits
+    assert torch.equal(on, ref) and torch.equal(off, ref)
+    assert model.parameter_counts()["new"] > 0
+
+
+def _scramble(model: RetroFit) -> None:
+    """Give the zero-initialised CCA outputs weights, so neighbours change the logits."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.cca.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 8, 13])
+def test_neighbours_of_chunk_u_change_nothing_before_its_attending_chunk(offset):
+    model = RetroFit(tiny_base("llama"), small_cfg()).eval()
+    _scramble(model)
+    m, L = model.cfg.chunk_size, 48
+    ids = torch.randint(0, V, (2, L), generator=torch.Generator().manual_seed(0))
+    nb = random_neighbours(offset, L, model.cfg)
+    first, c0, U = window_chunks(offset, L, m)
+    with torch.no_grad():
+        base = model(ids, neighbours=nb, offset=offset).logits
+        for j in range(U):
+            other = nb.clone()
+            other[:, j] = torch.randint(0, V, other[:, j].shape, generator=torch.Generator().manual_seed(9 + j))
+            got = model(ids, neighbours=other, offset=offset).logits
+            changed = (got - base).abs().amax(-1).amax(0) > 0  # (L,)
+            u = c0 + j  # absolute chunk index
+            start = u * m + m - 1 - offset  # local start of its attending chunk
+            assert not changed[:start].any(), f"chunk {u} leaked into positions before {start}"
+            assert changed[start:min(L, start + m)].all()
+            assert not changed[start + m:].any()  # only its attending chunk reads it
+
+
+def test_positions_before_the_first_attending_chunk_read_nothing():
+    model = RetroFit(tiny_base("llama"), small_cfg()).eval()
+    _scramble(model)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        got = model(ids, neighbours=random_neighbours(0, 32, model.cfg), offset=0).logits
+    m = model.cfg.chunk_size
+    assert torch.equal(got[:, : m - 1], ref[:, : m - 1])
+    assert not torch.equal(got[:, m - 1:], ref[:, m - 1:])
+
+
+def test_chunks_without_neighbours_read_nothing():
+    model = RetroFit(tiny_base("llama"), small_cfg()).eval()
+    _scramble(model)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    nb = torch.full((2, 4, 2, 16), PAD)
+    with torch.no_grad():
+        assert torch.equal(model(ids, neighbours=nb).logits, model(ids).logits)
+
+
+def test_window_chunks():
+    assert window_chunks(0, 64, 16) == (0, 0, 4)
+    assert window_chunks(5, 64, 16) == (11, 1, 3)  # first whole chunk starts at absolute 16
+    assert window_chunks(16, 10, 16) == (0, 1, 0)
+
+
+@pytest.mark.parametrize(("layers", "expect"), [(12, [5, 8, 11]), (30, list(range(5, 30, 3))), (2, [1]), (6, [5])])
+def test_default_cca_layers_follow_retro(layers, expect):
+    assert default_cca_layers(layers) == expect
+
+
+def test_only_new_parameters_require_grad_and_checkpoint_holds_only_them():
+    model = RetroFit(tiny_base("llama"), small_cfg(cca_layers=[1, 3]))
+    assert not any(p.requires_grad for p in model.base.parameters())
+    assert all(p.requires_grad for p in model.new_parameters().values())
+    state = model.new_state_dict()
+    assert state and not any(k.startswith("base.") for k in state)
+    assert {k.split(".")[1] for k in state if k.startswith("cca.")} == {"1", "3"}
+
+
+@pytest.mark.parametrize("kw", [{"chunk_size": 1}, {"neighbours": 0}, {"enc_dim": 15}, {"dropout": 1.0},
+                                {"cca_layers": []}, {"cca_layers": [-1]}])
+def test_bad_config(kw):
+    with pytest.raises(RalmError):
+        small_cfg(**kw)
+
+
+def test_bad_layers_and_neighbour_shape():
+    with pytest.raises(RalmError, match="has 4 layers"):
+        RetroFit(tiny_base("llama"), small_cfg(cca_layers=[4]))
+    model = RetroFit(tiny_base("llama"), small_cfg())
+    with pytest.raises(RalmError, match="neighbours of shape"):
+        model(torch.zeros(2, 32, dtype=torch.long), neighbours=torch.zeros(2, 3, 2, 16, dtype=torch.long))
