@@ -187,3 +187,40 @@ def test_cli_errors_are_one_line(setup, tiny_lm, tmp_path, trained):
     res = runner.invoke(app, ["retrofit", "--model", tiny_lm, "--datastore", str(ds), "--train", str(corpus),
                               "--out", str(tmp_path / "o"), "--cca-layers", "a,b", "-q"])
     assert res.exit_code == 2 and "--cca-layers" in res.output
+
+
+def test_generate_retrieves_at_chunk_boundaries(setup, tiny_lm, trained, tmp_path):
+    from ralm.datastore.store import Datastore
+    from ralm.lm.generate import GenerateConfig, generate
+    from ralm.lm.retro import RetroFit
+
+    root, corpus, held, ds_path = setup
+    ds = Datastore.open(ds_path)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    prompt = json.loads(held.read_text().splitlines()[0])["text"][:60]
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"]) + 1  # + BOS
+    plain = generate(base, tok, prompt, GenerateConfig(max_new_tokens=20))
+    ref = base.generate(torch.tensor([[tok.bos_token_id, *tok(prompt, add_special_tokens=False)["input_ids"]]]),
+                        max_new_tokens=20, do_sample=False, eos_token_id=None)
+    assert plain["continuation"] == tok.decode(ref[0, n_prompt:], skip_special_tokens=True)
+    # an untrained RETRO-fit generates exactly what the plain LM does, retrieving at every chunk boundary
+    untrained = RetroFit(base, small_retro()).eval()
+    got = generate(base, tok, prompt, GenerateConfig(method="retro", max_new_tokens=20), ds=ds, retro=untrained)
+    untrained.remove_hooks()
+    assert got["continuation"] == plain["continuation"]
+    assert [r["position"] for r in got["retrievals"]] == list(range(M, n_prompt + got["new_tokens"], M))
+    assert all(len(r["neighbours"]) == 2 for r in got["retrievals"])
+    ic = generate(base, tok, prompt, GenerateConfig(method="in-context", max_new_tokens=20, stride=8), ds=ds)
+    assert [r["position"] for r in ic["retrievals"]] == [n_prompt, n_prompt + 8, n_prompt + 16]
+
+
+def test_generate_cli(setup, tiny_lm, trained):
+    root, corpus, held, ds = setup
+    res = CliRunner().invoke(app, ["generate", "--model", tiny_lm, "--method", "retro", "--checkpoint",
+                                   str(trained[0]), "--max-new-tokens", "8", "--json", "the"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["method"] == "retro" and out["new_tokens"] >= 1
+    res = CliRunner().invoke(app, ["generate", "--model", tiny_lm, "--method", "in-context", "the"])
+    assert res.exit_code == 2 and "needs --datastore" in res.output

@@ -382,6 +382,66 @@ def retrofit(
             typer.echo(f"eval ppl: retrieval on {summary['eval_ppl_on']}, off {summary['eval_ppl_off']}")
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="text to continue")],
+    model: Model = "smollm2-135m",
+    method: Annotated[str, typer.Option(help="none, in-context or retro")] = "none",
+    datastore: Annotated[str | None, typer.Option(help="retrieval store (retro defaults to its checkpoint's)")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option(help="0: greedy; otherwise sampling temperature")] = 0.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    stride: Annotated[int, typer.Option(help="in-context: tokens between retrievals")] = 64,
+    docs: Docs = 1,
+    doc_tokens: DocTokens = 256,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object (with the retrievals)")] = False,
+) -> None:
+    """Continue PROMPT, retrieving at every chunk boundary (retro) or every --stride tokens (in-context)."""
+    from ralm.lm.generate import GenerateConfig
+    from ralm.lm.generate import generate as run
+    from ralm.lm.models import load
+
+    try:
+        cfg = GenerateConfig(method=method, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                             stride=stride, docs=docs, doc_tokens=doc_tokens)
+        retro = ds = None
+        if method == "retro":
+            from ralm.lm.retro_checkpoint import read_checkpoint_config
+
+            if not checkpoint:
+                raise RalmError("--method retro needs --checkpoint")
+            datastore = datastore or read_checkpoint_config(checkpoint).get("datastore")
+        elif checkpoint:
+            raise RalmError("--checkpoint is for --method retro")
+        lm = load(model)
+        if method != "none":
+            from ralm.datastore.store import Datastore
+            from ralm.lm.presets import tokenizer_fingerprint
+
+            if not datastore:
+                raise RalmError(f"--method {method} needs --datastore")
+            ds = Datastore.open(datastore)
+            ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(lm.tokenizer), tokenizer_name=model)
+        if method == "retro":
+            from ralm.lm.retro_checkpoint import load_retrofit
+            from ralm.lm.retro_neighbours import check_store_fits
+
+            retro, _ = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
+            check_store_fits(ds, retro.cfg, tokenizer_fingerprint(lm.tokenizer), model)
+        result = run(lm.model, lm.tokenizer, prompt, cfg, ds=ds, retro=retro)
+    except RalmError as e:
+        _fail(e)
+    if json_out:
+        typer.echo(json.dumps(result, ensure_ascii=False))
+        return
+    typer.echo(prompt + result["continuation"])
+    for r in result["retrievals"]:
+        top = r["neighbours"][0] if r["neighbours"] else None
+        typer.echo(f"[retrieved at token {r['position']}: "
+                   f"{(top['doc_id'] + ': ' + top['text'][:80].replace(chr(10), ' ')) if top else 'nothing'}]", err=True)
+
+
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
