@@ -224,3 +224,24 @@ def test_generate_cli(setup, tiny_lm, trained):
     assert out["method"] == "retro" and out["new_tokens"] >= 1
     res = CliRunner().invoke(app, ["generate", "--model", tiny_lm, "--method", "in-context", "the"])
     assert res.exit_code == 2 and "needs --datastore" in res.output
+
+
+def test_same_doc_fraction_lets_training_chunks_find_themselves(setup, tiny_lm, tmp_path):
+    from ralm.lm.retro_neighbours import NeighbourCache
+    from ralm.tuning.retrofit import same_doc_docs
+
+    assert same_doc_docs(["a", "b", "c", "d"], 0.5, 0) == same_doc_docs(["a", "b", "c", "d"], 0.5, 0)
+    assert len(same_doc_docs(["a", "b", "c", "d"], 0.5, 0)) == 2 and not same_doc_docs(["a"], 0.0, 0)
+    out = tmp_path / "own"
+    retrofit(train_cfg(setup, tiny_lm, out, steps=1, same_doc_fraction=1.0, eval=None), progress=False)
+    root, corpus, held, ds = setup
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    cache = NeighbourCache.load(out / "neighbours" / "train")
+    assert cache.header["same_doc_documents"] == 12
+    text = json.loads(corpus.read_text().splitlines()[0])["text"]
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+    top = cache.doc(0)[1, 0, :M].tolist()  # top neighbour of chunk 1: a stored chunk of this very document
+    runs = [ids[i:i + M] for i in range(len(ids) - M + 1)]
+    assert top in runs and abs(runs.index(top) - M) <= 1  # the store's grid has no BOS: off by at most one
+    with pytest.raises(RalmError, match="same-doc-fraction"):
+        train_cfg(setup, tiny_lm, out, same_doc_fraction=1.5)

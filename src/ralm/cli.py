@@ -348,6 +348,8 @@ def retrofit(
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: where supported)")] = None,
     neighbours_cache: Annotated[str | None, typer.Option("--neighbours-cache", help="read this precomputed "
                                                          "neighbours cache instead of computing OUT/neighbours")] = None,
+    same_doc_fraction: Annotated[float, typer.Option(help="fraction of training documents whose chunks may retrieve "
+                                                         "their own document (0: RETRO's rule)")] = 0.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     force: Annotated[bool, typer.Option("--force", help="discard the checkpoint in --out and start over")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
@@ -368,7 +370,7 @@ def retrofit(
         cfg = RetrofitConfig(datastore=datastore, train=list(train), out=out, model=model, eval=list(eval_docs or []) or None,
                              retro=retro, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                              eval_every=eval_every, save_every=save_every, bf16=bf16, neighbours=neighbours_cache,
-                             seed=seed, force=force)
+                             same_doc_fraction=same_doc_fraction, seed=seed, force=force)
         summary = run(cfg, progress=not quiet)
     except RalmError as e:
         _fail(e)

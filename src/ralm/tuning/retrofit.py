@@ -53,6 +53,10 @@ class RetrofitConfig:
     neighbours: str | None = field(default=None, metadata={"help": "a precomputed neighbours cache to read "
                                                                    "(default: computed into OUT/neighbours)"})
     exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the training document"})
+    same_doc_fraction: float = field(default=0.0, metadata={
+        "help": "fraction of training documents (seeded choice) whose chunks may retrieve from their own "
+                "document, i.e. find themselves: 0 is RETRO's rule; more teaches copying from near-duplicates "
+                "where the store has none across documents. Evaluation documents always exclude."})
     seed: int = 0
     force: bool = field(default=False, metadata={"help": "discard an existing checkpoint in OUT and start over"})
 
@@ -69,13 +73,16 @@ class RetrofitConfig:
             raise RalmError("--lr and --grad-clip must be > 0 and --weight-decay >= 0")
         if not self.train:
             raise RalmError("--train: name at least one training file or folder")
+        if not 0.0 <= self.same_doc_fraction <= 1.0:
+            raise RalmError(f"--same-doc-fraction {self.same_doc_fraction}: must be in [0, 1]")
 
     def resume_key(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (steps may grow)."""
         return json.loads(json.dumps({"model": self.model, "retro": asdict(self.retro), "batch_size": self.batch_size,
                                       "seq_len": self.seq_len, "lr": self.lr, "warmup": self.warmup,
                                       "weight_decay": self.weight_decay, "seed": self.seed,
-                                      "exclude_same_doc": self.exclude_same_doc}))
+                                      "exclude_same_doc": self.exclude_same_doc,
+                                      "same_doc_fraction": self.same_doc_fraction}))
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -294,17 +301,35 @@ def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: 
         except RalmError:  # a document with nothing to score is nothing to train on either
             continue
     r = cfg.retro
+    # which documents may find themselves: a seeded choice, fixed by the cache header
+    own = same_doc_docs([t.doc_id for t in targets], cfg.same_doc_fraction if split == "train" else 0.0, cfg.seed)
     expect = {"store": store_id(ds), "tokenizer": tok_fp, "chunk_size": r.chunk_size, "neighbours": r.neighbours,
               "neighbour_len": r.neighbour_len, "exclude_same_doc": cfg.exclude_same_doc,
+              "same_doc_documents": len(own),
               "inputs": json.loads(json.dumps(input_files_fingerprint(files))), "documents": len(targets)}
     path = Path(cfg.neighbours) / split if cfg.neighbours else Path(cfg.out) / "neighbours" / split
     if cfg.neighbours or (path / "header.json").exists():
         cache = NeighbourCache.load(path, expect)
     else:
-        per_doc = document_neighbours(ds, lm.tokenizer, targets, r, cfg.exclude_same_doc, progress=progress)
+        per_doc = [None] * len(targets)
+        for allow in (False, True):
+            idx = [i for i, t in enumerate(targets) if (t.doc_id in own) == allow]
+            found = document_neighbours(ds, lm.tokenizer, [targets[i] for i in idx], r,
+                                        cfg.exclude_same_doc and not allow, progress=progress)
+            for i, x in zip(idx, found, strict=True):
+                per_doc[i] = x
         cache = NeighbourCache.from_docs(expect, per_doc, r.neighbours, r.neighbour_len)
         cache.save(path)
     return [t.ids for t in targets], [cache.doc(i) for i in range(len(targets))]
+
+
+def same_doc_docs(doc_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A seeded ``fraction`` of the documents (by id)."""
+    if fraction <= 0:
+        return set()
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(doc_ids), generator=g).tolist()
+    return {doc_ids[i] for i in order[: round(fraction * len(doc_ids))]}
 
 
 def _clear(out: Path) -> None:
