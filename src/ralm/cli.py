@@ -9,6 +9,24 @@ from typing import Annotated
 
 import typer
 
+from ralm import cli_retro
+from ralm.cli_options import (
+    Context,
+    Decontaminate,
+    Docs,
+    DocTokens,
+    ExcludeSameDoc,
+    K,
+    Lmbda,
+    MaxDocs,
+    Model,
+    Quiet,
+    Stride,
+    Validation,
+    WindowStride,
+    fail,
+    floats,
+)
 from ralm.errors import RalmError
 
 app = typer.Typer(help="Retrieval-augmented language models: build a datastore once, use it every way.",
@@ -19,25 +37,7 @@ knnlm_app = typer.Typer(help="kNN-LM stores: the LM's hidden states at every cor
 app.add_typer(knnlm_app, name="knnlm")
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(2)
 
-
-# options that eval-lm and scale share: one declaration, one help text
-Model = Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")]
-Context = Annotated[int | None, typer.Option(help="tokens per window (default: model max, capped at 2048)")]
-WindowStride = Annotated[int | None, typer.Option(help="plain LM and kNN-LM: new tokens scored per window (default context/2)")]
-MaxDocs = Annotated[int | None, typer.Option(help="evaluate at most this many documents")]
-Stride = Annotated[int, typer.Option(help="in-context/replug: tokens scored between retrievals")]
-Docs = Annotated[int, typer.Option(help="passages in context (in-context) or mixed (replug)")]
-DocTokens = Annotated[int, typer.Option(help="each passage truncated to this many tokens")]
-K = Annotated[int, typer.Option("--k", help="knn-lm: neighbours per position")]
-Lmbda = Annotated[float, typer.Option("--lmbda", help="knn-lm: weight of p_kNN, in [0, 1]")]
-Validation = Annotated[list[str] | None, typer.Option(help="knn-lm: documents on which λ is chosen (overrides --lmbda)")]
-ExcludeSameDoc = Annotated[bool, typer.Option(help="drop neighbours from the evaluated document")]
-Decontaminate = Annotated[int | None, typer.Option(help="drop neighbours sharing an N-token span with the text")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 
 
 @data_app.command("get")
@@ -51,7 +51,7 @@ def data_get(
     try:
         path = registry.get(name, dir, log=lambda m: typer.echo(m, err=True))
     except RalmError as e:
-        _fail(e)
+        fail(e)
     typer.echo(str(path))
 
 
@@ -104,7 +104,7 @@ def build(
         )
         summary = run_build(cfg, progress=not quiet)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -144,7 +144,7 @@ def search(
         ds.check_compatible(encoder=encoder)
         results = ds.search(qs, k=k)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps([{"query": q, "hits": [h.to_json() for h in hits]}
                                for q, hits in zip(qs, results, strict=True)], ensure_ascii=False))
@@ -168,7 +168,7 @@ def info(
     try:
         summary = Datastore.open(datastore, verify=verify).info()
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
@@ -219,12 +219,12 @@ def eval_lm(
                            lm=LMEvalConfig(context, window_stride, max_docs),
                            in_context=InContextConfig(stride, query_len, docs, doc_tokens),
                            knn=KNNLMConfig(k, lmbda, temperature), validation=list(validation or []) or None,
-                           lmbda_grid=_floats(lmbda_grid, "--lmbda-grid") if lmbda_grid else LMBDA_GRID,
+                           lmbda_grid=floats(lmbda_grid, "--lmbda-grid") if lmbda_grid else LMBDA_GRID,
                            exclude_same_doc=exclude_same_doc, decontaminate=decontaminate,
                            subset=subset, subset_seed=subset_seed, leakage_report=leakage_report)
         result = run_eval_lm(cfg, progress=not quiet)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps(result))
     else:
@@ -264,7 +264,7 @@ def eval_qa(
                            demos=demos, closed_book=closed_book)
         result = run_eval_qa(cfg, progress=not quiet)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps(result, ensure_ascii=False))
         return
@@ -317,138 +317,15 @@ def scale(
                             exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
         cfg = ScaleConfig(eval=base, out=out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                           datastore=datastore, knn_store=knn_store, validation=list(validation or []) or None,
-                          fractions=_floats(fractions, "--fractions"), seed=seed, metric=metric)
+                          fractions=floats(fractions, "--fractions"), seed=seed, metric=metric)
         result = run_scale(cfg, progress=not quiet, log=(lambda m: None) if quiet else None)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     typer.echo(json.dumps(result, indent=2) if json_out else scale_markdown(result) + f"plot: {Path(out) / 'scale.png'}")
 
 
-@app.command()
-def retrofit(
-    datastore: Annotated[str, typer.Option(help="retrieval store with chunk-size chunks and continuations")],
-    train: Annotated[list[str], typer.Option(help="training documents (JSONL/.txt/Parquet/folder); repeatable")],
-    out: Annotated[str, typer.Option(help="checkpoint folder (a rerun with the same settings resumes)")],
-    model: Model = "smollm2-135m",
-    eval_docs: Annotated[list[str] | None, typer.Option("--eval", help="held-out documents evaluated every --eval-every steps")] = None,
-    steps: Annotated[int, typer.Option(help="optimiser steps (a resumed run continues up to this)")] = 1000,
-    batch_size: Annotated[int, typer.Option(help="windows per step")] = 4,
-    seq_len: Annotated[int, typer.Option(help="tokens per training window (multiple of --chunk-size)")] = 512,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 2e-4,
-    warmup: Annotated[int, typer.Option(help="linear warm-up steps")] = 50,
-    eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0: at the end only)")] = 100,
-    save_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = 100,
-    chunk_size: Annotated[int, typer.Option(help="RETRO chunk size m; must equal the store's")] = 64,
-    neighbours: Annotated[int, typer.Option(help="neighbours per chunk")] = 2,
-    cca_layers: Annotated[str | None, typer.Option(help="comma-separated 0-based layers followed by CCA "
-                                                        "(default: every 3rd from the 6th)")] = None,
-    enc_dim: Annotated[int, typer.Option(help="retrieval encoder width")] = 256,
-    enc_layers: Annotated[int, typer.Option(help="retrieval encoder depth")] = 2,
-    cca_dim: Annotated[int, typer.Option(help="inner width of each CCA")] = 256,
-    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: where supported)")] = None,
-    neighbours_cache: Annotated[str | None, typer.Option("--neighbours-cache", help="read this precomputed "
-                                                         "neighbours cache instead of computing OUT/neighbours")] = None,
-    same_doc_fraction: Annotated[float, typer.Option(help="fraction of training documents whose chunks may retrieve "
-                                                         "their own document (0: RETRO's rule)")] = 0.0,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="discard the checkpoint in --out and start over")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="print the summary as one JSON object")] = False,
-    quiet: Quiet = False,
-) -> None:
-    """RETRO-fit a frozen causal LM: train CCA layers and a retrieval encoder on neighbours from the store."""
-    from ralm.lm.retro import RetroConfig
-    from ralm.tuning.retrofit import RetrofitConfig
-    from ralm.tuning.retrofit import retrofit as run
-
-    try:
-        layers = [int(x) for x in cca_layers.split(",")] if cca_layers else None
-    except ValueError:
-        _fail(RalmError(f"--cca-layers {cca_layers!r}: expected comma-separated integers"))
-    try:
-        retro = RetroConfig(chunk_size=chunk_size, neighbours=neighbours, neighbour_len=2 * chunk_size,
-                            cca_layers=layers, enc_dim=enc_dim, enc_layers=enc_layers, cca_dim=cca_dim)
-        cfg = RetrofitConfig(datastore=datastore, train=list(train), out=out, model=model, eval=list(eval_docs or []) or None,
-                             retro=retro, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
-                             eval_every=eval_every, save_every=save_every, bf16=bf16, neighbours=neighbours_cache,
-                             same_doc_fraction=same_doc_fraction, seed=seed, force=force)
-        summary = run(cfg, progress=not quiet)
-    except RalmError as e:
-        _fail(e)
-    if json_out:
-        typer.echo(json.dumps(summary))
-    else:
-        typer.echo(f"trained {summary['steps']} steps ({summary['trained_tokens']:,} tokens this run, "
-                   f"{summary['tokens_per_second']} tok/s); {summary['new']:,} new parameters "
-                   f"({100 * summary['new_share']:.2f}% of the base); checkpoint in {summary['checkpoint']}")
-        if "eval_ppl_on" in summary:
-            typer.echo(f"eval ppl: retrieval on {summary['eval_ppl_on']}, off {summary['eval_ppl_off']}")
-
-
-@app.command()
-def generate(
-    prompt: Annotated[str, typer.Argument(help="text to continue")],
-    model: Model = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="none, in-context or retro")] = "none",
-    datastore: Annotated[str | None, typer.Option(help="retrieval store (retro defaults to its checkpoint's)")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
-    temperature: Annotated[float, typer.Option(help="0: greedy; otherwise sampling temperature")] = 0.0,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    stride: Annotated[int, typer.Option(help="in-context: tokens between retrievals")] = 64,
-    docs: Docs = 1,
-    doc_tokens: DocTokens = 256,
-    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object (with the retrievals)")] = False,
-) -> None:
-    """Continue PROMPT, retrieving at every chunk boundary (retro) or every --stride tokens (in-context)."""
-    from ralm.lm.generate import GenerateConfig
-    from ralm.lm.generate import generate as run
-    from ralm.lm.models import load
-
-    try:
-        cfg = GenerateConfig(method=method, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             stride=stride, docs=docs, doc_tokens=doc_tokens)
-        retro = ds = None
-        if method == "retro":
-            from ralm.lm.retro_checkpoint import read_checkpoint_config
-
-            if not checkpoint:
-                raise RalmError("--method retro needs --checkpoint")
-            datastore = datastore or read_checkpoint_config(checkpoint).get("datastore")
-        elif checkpoint:
-            raise RalmError("--checkpoint is for --method retro")
-        lm = load(model)
-        if method != "none":
-            from ralm.datastore.store import Datastore
-            from ralm.lm.presets import tokenizer_fingerprint
-
-            if not datastore:
-                raise RalmError(f"--method {method} needs --datastore")
-            ds = Datastore.open(datastore)
-            ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(lm.tokenizer), tokenizer_name=model)
-        if method == "retro":
-            from ralm.lm.retro_checkpoint import load_retrofit
-            from ralm.lm.retro_neighbours import check_store_fits
-
-            retro, _ = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
-            check_store_fits(ds, retro.cfg, tokenizer_fingerprint(lm.tokenizer), model)
-        result = run(lm.model, lm.tokenizer, prompt, cfg, ds=ds, retro=retro)
-    except RalmError as e:
-        _fail(e)
-    if json_out:
-        typer.echo(json.dumps(result, ensure_ascii=False))
-        return
-    typer.echo(prompt + result["continuation"])
-    for r in result["retrievals"]:
-        top = r["neighbours"][0] if r["neighbours"] else None
-        typer.echo(f"[retrieved at token {r['position']}: "
-                   f"{(top['doc_id'] + ': ' + top['text'][:80].replace(chr(10), ' ')) if top else 'nothing'}]", err=True)
-
-
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise RalmError(f"{flag} {text!r}: expected comma-separated numbers") from None
+app.command()(cli_retro.retrofit)
+app.command()(cli_retro.generate)
 
 
 @knnlm_app.command("build")
@@ -481,7 +358,7 @@ def knnlm_build(
                              shard_tokens=shard_tokens, force=force)
         summary = build_knn_store(cfg, progress=not quiet)
     except RalmError as e:
-        _fail(e)
+        fail(e)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
