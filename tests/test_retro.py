@@ -141,3 +141,13 @@ def test_bad_layers_and_neighbour_shape():
     model = RetroFit(tiny_base("llama"), small_cfg())
     with pytest.raises(RalmError, match="neighbours of shape"):
         model(torch.zeros(2, 32, dtype=torch.long), neighbours=torch.zeros(2, 3, 2, 16, dtype=torch.long))
+
+
+def test_a_bf16_base_model_works_with_float32_new_layers():
+    base = tiny_base("llama").to(torch.bfloat16)
+    model = RetroFit(base, small_cfg()).eval()
+    _scramble(model)
+    ids = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, neighbours=random_neighbours(0, 32, model.cfg)).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

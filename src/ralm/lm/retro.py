@@ -72,8 +72,11 @@ def default_cca_layers(n_layers: int) -> list[int]:
 def decoder_layers(model: Any) -> nn.ModuleList:
     """The decoder's list of layers (Llama, Gemma 3, GPT-2, ... all keep one ModuleList of that length)."""
     n = model.config.get_text_config().num_hidden_layers
-    for _, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
+    modules = dict(model.named_modules())
+    known = ("model.layers", "transformer.h", "model.language_model.layers", "model.decoder.layers", "gpt_neox.layers")
+    for name in (*known, *modules):  # the usual places first; a vision tower's layers are never the decoder
+        module = modules.get(name)
+        if isinstance(module, nn.ModuleList) and len(module) == n and "vision" not in name and "visual" not in name:
             return module
     raise RalmError(f"{type(model).__name__}: cannot find its {n} decoder layers to fit CCA onto")
 
@@ -257,9 +260,10 @@ class RetroFit(nn.Module):
             if p is None:  # retrieval OFF: the frozen layer's output, untouched
                 return None
             h = output[0] if isinstance(output, tuple) else output  # (B, L, d)
+            x = h.to(self.encoder.proj.weight.dtype)  # the new layers may hold another dtype than the base
             if p.encoded is None:  # the first CCA layer encodes the neighbours from its own activations
-                p.encoded, p.encoded_ok = self._encode(p, h)
-            h = h + self.cca[name](h, p.encoded, p.encoded_ok, p.first).to(h.dtype)
+                p.encoded, p.encoded_ok = self._encode(p, x)
+            h = h + self.cca[name](x, p.encoded, p.encoded_ok, p.first).to(h.dtype)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 
@@ -270,7 +274,7 @@ class RetroFit(nn.Module):
         ok = N != PAD
         emb = self.base.get_input_embeddings()(N.clamp(min=0))  # (B, U, K, R, d), frozen embeddings
         chunks = h[:, p.first:p.first + U * m].reshape(B, U, m, h.shape[-1])  # (B, U, m, d)
-        enc = self.encoder(emb.to(h.dtype), ok, chunks)
+        enc = self.encoder(emb.to(chunks.dtype), ok, chunks)
         return enc, ok.reshape(B, U, K * R)
 
     @contextmanager
