@@ -122,6 +122,22 @@ def test_lambda_sweep_on_validation_picks_the_best_lambda(knn_setup, tiny_lm):
     sweep = {float(k): v for k, v in r["lmbda_sweep_validation"].items()}
     assert r["lmbda"] == min(sweep, key=sweep.get) and r["lmbda"] > 0  # leaked validation: retrieval wins
     assert r["ppl"] == pytest.approx(r["lmbda_sweep_test"][str(r["lmbda"])], rel=1e-3)
+    temps = {float(k): v for k, v in r["temperature_sweep_validation"].items()}
+    assert set(temps) == {1.0, 3.0, 10.0, 30.0, 100.0}
+    assert r["temperature"] == min(temps, key=temps.get) and temps[r["temperature"]] == min(sweep.values())
+
+
+def test_temperature_sweep_equals_scoring_at_that_temperature(knn_setup, tiny_lm):
+    corpus, held, out, _ = knn_setup
+    base = dict(model=tiny_lm, data=[str(held)], datastore=str(out), method="knn-lm",
+                lm=LMEvalConfig(CTX, STRIDE, max_docs=1), exclude_same_doc=False, lmbda_grid=(0.5,))
+    swept = run_eval_lm(EvalLMConfig(validation=[str(held)], temperature_grid=(1.0, 7.0), knn=KNNLMConfig(k=8),
+                                     **base), progress=False)
+    for temp in (1.0, 7.0):
+        direct = run_eval_lm(EvalLMConfig(knn=KNNLMConfig(k=8, lmbda=0.5, temperature=temp), **base), progress=False)
+        assert swept["temperature_sweep_validation"][str(temp)] == pytest.approx(direct["ppl"], rel=1e-4)
+    with pytest.raises(RalmError, match="--temperature-grid"):
+        EvalLMConfig(temperature_grid=(0.0,), **base)
 
 
 def test_subset_view_searches_only_its_rows(knn_setup):

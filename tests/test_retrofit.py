@@ -103,7 +103,9 @@ def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, tra
     with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
         retrofit(train_cfg(setup, tiny_lm, out), progress=False)
     monkeypatch.setattr(rf, "batch_loss", real)
+    (out / "train_log.jsonl").open("a").write(json.dumps({"step": 3, "loss": 0.0}) + "\n")  # logged, not saved
     summary = retrofit(train_cfg(setup, tiny_lm, out), progress=False)
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
     assert summary["steps"] == 4
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     a, _ = load_retrofit(out, AutoModelForCausalLM.from_pretrained(tiny_lm), tok)

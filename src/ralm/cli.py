@@ -199,6 +199,8 @@ def eval_lm(
     temperature: Annotated[float, typer.Option(help="knn-lm: softmax temperature over -distance")] = 1.0,
     validation: Validation = None,
     lmbda_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated λ values of the sweep")] = None,
+    temperature_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated temperatures swept with λ "
+                                                              "on --validation (default 1,3,10,30,100)")] = None,
     subset: Annotated[float | None, typer.Option(help="search only this random fraction of the store")] = None,
     subset_seed: Annotated[int, typer.Option(help="seed of the nested random subset")] = 0,
     leakage_report: Annotated[bool, typer.Option("--leakage-report", help="ppl/bpb by overlap of each 64-token chunk with its neighbours")] = False,
@@ -207,7 +209,7 @@ def eval_lm(
 ) -> None:
     """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
     from ralm.eval.lm import LMEvalConfig
-    from ralm.eval.runner import LMBDA_GRID, EvalLMConfig, run_eval_lm
+    from ralm.eval.runner import LMBDA_GRID, TEMPERATURE_GRID, EvalLMConfig, run_eval_lm
     from ralm.lm.in_context import InContextConfig
     from ralm.lm.knnlm import KNNLMConfig
 
@@ -220,6 +222,8 @@ def eval_lm(
                            in_context=InContextConfig(stride, query_len, docs, doc_tokens),
                            knn=KNNLMConfig(k, lmbda, temperature), validation=list(validation or []) or None,
                            lmbda_grid=floats(lmbda_grid, "--lmbda-grid") if lmbda_grid else LMBDA_GRID,
+                           temperature_grid=(floats(temperature_grid, "--temperature-grid") if temperature_grid
+                                             else TEMPERATURE_GRID),
                            exclude_same_doc=exclude_same_doc, decontaminate=decontaminate,
                            subset=subset, subset_seed=subset_seed, leakage_report=leakage_report)
         result = run_eval_lm(cfg, progress=not quiet)
@@ -232,7 +236,8 @@ def eval_lm(
                    f"/ {result['bytes']:,} bytes of {result['documents']} documents; {result['tokens_per_second']} tok/s, "
                    f"retrieval {100 * result['retrieval_share']:.1f}% of the time")
         if "lmbda_sweep_validation" in result:
-            typer.echo(f"λ = {result['lmbda']} chosen on validation: {result['lmbda_sweep_validation']}")
+            typer.echo(f"λ = {result['lmbda']}, T = {result['temperature']} chosen on validation: "
+                       f"{result['lmbda_sweep_validation']}")
         if "leakage" in result:
             from ralm.eval.leakage import leakage_markdown
 

@@ -24,6 +24,8 @@ from ralm.lm.knnlm import KNNLMConfig, KNNScorer, mix
 
 METHODS = ("none", "in-context", "replug", "knn-lm", "retro")
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# distances between final hidden states run in the hundreds: T = 1 makes p_kNN the nearest neighbour's token
+TEMPERATURE_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
@@ -42,6 +44,8 @@ class EvalLMConfig:
     validation: list[str] | None = field(default=None, metadata={"help": "knn-lm: documents on which λ is chosen "
                                                                           "from the grid (overrides --lmbda)"})
     lmbda_grid: tuple[float, ...] = field(default=LMBDA_GRID, metadata={"help": "λ values of the sweep"})
+    temperature_grid: tuple[float, ...] = field(default=TEMPERATURE_GRID, metadata={
+        "help": "temperatures swept with λ on --validation (the pair with the lowest perplexity is used)"})
     exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the evaluated document"})
     decontaminate: int | None = field(default=None, metadata={"help": "drop neighbours sharing an N-token span"})
     subset: float | None = field(default=None, metadata={"help": "search only this random fraction of the store"})
@@ -72,6 +76,9 @@ class EvalLMConfig:
         bad = [x for x in self.lmbda_grid if not 0.0 <= x <= 1.0]
         if bad or not self.lmbda_grid:
             raise RalmError(f"--lmbda-grid {bad or 'empty'}: every λ must be in [0, 1]")
+        bad = [x for x in self.temperature_grid if not x > 0]
+        if bad or not self.temperature_grid:
+            raise RalmError(f"--temperature-grid {bad or 'empty'}: every temperature must be > 0")
         if self.leakage_report and self.method == "none":
             raise RalmError("--leakage-report needs a retrieval method (in-context, replug, knn-lm or retro)")
         if self.subset is not None and not 0 < self.subset <= 1:
@@ -83,9 +90,11 @@ def _documents(files: list[str], max_docs: int | None) -> list[Document]:
     return docs[:max_docs] if max_docs else docs
 
 
-def _sweep(scorer: KNNScorer, grid: tuple[float, ...]) -> dict[float, float]:
-    """Perplexity at every λ of the grid from the scorer's recorded per-target probabilities."""
-    lm, knn = torch.cat(scorer.lp_lm), torch.cat(scorer.lp_knn)
+def _sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None = None) -> dict[float, float]:
+    """Perplexity at every λ of the grid from the scorer's recorded per-target probabilities (at ``temperature``,
+    default the scorer's own)."""
+    lm = torch.cat(scorer.lp_lm)
+    knn = torch.cat(scorer.lp_knn if temperature in (None, scorer.cfg.temperature) else scorer.lp_knn_at[temperature])
     return {lam: math.exp(-float(mix(lm, knn, lam).double().mean())) for lam in grid}
 
 
@@ -140,13 +149,15 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
         stride = cfg.lm.window_stride or max(1, context // 2)
         knn_cfg = cfg.knn
         if cfg.validation:
-            val = KNNScorer(model, store, cfg.knn, stride, cfg.exclude_same_doc, cfg.decontaminate)
+            val = KNNScorer(model, store, cfg.knn, stride, cfg.exclude_same_doc, cfg.decontaminate,
+                            temperatures=cfg.temperature_grid)
             evaluate_lm(model, tok, _documents(cfg.validation, cfg.lm.max_docs), cfg.lm, scorer=val,
                         method="knn-lm (validation)", progress=progress)
-            sweep = _sweep(val, cfg.lmbda_grid)
-            best = min(sweep, key=sweep.get)
-            knn_cfg = KNNLMConfig(k=cfg.knn.k, lmbda=best, temperature=cfg.knn.temperature)
-            extra.update(lmbda_sweep_validation={str(lam): round(p, 4) for lam, p in sweep.items()},
+            sweeps = {temp: _sweep(val, cfg.lmbda_grid, temp) for temp in cfg.temperature_grid}
+            temp, best = min(((t, lam) for t, sw in sweeps.items() for lam in sw), key=lambda tl: sweeps[tl[0]][tl[1]])
+            knn_cfg = KNNLMConfig(k=cfg.knn.k, lmbda=best, temperature=temp)
+            extra.update(lmbda_sweep_validation={str(lam): round(p, 4) for lam, p in sweeps[temp].items()},
+                         temperature_sweep_validation={str(t): round(min(sw.values()), 4) for t, sw in sweeps.items()},
                          validation=cfg.validation)
         scorer = KNNScorer(model, store, knn_cfg, stride, cfg.exclude_same_doc, cfg.decontaminate,
                            log_factory=(lambda t: logs.setdefault(t.doc_id, NeighbourLog())) if cfg.leakage_report

@@ -91,21 +91,42 @@ def _ngram_hashes(tokens: np.ndarray, n: int) -> np.ndarray:
     return h
 
 
+def store_ngram_hashes(store: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per stored row: the hash of the N values ending at it, and whether those N rows are one document.
+
+    Computed once per store and N (a few passes over the values), so decontaminating a neighbour is a lookup.
+    """
+    cache = store.__dict__.setdefault("_ngram_cache", {})
+    if n not in cache:
+        values, docs = np.asarray(store.values), np.asarray(store.docs)
+        hashes = np.zeros(len(values), dtype=np.uint64)
+        whole = np.zeros(len(values), dtype=bool)
+        if len(values) >= n:
+            hashes[n - 1:] = _ngram_hashes(values[None], n)[0]  # the n-gram starting at i ends at row i + n - 1
+            whole[n - 1:] = docs[n - 1:] == docs[: len(docs) - n + 1]  # documents are contiguous runs of rows
+        cache[n] = (hashes, whole)
+    return cache[n]
+
+
 class KNNScorer:
     """Scores a document with kNN-LM over sliding windows; keeps per-target log p_LM and log p_kNN.
 
-    The LM and kNN parts do not depend on λ, so one pass gives the perplexity at every λ (the sweep).
+    The LM and kNN parts do not depend on λ, so one pass gives the perplexity at every λ (the sweep);
+    ``temperatures`` adds log p_kNN at other temperatures from the same neighbours (``lp_knn_at``), so a
+    temperature sweep costs one softmax per temperature and no extra search.
     """
 
     def __init__(self, model: Any, store: Any, cfg: KNNLMConfig, window_stride: int, exclude_same_doc: bool = True,
-                 decontaminate: int | None = None, log_factory: Any = None, log_neighbours: int = 4):
+                 decontaminate: int | None = None, log_factory: Any = None, log_neighbours: int = 4,
+                 temperatures: tuple[float, ...] = ()):
         # log_factory(targets) -> a NeighbourLog for that document (leakage report), or None for no log
         self.model, self.store, self.cfg, self.window_stride = model, store, cfg, window_stride
         self.exclude_same_doc, self.decontaminate = exclude_same_doc, decontaminate
         self.log_factory, self.log_neighbours = log_factory, log_neighbours
         self.query_block = 1024
         self.lp_lm: list[torch.Tensor] = []
-        self.lp_knn: list[torch.Tensor] = []
+        self.lp_knn: list[torch.Tensor] = []  # at cfg.temperature
+        self.lp_knn_at: dict[float, list[torch.Tensor]] = {t: [] for t in temperatures if t != cfg.temperature}
 
     @torch.inference_mode()
     def __call__(self, t: Any, context: int) -> tuple[torch.Tensor, float]:
@@ -140,8 +161,10 @@ class KNNScorer:
                 valid &= self.store.docs[safe] != own
             if self.decontaminate:
                 valid &= ~self._contaminated(t, safe, valid)
-            lp_knn.append(target_log_probs(D, self.store.values[safe], valid, target_ids[s:s + self.query_block],
-                                           self.cfg.temperature))
+            vals, tgt = self.store.values[safe], target_ids[s:s + self.query_block]
+            lp_knn.append(target_log_probs(D, vals, valid, tgt, self.cfg.temperature))
+            for temp, acc in self.lp_knn_at.items():
+                acc.append(target_log_probs(D, vals, valid, tgt, temp))
             if log is not None:
                 self._log(log, t.first + s, safe, valid)
         lp_knn_doc = torch.cat(lp_knn)
@@ -153,12 +176,8 @@ class KNNScorer:
         """(nq, k) neighbours whose last N stored tokens (ending at their value) occur in the evaluated text."""
         n = self.decontaminate
         doc_hashes = _ngram_hashes(t.ids[t.first:].numpy()[None], n)[0] if t.n_targets >= n else np.zeros(0, np.uint64)
-        span = rows[..., None] + np.arange(-n + 1, 1)  # (nq, k, n) rows ending at each neighbour
-        inside = (span >= 0).all(-1)
-        span = np.clip(span, 0, None)
-        inside &= (self.store.docs[span] == self.store.docs[rows][..., None]).all(-1)
-        h = _ngram_hashes(self.store.values[span], n)[..., 0]  # (nq, k)
-        return valid & inside & np.isin(h, doc_hashes)
+        hashes, whole = store_ngram_hashes(self.store, n)
+        return valid & whole[rows] & np.isin(hashes[rows], doc_hashes)
 
     def _log(self, log: Any, first: int, rows: np.ndarray, valid: np.ndarray) -> None:
         """For each target from ``first`` on: the stored token windows of its best few valid neighbours."""

@@ -178,7 +178,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
 
     step, log_rows = 0, []
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, weights_only=False, map_location=device)
         if state["resume_key"] != cfg.resume_key():
             raise RalmError(f"--out {out}: holds a run with other settings; pass the same ones, or --force to "
                             "start over")
@@ -187,6 +187,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
         if step >= cfg.steps:
             raise RalmError(f"--out {out}: already trained for {step} steps; raise --steps to train further")
         print(f"resuming {out} at step {step}", file=sys.stderr)
+        _truncate_log(out / LOG, step)
     else:
         model = RetroFit(lm.model, cfg.retro)
     model.to(device)
@@ -321,6 +322,13 @@ def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: 
         cache = NeighbourCache.from_docs(expect, per_doc, r.neighbours, r.neighbour_len)
         cache.save(path)
     return [t.ids for t in targets], [cache.doc(i) for i in range(len(targets))]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows of steps after the checkpoint being resumed (they will be trained again)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
 
 
 def same_doc_docs(doc_ids: list[str], fraction: float, seed: int) -> set[str]:
