@@ -7,7 +7,7 @@ Claims measured, in one run:
 - peak RSS building the corpus at 8x size (copies with new ids) is <= 1.3 x the peak at 1x, i.e. memory is
   bounded by the shard, not the corpus.
 
-Each build runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own. Prints one JSON object.
+Each build runs in a fresh subprocess so its peak RSS (VmHWM) is its own. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,11 @@ import time
 from pathlib import Path
 
 DATA = Path(os.environ.get("RALM_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def _vm_hwm_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 
 
 def worker(corpus: str, out: str, shard_docs: int, raw: bool) -> dict:
@@ -37,8 +41,9 @@ def worker(corpus: str, out: str, shard_docs: int, raw: bool) -> dict:
     wall = time.perf_counter() - t0
     result = {"chunks": summary["chunks"], "documents": summary["documents"], "build_seconds": round(wall, 2),
               "build_chunks_per_s": round(summary["chunks"] / wall, 2), "encoder_dtype": None,
-              # peak of the build alone, before the raw-encoder timing below
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+              # peak of the build alone, before the raw-encoder timing below; VmHWM because Linux carries
+              # ru_maxrss across fork + exec (a child would report its parent's peak when that is higher)
+              "peak_rss_mb": round(_vm_hwm_kb() / 1024, 1)}
     if raw:
         texts = [t for p in sorted(Path(out, "chunks").glob("*.parquet"))
                  for t in pq.read_table(p, columns=["text"])["text"].to_pylist()]
