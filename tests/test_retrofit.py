@@ -116,6 +116,10 @@ def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, tra
         retrofit(train_cfg(setup, tiny_lm, out, steps=4), progress=False)
     with pytest.raises(RalmError, match="other settings"):
         retrofit(train_cfg(setup, tiny_lm, out, steps=6, lr=1e-3), progress=False)
+    state = torch.load(out / "trainer.pt", weights_only=False)
+    torch.save({**state, "model_fingerprint": "0" * 16}, out / "trainer.pt")
+    with pytest.raises(RalmError, match="other base-model weights"):
+        retrofit(train_cfg(setup, tiny_lm, out, steps=6), progress=False)
 
 
 def test_eval_lm_retro_off_and_untrained_equal_the_plain_lm(setup, tiny_lm, tmp_path, trained):

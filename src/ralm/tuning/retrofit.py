@@ -182,7 +182,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
         if state["resume_key"] != cfg.resume_key():
             raise RalmError(f"--out {out}: holds a run with other settings; pass the same ones, or --force to "
                             "start over")
-        model, _ = load_retrofit(out, lm.model, lm.tokenizer, cfg.model)
+        if state.get("model_fingerprint", model_fp) != model_fp:
+            raise RalmError(f"--out {out}: was trained on other base-model weights than {cfg.model!r} has now")
+        if "weights" in state:  # the weights saved with the optimiser state: both of the same step
+            model = RetroFit(lm.model, cfg.retro)
+            model.load_new_state_dict({k: v.cpu() for k, v in state["weights"].items()})
+        else:
+            model, _ = load_retrofit(out, lm.model, lm.tokenizer, cfg.model)
         step = state["step"]
         if step >= cfg.steps:
             raise RalmError(f"--out {out}: already trained for {step} steps; raise --steps to train further")
@@ -205,9 +211,15 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     off_loss = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=False) if eval_w else None
 
     def checkpoint() -> None:
+        from ralm.utils.atomic import atomic_path
+
+        # the resumption state is one atomic file (weights + optimiser of one step), written first; the
+        # user-facing checkpoint (new weights + config) follows
+        with atomic_path(state_path) as tmp:
+            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "weights": model.new_state_dict(), "model_fingerprint": model_fp,
+                        "resume_key": cfg.resume_key()}, tmp)
         save_checkpoint(out, model, {**meta, "step": step})
-        torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "resume_key": cfg.resume_key()}, state_path)
 
     def evaluate() -> dict[str, Any]:
         row: dict[str, Any] = {"step": step}
