@@ -251,7 +251,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tps:.0f}")
             bar.update(1)
             row = {"step": step, "loss": round(value, 4), "grad_norm": round(grad_norm, 4),
-                   "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1)}
+                   "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1),
+                   "elapsed_s": round(time.perf_counter() - t0, 2)}
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                 row.update(evaluate())
                 model.train()
