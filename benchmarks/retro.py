@@ -13,6 +13,8 @@ MiniLM keys; held-out articles 768-787). Stages, each cached in benchmarks/.cach
     with in-context RALM on the same articles for comparison;
   * clean setting: 4 held-out articles, exclusion + 32-gram decontamination; ON vs frozen (target: ON <=
     frozen), the leakage-bucket table, and in-context RALM for comparison.
+- random: the clean documents with random store chunks as neighbours (is the gain the retrieved content,
+  or did the new layers just adapt the model?).
 
 Why ``--same-doc-fraction`` (default 0.5 here, 0 in ``ralm retrofit``): copying from a neighbour is only
 learnt from neighbours worth copying. RETRO's trillions of web tokens hold countless near-duplicates across
@@ -115,9 +117,49 @@ def evaluation(paths: dict[str, Path]) -> dict:
     return res
 
 
+def random_neighbours(data: Path, seed: int = 0) -> dict:
+    """Diagnostic: the clean documents with neighbours drawn at random from the store instead of retrieved.
+
+    If the trained layers merely adapted the model (a soft prompt), random neighbours would give the same
+    gain; the gap between this and retrieval ON is what the retrieved content itself is worth.
+    """
+    import numpy as np
+    import torch
+
+    from ralm.data.corpus import CorpusConfig, iter_documents
+    from ralm.datastore.store import Datastore
+    from ralm.eval.lm import make_targets, summarize
+    from ralm.lm.retro import PAD
+    from ralm.lm.retro_checkpoint import load_retrofit
+    from ralm.lm.retro_scoring import retro_nll
+
+    lm = _lm()
+    model, _ = load_retrofit(CKPT, lm.model, lm.tokenizer, MODEL)
+    ds = Datastore.open(LM_CACHE / "ds")
+    rng = np.random.default_rng(seed)
+    K, R, m = model.cfg.neighbours, model.cfg.neighbour_len, model.cfg.chunk_size
+    nll, n_bytes, n = 0.0, 0, 0
+    try:
+        for doc in iter_documents([str(data)], CorpusConfig()):
+            t = make_targets(doc, lm.tokenizer)
+            nb = torch.full((len(t.ids) // m, K, R), PAD, dtype=torch.long)
+            for u in range(len(nb)):
+                for j, row in enumerate(rng.choice(len(ds), size=K, replace=False)):
+                    rec = ds.chunk(int(row))
+                    toks = (list(rec["tokens"]) + list(rec["continuation"]))[:R]
+                    nb[u, j, :len(toks)] = torch.tensor(toks)
+            x = retro_nll(model, t, CONTEXT, CONTEXT // 2, nb)
+            nll, n_bytes, n = nll + float(x.double().sum()), n_bytes + t.scored_bytes, n + len(x)
+    finally:
+        model.remove_hooks()
+    r = summarize(nll, n, n_bytes, 0.0)
+    log(f"retro with random neighbours: ppl {r['ppl']:.3f} bpb {r['bpb']:.4f}")
+    return {"ppl": r["ppl"], "bpb": r["bpb"], "tokens": n}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="train,eval", help="comma-separated: train, eval")
+    ap.add_argument("--stages", default="train,eval,random", help="comma-separated: train, eval, random")
     ap.add_argument("--fresh", action="store_true", help="rerun the stages (training resumes unless --force)")
     ap.add_argument("--steps", type=int, default=450)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -135,9 +177,10 @@ def main() -> None:
         if path.exists() and not args.fresh:
             out[name] = json.loads(path.read_text())
             continue
-        fn = {"train": lambda: train(paths, args), "eval": lambda: evaluation(paths)}.get(name)
+        fn = {"train": lambda: train(paths, args), "eval": lambda: evaluation(paths),
+              "random": lambda: random_neighbours(paths["test_small"])}.get(name)
         if fn is None:
-            sys.exit(f"--stages: unknown stage {name!r} (train, eval)")
+            sys.exit(f"--stages: unknown stage {name!r} (train, eval, random)")
         out[name] = fn()
         path.write_text(json.dumps(out[name], indent=2))
     print(json.dumps(out, indent=2))
