@@ -151,3 +151,17 @@ def test_a_bf16_base_model_works_with_float32_new_layers():
     with torch.no_grad():
         out = model(ids, neighbours=random_neighbours(0, 32, model.cfg)).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_relative_position_bias_lines_up_attending_tokens_with_neighbour_offsets():
+    model = RetroFit(tiny_base("llama"), small_cfg()).eval()
+    cca = next(iter(model.cca.values()))
+    with torch.no_grad():
+        cca.rel.copy_(torch.arange(cca.rel.shape[1], dtype=torch.float).expand_as(cca.rel))
+    b = cca._bias(2, 16)  # (h, m, K·R)
+    m = model.cfg.chunk_size
+    assert b.shape == (2, m, 32)
+    assert b[0, 3, 5] == 5 - 3 + m - 1 and torch.equal(b[:, :, :16], b[:, :, 16:])
+    old = RetroFit(tiny_base("llama"), small_cfg(relative_positions=False))
+    assert all(c.rel is None for c in old.cca.values())
+    assert old.parameter_counts()["new"] < model.parameter_counts()["new"]

@@ -46,6 +46,9 @@ class RetroConfig:
     cca_heads: int = field(default=4, metadata={"help": "chunked cross-attention heads"})
     ffn_mult: int = field(default=4, metadata={"help": "encoder feed-forward width / enc_dim"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the new layers while training"})
+    relative_positions: bool = field(default=True, metadata={
+        "help": "CCA adds a learned bias per (attending token, neighbour token) offset, as RETRO's relative "
+                "positions; it lets the model line a neighbour up with the text it continues"})
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
@@ -90,17 +93,21 @@ def window_chunks(offset: int, length: int, m: int) -> tuple[int, int, int]:
 
 # ---- building blocks ---------------------------------------------------------------------------------
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, key_ok: torch.Tensor | None,
-            dropout: float) -> torch.Tensor:
+            dropout: float, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-head attention: q (N, Lq, D), k/v (N, Lk, D), key_ok (N, Lk) bool or None -> (N, Lq, D).
 
-    A query whose keys are all masked would get NaN from softmax; its keys are unmasked here instead and
-    the caller zeroes what it produced.
+    ``bias`` (h, Lq, Lk) is added to the attention logits (relative positions). A query whose keys are all
+    masked would get NaN from softmax; its keys are unmasked here instead and the caller zeroes what it
+    produced.
     """
     N, Lq, D = q.shape
     split = lambda x: x.view(N, x.shape[1], heads, D // heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
     mask = None
     if key_ok is not None:
         mask = (key_ok | ~key_ok.any(-1, keepdim=True))[:, None, None, :]  # (N, 1, 1, Lk)
+    if bias is not None:
+        bias = bias.to(q.dtype)[None]  # (1, h, Lq, Lk)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, dropout_p=dropout)
     return out.transpose(1, 2).reshape(N, Lq, D)
 
@@ -117,10 +124,11 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.out.weight)
         self.heads, self.dropout = heads, dropout
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ok: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ok: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
         k, v = self.kv(self.norm_kv(ctx)).chunk(2, dim=-1)
         drop = self.dropout if self.training else 0.0
-        return self.out(_attend(self.q(self.norm_q(x)), k, v, self.heads, ctx_ok, drop))
+        return self.out(_attend(self.q(self.norm_q(x)), k, v, self.heads, ctx_ok, drop, bias))
 
 
 class EncoderLayer(nn.Module):
@@ -170,10 +178,22 @@ class ChunkedCrossAttention(nn.Module):
 
     def __init__(self, cfg: RetroConfig, d_model: int):
         super().__init__()
-        self.m = cfg.chunk_size
+        self.m, self.r = cfg.chunk_size, cfg.neighbour_len
         self.attn = CrossAttention(d_model, cfg.enc_dim, cfg.cca_dim, cfg.cca_heads, cfg.dropout, zero_out=True)
+        # RETRO's relative positions: one learned logit bias per head for every offset j - i between the
+        # i-th attending token and the j-th token of a neighbour (zero at start: uniform as without it)
+        self.rel = (nn.Parameter(torch.zeros(cfg.cca_heads, self.m + self.r - 1))
+                    if cfg.relative_positions else None)
 
-    def forward(self, h: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, first: int) -> torch.Tensor:
+    def _bias(self, K: int, R: int) -> torch.Tensor | None:
+        """(h, m, K·R) logit bias of every (attending token, neighbour token) pair."""
+        if self.rel is None:
+            return None
+        i, j = torch.arange(self.m)[:, None], torch.arange(R)[None, :]
+        b = self.rel[:, j - i + self.m - 1]  # (h, m, R)
+        return b.repeat(1, 1, K)  # the same offsets within each of the K neighbours
+
+    def forward(self, h: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, first: int, K: int) -> torch.Tensor:
         # h (B, L, d); enc (B, U, K·R, e); enc_ok (B, U, K·R); first: local start of the first whole chunk
         B, L, d = h.shape
         U, m = enc.shape[1], self.m
@@ -183,7 +203,8 @@ class ChunkedCrossAttention(nn.Module):
         att = h[:, s:s + U * m]  # (B, <=U·m, d)
         n = att.shape[1]
         att = F.pad(att, (0, 0, 0, U * m - n)).reshape(B * U, m, d)  # (B·U, m, d)
-        out = self.attn(att, enc.reshape(B * U, *enc.shape[2:]), enc_ok.reshape(B * U, -1))
+        bias = self._bias(K, enc.shape[2] // K)
+        out = self.attn(att, enc.reshape(B * U, *enc.shape[2:]), enc_ok.reshape(B * U, -1), bias)
         out = out * enc_ok.any(-1).reshape(B * U, 1, 1)  # chunks without any neighbour read nothing
         out = out.reshape(B, U * m, d)[:, :n]
         return F.pad(out, (0, 0, s, L - s - n))  # (B, L, d)
@@ -263,7 +284,7 @@ class RetroFit(nn.Module):
             x = h.to(self.encoder.proj.weight.dtype)  # the new layers may hold another dtype than the base
             if p.encoded is None:  # the first CCA layer encodes the neighbours from its own activations
                 p.encoded, p.encoded_ok = self._encode(p, x)
-            h = h + self.cca[name](x, p.encoded, p.encoded_ok, p.first).to(h.dtype)
+            h = h + self.cca[name](x, p.encoded, p.encoded_ok, p.first, p.neighbours.shape[2]).to(h.dtype)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 

@@ -66,7 +66,8 @@ def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | 
     if tok_fp != meta.get("tokenizer_fingerprint"):
         raise IncompatibleError(f"--checkpoint {path}: trained with tokenizer {meta.get('tokenizer_fingerprint')}, "
                                 f"not {tok_fp}")
-    model = RetroFit(base, RetroConfig(**meta["retro"]))
+    # checkpoints from before relative positions existed have none
+    model = RetroFit(base, RetroConfig(**{"relative_positions": False, **meta["retro"]}))
     try:
         state = load_file(str(Path(path) / WEIGHTS))
     except (SafetensorError, OSError) as e:
