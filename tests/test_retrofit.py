@@ -167,6 +167,13 @@ def test_chunk_size_mismatch_with_the_store(setup, tiny_lm, tmp_path):
                            seq_len=64), progress=False)
 
 
+def test_a_precomputed_neighbours_cache_serves_a_new_run(setup, tiny_lm, tmp_path, trained):
+    summary = retrofit(train_cfg(setup, tiny_lm, tmp_path / "new" / "run", steps=1,
+                                 neighbours=str(trained[0] / "neighbours")), progress=False)
+    assert summary["steps"] == 1 and (tmp_path / "new" / "run" / "retro.json").exists()
+    assert not (tmp_path / "new" / "run" / "neighbours").exists()  # read from the given cache
+
+
 def test_missing_neighbours_cache(setup, tiny_lm, tmp_path):
     with pytest.raises(RalmError, match="missing neighbours cache"):
         retrofit(train_cfg(setup, tiny_lm, tmp_path / "o", neighbours=str(tmp_path / "nowhere")), progress=False)

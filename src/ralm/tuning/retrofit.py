@@ -162,6 +162,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
         _clear(out)
     elif out.exists() and any(out.iterdir()) and not state_path.exists() and not (out / "neighbours").exists():
         raise RalmError(f"--out {out}: exists and is not a RETRO-fit run; choose another folder or pass --force")
+    out.mkdir(parents=True, exist_ok=True)  # with --neighbours nothing else creates it
     lm = load(cfg.model)
     model_fp, tok_fp = model_fingerprint(lm.model), tokenizer_fingerprint(lm.tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
