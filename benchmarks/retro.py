@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm import CACHE as LM_CACHE  # noqa: E402  (benchmarks/lm.py: shared data and store)
-from lm import CONTEXT, MODEL, prepare, retrieval_store  # noqa: E402
+from lm import CONTEXT, MODEL, _lm, prepare, retrieval_store  # noqa: E402
 
 CACHE = LM_CACHE.parent / "retro"
 CKPT = CACHE / "ckpt"
@@ -74,18 +74,6 @@ def evaluate(method: str, data: Path, **kw) -> dict:
     keep = ("ppl", "bpb", "tokens", "bytes", "tokens_per_second", "retrieval_share", "leakage")
     log(f"{method} {kw.get('retrieval', '')}: ppl {r['ppl']:.3f} bpb {r['bpb']:.4f} {r['tokens_per_second']} tok/s")
     return {k: r[k] for k in keep if k in r}
-
-
-_LOADED = None
-
-
-def _lm():
-    global _LOADED
-    if _LOADED is None:
-        from ralm.lm.models import load
-
-        _LOADED = load(MODEL)
-    return _LOADED
 
 
 def evaluation(paths: dict[str, Path]) -> dict:

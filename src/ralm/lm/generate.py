@@ -62,7 +62,7 @@ def generate(model: Any, tokenizer: Any, prompt: str, cfg: GenerateConfig, ds: A
     ``retro``: a ``RetroFit`` model (method retro; ``model`` is then its base); ``ds``: the retrieval store.
     """
     from ralm.lm.in_context import block_input
-    from ralm.lm.retro import PAD
+    from ralm.lm.retro import PAD, pad_neighbours
     from ralm.lm.retro_neighbours import window_neighbours
 
     if cfg.method != "none" and ds is None:
@@ -89,11 +89,8 @@ def generate(model: Any, tokenizer: Any, prompt: str, cfg: GenerateConfig, ds: A
                 u = len(chunk_nb)
                 text = tokenizer.decode([i for i in ids[u * m:(u + 1) * m] if i not in special])
                 hits = _hits(ds, text, retro.cfg.neighbours)
-                nb = torch.full((retro.cfg.neighbours, retro.cfg.neighbour_len), PAD, dtype=torch.long)
-                for j, h in enumerate(hits):
-                    toks = h["tokens"][: retro.cfg.neighbour_len]
-                    nb[j, : len(toks)] = torch.tensor(toks)
-                chunk_nb.append(nb)
+                chunk_nb.append(pad_neighbours([[h["tokens"] for h in hits]], retro.cfg.neighbours,
+                                               retro.cfg.neighbour_len)[0])
                 retrievals.append({"position": (u + 1) * m, "query": text,
                                    "neighbours": [{k: v for k, v in h.items() if k != "tokens"} for h in hits]})
             begin = max(0, n - cfg.context)

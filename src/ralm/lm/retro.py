@@ -18,9 +18,8 @@ positions before the first attending chunk read nothing, exactly as the first m 
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -321,10 +320,6 @@ class RetroFit(nn.Module):
             return self.base(input_ids=input_ids, **kwargs)
 
 
-def describe(cfg: RetroConfig) -> dict[str, Any]:
-    return asdict(cfg)
-
-
 def pad_neighbours(seqs: list[list[list[int]]], k: int, r: int) -> torch.Tensor:
     """(U, K, R) tensor from per-chunk lists of neighbour token lists (fewer than K or shorter than R: PAD)."""
     out = torch.full((len(seqs), k, r), PAD, dtype=torch.long)
@@ -334,6 +329,3 @@ def pad_neighbours(seqs: list[list[list[int]]], k: int, r: int) -> torch.Tensor:
             out[u, j, :len(toks)] = torch.tensor(toks, dtype=torch.long)
     return out
 
-
-def n_chunks(n_tokens: int, m: int) -> int:
-    return math.ceil(n_tokens / m)

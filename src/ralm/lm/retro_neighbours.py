@@ -23,7 +23,7 @@ import torch
 
 from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.lm import Targets
-from ralm.lm.retro import PAD, RetroConfig
+from ralm.lm.retro import PAD, RetroConfig, pad_neighbours
 
 CACHE_VERSION = 1
 
@@ -70,12 +70,8 @@ def document_neighbours(ds: Any, tokenizer: Any, targets: list[Targets], cfg: Re
     for t in tqdm(targets, desc="neighbours", unit="doc", disable=not progress):
         queries = chunk_queries(t, tokenizer, cfg.chunk_size)
         found = retrieve(queries, t.doc_id) if queries else []
-        arr = torch.full((len(queries), cfg.neighbours, cfg.neighbour_len), PAD, dtype=torch.long)
-        for u, passages in enumerate(found):
-            for j, p in enumerate(passages[: cfg.neighbours]):
-                toks = p.tokens[: cfg.neighbour_len]
-                arr[u, j, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-        out.append(arr)
+        out.append(pad_neighbours([[p.tokens for p in passages] for passages in found], cfg.neighbours,
+                                  cfg.neighbour_len))
     return out
 
 
