@@ -154,14 +154,52 @@ def test_a_bf16_base_model_works_with_float32_new_layers():
 
 
 def test_relative_position_bias_lines_up_attending_tokens_with_neighbour_offsets():
-    model = RetroFit(tiny_base("llama"), small_cfg()).eval()
+    model = RetroFit(tiny_base("llama"), small_cfg(rel_init=2.0)).eval()
     cca = next(iter(model.cca.values()))
+    m = model.cfg.chunk_size
+    start = cca._bias(1, 16)[0]  # (m, R): attention starts on the continuation aligned with each token
+    for i in range(m):
+        assert [j for j in range(16) if start[i, j] == 2.0] == [j for j in (m + i - 1, m + i, m + i + 1) if j < 16]
     with torch.no_grad():
         cca.rel.copy_(torch.arange(cca.rel.shape[1], dtype=torch.float).expand_as(cca.rel))
     b = cca._bias(2, 16)  # (h, m, K·R)
-    m = model.cfg.chunk_size
     assert b.shape == (2, m, 32)
     assert b[0, 3, 5] == 5 - 3 + m - 1 and torch.equal(b[:, :, :16], b[:, :, 16:])
     old = RetroFit(tiny_base("llama"), small_cfg(relative_positions=False))
     assert all(c.rel is None for c in old.cca.values())
     assert old.parameter_counts()["new"] < model.parameter_counts()["new"]
+
+
+def test_training_learns_to_copy_the_continuation_from_a_neighbour():
+    """Random tokens are unpredictable, except that each chunk's neighbour holds the chunk and its
+    continuation: a correctly wired RETRO-fit (chunk alignment, gradients through encoder and CCA) learns to
+    copy it, and shuffled neighbours are worth nothing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    v, m, L = 64, 8, 64
+    # a larger init than the default lets the tiny LM's tied head express confident predictions at all
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                        tie_word_embeddings=True)).eval()
+    model = RetroFit(base, RetroConfig(chunk_size=m, neighbour_len=2 * m, neighbours=1, enc_dim=64, enc_layers=1,
+                                       cca_dim=64, cca_layers=[1, 3]))
+    opt = torch.optim.AdamW(list(model.new_parameters().values()), lr=3e-3)
+
+    def loss(ids, nb):  # over the attending chunks, the only positions neighbours may help
+        logits = model(ids[:, :L], neighbours=nb, offset=0).logits
+        return torch.nn.functional.cross_entropy(logits[:, m - 1:-1].flatten(0, 1), ids[:, m:L].flatten())
+
+    def batch(b=16):
+        ids = torch.randint(0, v, (b, L + m))
+        return ids, torch.stack([ids[:, u * m:(u + 2) * m] for u in range(L // m)], 1)[:, :, None]  # (b, U, 1, 2m)
+
+    for _ in range(350):
+        ids, nb = batch()
+        opt.zero_grad()
+        loss(ids, nb).backward()
+        opt.step()
+    ids, nb = batch(32)
+    with torch.no_grad():
+        copied, shuffled = loss(ids, nb).item(), loss(ids, nb[torch.randperm(32)]).item()
+    assert copied < 0.5 < 3.5 < shuffled  # uniform guessing: ln 64 = 4.16

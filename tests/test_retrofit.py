@@ -161,6 +161,17 @@ def test_checkpoint_for_another_base_model_is_refused(trained, tiny_lm, tmp_path
         load_retrofit(trained[0], other, AutoTokenizer.from_pretrained(tiny_lm))
 
 
+def test_checkpoint_of_another_format_version_is_refused(trained, tiny_lm, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(trained[0], old, ignore=shutil.ignore_patterns("neighbours", "trainer.pt"))
+    meta = json.loads((old / "retro.json").read_text())
+    (old / "retro.json").write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(IncompatibleError, match="checkpoint format 1.*retrain"):
+        load_retrofit(old, AutoModelForCausalLM.from_pretrained(tiny_lm), AutoTokenizer.from_pretrained(tiny_lm))
+
+
 def test_chunk_size_mismatch_with_the_store(setup, tiny_lm, tmp_path):
     with pytest.raises(IncompatibleError, match="16-token chunks.*chunk size is 8"):
         retrofit(train_cfg(setup, tiny_lm, tmp_path / "o", retro=small_retro(chunk_size=8, neighbour_len=16),

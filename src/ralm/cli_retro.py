@@ -31,6 +31,9 @@ def retrofit(
     enc_dim: Annotated[int, typer.Option(help="retrieval encoder width")] = 256,
     enc_layers: Annotated[int, typer.Option(help="retrieval encoder depth")] = 2,
     cca_dim: Annotated[int, typer.Option(help="inner width of each CCA")] = 256,
+    rel_init: Annotated[float, typer.Option(help="starting CCA relative-position bias on the offsets where a "
+                                                 "neighbour's continuation lines up with the predicted text "
+                                                 "(0: uniform attention at start)")] = 5.0,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: where supported)")] = None,
     neighbours_cache: Annotated[str | None, typer.Option("--neighbours-cache", help="read this precomputed "
                                                          "neighbours cache instead of computing OUT/neighbours")] = None,
@@ -52,7 +55,8 @@ def retrofit(
         fail(RalmError(f"--cca-layers {cca_layers!r}: expected comma-separated integers"))
     try:
         retro = RetroConfig(chunk_size=chunk_size, neighbours=neighbours, neighbour_len=2 * chunk_size,
-                            cca_layers=layers, enc_dim=enc_dim, enc_layers=enc_layers, cca_dim=cca_dim)
+                            cca_layers=layers, enc_dim=enc_dim, enc_layers=enc_layers, cca_dim=cca_dim,
+                            rel_init=rel_init)
         cfg = RetrofitConfig(datastore=datastore, train=list(train), out=out, model=model, eval=list(eval_docs or []) or None,
                              retro=retro, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                              eval_every=eval_every, save_every=save_every, bf16=bf16, neighbours=neighbours_cache,

@@ -16,6 +16,9 @@ from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.retro import RetroConfig, RetroFit
 
 WEIGHTS, CONFIG = "retro.safetensors", "retro.json"
+# 2: zero-initialised encoder branches and CCA outputs in units of the residual stream's RMS; a version-1
+# checkpoint's weights mean something else under this code, so it is refused rather than misread
+VERSION = 2
 
 
 def save_checkpoint(path: str | Path, model: RetroFit, meta: dict[str, Any]) -> None:
@@ -30,7 +33,7 @@ def save_checkpoint(path: str | Path, model: RetroFit, meta: dict[str, Any]) -> 
     root.mkdir(parents=True, exist_ok=True)
     with atomic_path(root / WEIGHTS) as tmp:
         save_file(model.new_state_dict(), str(tmp))
-    write_json(root / CONFIG, {"format": "ralm-retrofit", "version": 1, "retro": asdict(model.cfg), **meta})
+    write_json(root / CONFIG, {"format": "ralm-retrofit", "version": VERSION, "retro": asdict(model.cfg), **meta})
 
 
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
@@ -46,6 +49,9 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
         raise RalmError(f"{cfg}: corrupt checkpoint config ({e})") from None
     if meta.get("format") != "ralm-retrofit":
         raise RalmError(f"{cfg}: not a RETRO-fit checkpoint config")
+    if meta.get("version") != VERSION:
+        raise IncompatibleError(f"--checkpoint {root}: written by another ralm version (checkpoint format "
+                                f"{meta.get('version')}, this one reads {VERSION}); retrain it with `ralm retrofit`")
     return meta
 
 
@@ -66,8 +72,7 @@ def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | 
     if tok_fp != meta.get("tokenizer_fingerprint"):
         raise IncompatibleError(f"--checkpoint {path}: trained with tokenizer {meta.get('tokenizer_fingerprint')}, "
                                 f"not {tok_fp}")
-    # checkpoints from before relative positions existed have none
-    model = RetroFit(base, RetroConfig(**{"relative_positions": False, **meta["retro"]}))
+    model = RetroFit(base, RetroConfig(**meta["retro"]))
     try:
         state = load_file(str(Path(path) / WEIGHTS))
     except (SafetensorError, OSError) as e:

@@ -78,7 +78,10 @@ class RetrofitConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (steps may grow)."""
-        return json.loads(json.dumps({"model": self.model, "retro": asdict(self.retro), "batch_size": self.batch_size,
+        from ralm.lm.retro_checkpoint import VERSION
+
+        return json.loads(json.dumps({"model": self.model, "format": VERSION, "retro": asdict(self.retro),
+                                      "batch_size": self.batch_size,
                                       "seq_len": self.seq_len, "lr": self.lr, "warmup": self.warmup,
                                       "weight_decay": self.weight_decay, "seed": self.seed,
                                       "exclude_same_doc": self.exclude_same_doc,
