@@ -15,8 +15,8 @@ MiniLM keys; held-out articles 768-787). Stages, each cached in benchmarks/.cach
     with in-context RALM on the same articles for comparison;
   * clean setting: 4 held-out articles, exclusion + 32-gram decontamination; ON vs frozen (target: ON <=
     frozen), the leakage-bucket table, and in-context RALM for comparison.
-- random: the clean documents with random store chunks as neighbours (is the gain the retrieved content,
-  or did the new layers just adapt the model?).
+- random: the clean and the leakage documents with random store chunks as neighbours (is the gain the
+  retrieved content, or did the new layers just adapt the model?).
 
 Why ``--same-doc-fraction`` (default 0.5 here, 0 in ``ralm retrofit``): copying from a neighbour is only
 learnt from neighbours worth copying. RETRO's trillions of web tokens hold countless near-duplicates across
@@ -170,7 +170,8 @@ def main() -> None:
             out[name] = json.loads(path.read_text())
             continue
         fn = {"train": lambda: train(paths, args), "eval": lambda: evaluation(paths),
-              "random": lambda: random_neighbours(paths["test_small"])}.get(name)
+              "random": lambda: {"clean": random_neighbours(paths["test_small"]),
+                                 "leak": random_neighbours(paths["leak"])}}.get(name)
         if fn is None:
             sys.exit(f"--stages: unknown stage {name!r} (train, eval, random)")
         out[name] = fn()
