@@ -109,18 +109,17 @@ def evaluation(paths: dict[str, Path]) -> dict:
 
 
 def random_neighbours(data: Path, seed: int = 0) -> dict:
-    """Diagnostic: the clean documents with neighbours drawn at random from the store instead of retrieved.
+    """Diagnostic: the documents of ``data`` with neighbours drawn at random from the store, not retrieved.
 
     If the trained layers merely adapted the model (a soft prompt), random neighbours would give the same
     gain; the gap between this and retrieval ON is what the retrieved content itself is worth.
     """
     import numpy as np
-    import torch
 
     from ralm.data.corpus import CorpusConfig, iter_documents
     from ralm.datastore.store import Datastore
     from ralm.eval.lm import make_targets, summarize
-    from ralm.lm.retro import PAD
+    from ralm.lm.retro import pad_neighbours
     from ralm.lm.retro_checkpoint import load_retrofit
     from ralm.lm.retro_scoring import retro_nll
 
@@ -133,12 +132,9 @@ def random_neighbours(data: Path, seed: int = 0) -> dict:
     try:
         for doc in iter_documents([str(data)], CorpusConfig()):
             t = make_targets(doc, lm.tokenizer)
-            nb = torch.full((len(t.ids) // m, K, R), PAD, dtype=torch.long)
-            for u in range(len(nb)):
-                for j, row in enumerate(rng.choice(len(ds), size=K, replace=False)):
-                    rec = ds.chunk(int(row))
-                    toks = (list(rec["tokens"]) + list(rec["continuation"]))[:R]
-                    nb[u, j, :len(toks)] = torch.tensor(toks)
+            drawn = [[ds.chunk(int(row)) for row in rng.choice(len(ds), size=K, replace=False)]
+                     for _ in range(len(t.ids) // m)]
+            nb = pad_neighbours([[list(c["tokens"]) + list(c["continuation"]) for c in chunk] for chunk in drawn], K, R)
             x = retro_nll(model, t, CONTEXT, CONTEXT // 2, nb)
             nll, n_bytes, n = nll + float(x.double().sum()), n_bytes + t.scored_bytes, n + len(x)
     finally:

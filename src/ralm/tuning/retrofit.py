@@ -26,6 +26,7 @@ import torch
 from ralm.errors import RalmError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.lm.retro import PAD, RetroConfig, RetroFit
+from ralm.lm.retro_checkpoint import VERSION
 
 TRAINER_STATE, LOG = "trainer.pt", "train_log.jsonl"
 
@@ -78,8 +79,6 @@ class RetrofitConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (steps may grow)."""
-        from ralm.lm.retro_checkpoint import VERSION
-
         return json.loads(json.dumps({"model": self.model, "format": VERSION, "retro": asdict(self.retro),
                                       "batch_size": self.batch_size,
                                       "seq_len": self.seq_len, "lr": self.lr, "warmup": self.warmup,
