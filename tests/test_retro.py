@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ralm.errors import RalmError
-from ralm.lm.retro import PAD, RetroConfig, RetroFit, default_cca_layers, window_chunks
+from ralm.lm.retro import PAD, RetroConfig, RetroFit, default_cca_layers, trigram_match, window_chunks
 
 V = 97
 
@@ -106,6 +106,39 @@ def test_chunks_without_neighbours_read_nothing():
     nb = torch.full((2, 4, 2, 16), PAD)
     with torch.no_grad():
         assert torch.equal(model(ids, neighbours=nb).logits, model(ids).logits)
+
+
+def test_trigram_match_is_the_share_of_chunk_trigrams_in_the_best_neighbour():
+    chunk = torch.arange(10, 18)[None, None]  # (1, 1, 8): 6 trigrams
+    shifted = torch.cat([torch.tensor([5]), torch.arange(10, 25)])  # the chunk one token later, + continuation
+    half = torch.cat([torch.arange(10, 15), torch.full((11,), 50)])  # the first 3 of its trigrams
+    pads = torch.full((16,), PAD)
+    pads[:2] = torch.tensor([10, 11])  # a PAD never completes a trigram
+    nb = torch.stack([half, pads])[None, None]  # (1, 1, K=2, 16)
+    assert trigram_match(chunk, nb).item() == pytest.approx(0.5)
+    assert trigram_match(chunk, torch.stack([pads, shifted])[None, None]).item() == 1.0  # the best of K
+    assert trigram_match(chunk, torch.randint(60, 90, (1, 1, 2, 16))).item() == 0.0
+
+
+def test_match_gate_all_but_closes_on_unrelated_neighbours_and_opens_on_copies():
+    m, L = 8, 32
+    ids = torch.randint(0, 50, (2, L), generator=torch.Generator().manual_seed(0))
+    U = L // m
+    copies = torch.stack([ids[:, u * m:(u + 2) * m] for u in range(U - 1)], 1)  # chunk + continuation
+    copies = torch.cat([copies, torch.full((2, 1, 16), PAD)], 1)[:, :, None].expand(2, U, 2, 16)
+    unrelated = torch.randint(50, V, (2, U, 2, 16), generator=torch.Generator().manual_seed(1))
+    effect = {}
+    for gate in (True, False):
+        model = RetroFit(tiny_base("llama"), small_cfg(match_gate=gate, cca_layers=[3])).eval()
+        _scramble(model)
+        if gate:
+            model.cca["3"].gate.data = torch.tensor([1.0, -0.5])  # as initialised
+        with torch.no_grad():
+            ref = model(ids).logits
+            effect[gate] = {name: (model(ids, neighbours=nb).logits - ref).abs().mean().item()
+                            for name, nb in (("copies", copies), ("unrelated", unrelated))}
+    assert effect[True]["unrelated"] < 0.05 * effect[False]["unrelated"]  # sigmoid(-5): 0.7% open
+    assert effect[True]["copies"] > 0.8 * effect[False]["copies"]  # sigmoid(5): 99.3% open
 
 
 def test_window_chunks():

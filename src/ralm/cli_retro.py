@@ -34,6 +34,9 @@ def retrofit(
     rel_init: Annotated[float, typer.Option(help="starting CCA relative-position bias on the offsets where a "
                                                  "neighbour's continuation lines up with the predicted text "
                                                  "(0: uniform attention at start)")] = 5.0,
+    match_gate: Annotated[bool, typer.Option("--match-gate/--no-match-gate", help="scale each chunk's CCA output by "
+                                             "a learned gate on the share of its trigrams its best neighbour "
+                                             "holds")] = True,
     bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="bf16 autocast (default: where supported)")] = None,
     neighbours_cache: Annotated[str | None, typer.Option("--neighbours-cache", help="read this precomputed "
                                                          "neighbours cache instead of computing OUT/neighbours")] = None,
@@ -56,7 +59,7 @@ def retrofit(
     try:
         retro = RetroConfig(chunk_size=chunk_size, neighbours=neighbours, neighbour_len=2 * chunk_size,
                             cca_layers=layers, enc_dim=enc_dim, enc_layers=enc_layers, cca_dim=cca_dim,
-                            rel_init=rel_init)
+                            rel_init=rel_init, match_gate=match_gate)
         cfg = RetrofitConfig(datastore=datastore, train=list(train), out=out, model=model, eval=list(eval_docs or []) or None,
                              retro=retro, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup,
                              eval_every=eval_every, save_every=save_every, bf16=bf16, neighbours=neighbours_cache,

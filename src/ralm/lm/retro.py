@@ -8,6 +8,11 @@ so only the encoder and the CCA layers train. Every CCA output projection starts
 untrained RETRO-fit model give the frozen model's logits bit for bit, and a forward pass without neighbours
 skips the hooks altogether (retrieval OFF is the frozen model, always).
 
+One addition to the paper (``RetroConfig.match_gate``): each chunk's CCA output is scaled by a learned gate
+on how much of the chunk its best neighbour contains (``trigram_match``). RETRO trained from scratch on
+trillions of tokens learns when a neighbour is worth reading; fitted in an hour onto a frozen LM, the CCA
+otherwise copies whatever its neighbours hold, and unrelated neighbours then cost perplexity.
+
 Chunk geometry (chunk size m). Chunks sit on a grid of *absolute* positions in the document: chunk u holds
 positions [u·m, (u+1)·m). The neighbours of chunk u were retrieved with chunk u's text, so only positions
 from its last token on may read them: the *attending chunk* of u is [u·m + m − 1, (u+1)·m + m − 2].
@@ -29,6 +34,7 @@ from torch import nn
 from ralm.errors import RalmError
 
 PAD = -1  # neighbour token padding (short neighbours, missing neighbours)
+GATE_SCALE = 10.0  # match gate logit multiplier (see ChunkedCrossAttention)
 
 
 @dataclass
@@ -53,6 +59,10 @@ class RetroConfig:
                 "continuation lines up with the text being predicted: attention starts on the aligned tokens, "
                 "so copying from a near-duplicate is learnt in tens of steps instead of thousands (Adam moves a "
                 "bias by about lr per step); 0 starts uniform"})
+    match_gate: bool = field(default=True, metadata={
+        "help": "scale each chunk's CCA output by a learned gate on its match: the share of the chunk's token "
+                "trigrams found in its best neighbour. It starts half open at a share of 0.5, so the new "
+                "layers read a neighbour worth copying and leave unrelated ones (nearly) alone"})
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
@@ -93,6 +103,23 @@ def window_chunks(offset: int, length: int, m: int) -> tuple[int, int, int]:
     absolute index of that chunk, number of whole chunks)."""
     o = (-offset) % m
     return o, (offset + o) // m, max(0, (length - o) // m)
+
+
+def trigram_match(chunks: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+    """Share of each chunk's token trigrams found anywhere in its best neighbour.
+
+    chunks (B, U, m) token ids; neighbours (B, U, K, R) token ids, PAD where absent -> (B, U) in [0, 1].
+    A bag of trigrams: it ignores where the match sits, so a shift of the grid (BOS) leaves it unchanged.
+    """
+    def grams(x: torch.Tensor) -> torch.Tensor:  # (..., n) -> (..., n-2) trigram hashes, -1 if any is PAD
+        h = (x[..., :-2] << 40) | (x[..., 1:-1] << 20) | x[..., 2:]  # ids < 2^20 (Gemma 3: 262,144)
+        return h.masked_fill((x[..., :-2] < 0) | (x[..., 1:-1] < 0) | (x[..., 2:] < 0), -1)
+
+    c, n = grams(chunks), grams(neighbours)  # (B, U, m-2), (B, U, K, R-2)
+    if c.shape[-1] == 0 or n.shape[-1] == 0:
+        return chunks.new_zeros(chunks.shape[:2], dtype=torch.float)
+    hit = ((c[:, :, :, None, None] == n[:, :, None]) & (n[:, :, None] >= 0)).any(-1)  # (B, U, m-2, K)
+    return hit.float().mean(2).amax(-1)
 
 
 # ---- building blocks ---------------------------------------------------------------------------------
@@ -200,6 +227,9 @@ class ChunkedCrossAttention(nn.Module):
             rel = torch.zeros(cfg.cca_heads, self.m + self.r - 1)  # index j - i + m - 1
             rel[:, 2 * self.m - 2:2 * self.m + 1] = cfg.rel_init  # j - i in {m-1, m, m+1} (±1: a BOS shift)
             self.rel = nn.Parameter(rel)
+        # gate = sigmoid(GATE_SCALE · (w · match + c)): half open at a match of 0.5, ~0.7% open at 0, ~99.3%
+        # at 1. The scale lets Adam (steps of about lr) move the logit by ~10·lr per step, not lr.
+        self.gate = nn.Parameter(torch.tensor([1.0, -0.5])) if cfg.match_gate else None
 
     def _bias(self, K: int, R: int) -> torch.Tensor | None:
         """(h, m, K·R) logit bias of every (attending token, neighbour token) pair."""
@@ -209,8 +239,10 @@ class ChunkedCrossAttention(nn.Module):
         b = self.rel[:, j - i + self.m - 1]  # (h, m, R)
         return b.repeat(1, 1, K)  # the same offsets within each of the K neighbours
 
-    def forward(self, h: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, first: int, K: int) -> torch.Tensor:
-        # h (B, L, d); enc (B, U, K·R, e); enc_ok (B, U, K·R); first: local start of the first whole chunk
+    def forward(self, h: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, first: int, K: int,
+                match: torch.Tensor | None = None) -> torch.Tensor:
+        # h (B, L, d); enc (B, U, K·R, e); enc_ok (B, U, K·R); first: local start of the first whole chunk;
+        # match (B, U): trigram_match of each chunk and its neighbours (needed with the match gate)
         B, L, d = h.shape
         U, m = enc.shape[1], self.m
         s = first + m - 1  # the first attending chunk starts at the last token of the first chunk
@@ -225,6 +257,11 @@ class ChunkedCrossAttention(nn.Module):
         # after layer 30), and a fixed-scale output would need a different learning rate at every layer
         out = out * att.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
         out = out * enc_ok.any(-1).reshape(B * U, 1, 1)  # chunks without any neighbour read nothing
+        if self.gate is not None:
+            if match is None:
+                raise ValueError("a CCA layer with a match gate needs each chunk's match")
+            w, c = self.gate.unbind()
+            out = out * torch.sigmoid(GATE_SCALE * (w * match + c)).reshape(B * U, 1, 1).to(out.dtype)
         out = out.reshape(B, U * m, d)[:, :n]
         return F.pad(out, (0, 0, s, L - s - n))  # (B, L, d)
 
@@ -236,6 +273,7 @@ class _Pass:
 
     neighbours: torch.Tensor  # (B, U, K, R) token ids, PAD where absent
     first: int  # local start of the first whole chunk
+    match: torch.Tensor  # (B, U) trigram_match of each whole chunk of the window with its neighbours
     encoded: torch.Tensor | None = None  # (B, U, K·R, e)
     encoded_ok: torch.Tensor | None = None  # (B, U, K·R)
 
@@ -303,7 +341,8 @@ class RetroFit(nn.Module):
             x = h.to(self.encoder.pos.dtype)  # the new layers may hold another dtype than the base
             if p.encoded is None:  # the first CCA layer encodes the neighbours from its own activations
                 p.encoded, p.encoded_ok = self._encode(p, x)
-            h = h + self.cca[name](x, p.encoded, p.encoded_ok, p.first, p.neighbours.shape[2]).to(h.dtype)
+            out = self.cca[name](x, p.encoded, p.encoded_ok, p.first, p.neighbours.shape[2], p.match)
+            h = h + out.to(h.dtype)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 
@@ -336,7 +375,9 @@ class RetroFit(nn.Module):
                             f"<={self.cfg.neighbour_len}) for a {L}-token window at offset {offset}")
         if U == 0:
             return self.base(input_ids=input_ids, **kwargs)
-        with self._with(_Pass(neighbours.to(input_ids.device), first)):
+        neighbours = neighbours.to(input_ids.device)
+        match = trigram_match(input_ids[:, first:first + U * self.cfg.chunk_size].reshape(B, U, -1), neighbours)
+        with self._with(_Pass(neighbours, first, match)):
             return self.base(input_ids=input_ids, **kwargs)
 
 

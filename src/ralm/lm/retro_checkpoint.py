@@ -18,7 +18,8 @@ from ralm.lm.retro import RetroConfig, RetroFit
 WEIGHTS, CONFIG = "retro.safetensors", "retro.json"
 # 2: zero-initialised encoder branches and CCA outputs in units of the residual stream's RMS; a version-1
 # checkpoint's weights mean something else under this code, so it is refused rather than misread
-VERSION = 2
+# 3: the match gate (RetroConfig.match_gate) and no weight decay on 1-d parameters or relative biases
+VERSION = 3
 
 
 def save_checkpoint(path: str | Path, model: RetroFit, meta: dict[str, Any]) -> None:

@@ -200,8 +200,13 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     else:
         model = RetroFit(lm.model, cfg.retro)
     model.to(device)
-    params = [p for p in model.new_parameters().values()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # weight decay on the matrices only: decaying a norm, a bias, the match gate or the relative-position
+    # biases would pull each toward a value that means something (uniform attention, a half-open gate)
+    params = model.new_parameters()
+    decayed = {n for n, p in params.items() if p.ndim >= 2 and not n.endswith(".rel")}
+    decay, rest = [params[n] for n in params if n in decayed], [params[n] for n in params if n not in decayed]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
     if step:
         opt.load_state_dict(state["optimizer"])
@@ -243,7 +248,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
             loss = batch_loss(model, inp, labels, nb, bf16)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip))
             opt.step()
             sched.step()
             step += 1
