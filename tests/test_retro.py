@@ -120,25 +120,35 @@ def test_trigram_match_is_the_share_of_chunk_trigrams_in_the_best_neighbour():
     assert trigram_match(chunk, torch.randint(60, 90, (1, 1, 2, 16))).item() == 0.0
 
 
-def test_match_gate_all_but_closes_on_unrelated_neighbours_and_opens_on_copies():
+@pytest.mark.parametrize(("gate", "unrelated", "copies"), [((0.0, 0.1), (0.85, 1.1), (0.85, 1.1)),  # as initialised
+                                                          ((0.4, -0.2), (0.0, 0.01), (0.9, 1.1))])  # learnt
+def test_match_gate_scales_the_cca_output_by_how_well_the_neighbours_match(gate, unrelated, copies):
     m, L = 8, 32
     ids = torch.randint(0, 50, (2, L), generator=torch.Generator().manual_seed(0))
     U = L // m
-    copies = torch.stack([ids[:, u * m:(u + 2) * m] for u in range(U - 1)], 1)  # chunk + continuation
-    copies = torch.cat([copies, torch.full((2, 1, 16), PAD)], 1)[:, :, None].expand(2, U, 2, 16)
-    unrelated = torch.randint(50, V, (2, U, 2, 16), generator=torch.Generator().manual_seed(1))
+    copy = torch.stack([ids[:, u * m:(u + 2) * m] for u in range(U - 1)], 1)  # chunk + continuation
+    copy = torch.cat([copy, torch.full((2, 1, 16), PAD)], 1)[:, :, None].expand(2, U, 2, 16)
+    other = torch.randint(50, V, (2, U, 2, 16), generator=torch.Generator().manual_seed(1))
     effect = {}
-    for gate in (True, False):
-        model = RetroFit(tiny_base("llama"), small_cfg(match_gate=gate, cca_layers=[3])).eval()
+    for on in (True, False):
+        model = RetroFit(tiny_base("llama"), small_cfg(match_gate=on, cca_layers=[3])).eval()
         _scramble(model)
-        if gate:
-            model.cca["3"].gate.data = torch.tensor([1.0, -0.5])  # as initialised
+        if on:
+            model.cca["3"].gate.data = torch.tensor(gate)
         with torch.no_grad():
             ref = model(ids).logits
-            effect[gate] = {name: (model(ids, neighbours=nb).logits - ref).abs().mean().item()
-                            for name, nb in (("copies", copies), ("unrelated", unrelated))}
-    assert effect[True]["unrelated"] < 0.05 * effect[False]["unrelated"]  # sigmoid(-5): 0.7% open
-    assert effect[True]["copies"] > 0.8 * effect[False]["copies"]  # sigmoid(5): 99.3% open
+            effect[on] = {name: (model(ids, neighbours=nb).logits - ref).abs().mean().item()
+                          for name, nb in (("copies", copy), ("unrelated", other))}
+    ratio = {name: effect[True][name] / effect[False][name] for name in ("copies", "unrelated")}
+    assert unrelated[0] <= ratio["unrelated"] <= unrelated[1]
+    assert copies[0] <= ratio["copies"] <= copies[1]
+
+
+def test_match_gate_starts_open_whatever_the_match():
+    model = RetroFit(tiny_base("llama"), small_cfg())
+    for cca in model.cca.values():
+        w, c = cca.gate.tolist()
+        assert (w, c) == (0.0, pytest.approx(0.1))
 
 
 def test_window_chunks():
