@@ -276,7 +276,7 @@ class _Pass:
 
     neighbours: torch.Tensor  # (B, U, K, R) token ids, PAD where absent
     first: int  # local start of the first whole chunk
-    match: torch.Tensor  # (B, U) trigram_match of each whole chunk of the window with its neighbours
+    match: torch.Tensor | None  # (B, U) trigram_match of each whole chunk with its neighbours (match gate only)
     encoded: torch.Tensor | None = None  # (B, U, K·R, e)
     encoded_ok: torch.Tensor | None = None  # (B, U, K·R)
 
@@ -379,7 +379,9 @@ class RetroFit(nn.Module):
         if U == 0:
             return self.base(input_ids=input_ids, **kwargs)
         neighbours = neighbours.to(input_ids.device)
-        match = trigram_match(input_ids[:, first:first + U * self.cfg.chunk_size].reshape(B, U, -1), neighbours)
+        match = None
+        if self.cfg.match_gate:  # only the gate reads it; every forward pass would pay for it otherwise
+            match = trigram_match(input_ids[:, first:first + U * self.cfg.chunk_size].reshape(B, U, -1), neighbours)
         with self._with(_Pass(neighbours, first, match)):
             return self.base(input_ids=input_ids, **kwargs)
 
