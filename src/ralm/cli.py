@@ -134,10 +134,12 @@ def search(
 
     try:
         qs = list(queries or [])
+        # an empty query has no meaning: the encoder would return arbitrary neighbours for it
+        for i, q in enumerate(qs, 1):
+            if not q.strip():
+                raise RalmError(f"QUERY {i} ({q!r}): empty query; give the text to search for")
         if queries_file is not None:
-            if not queries_file.is_file():
-                raise RalmError(f"--queries-file {queries_file}: no such file")
-            qs += [line.strip() for line in queries_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            qs += _read_queries(queries_file)
         if not qs:
             raise RalmError("no queries: give QUERY arguments or --queries-file")
         ds = Datastore.open(datastore, verify=verify)
@@ -154,6 +156,20 @@ def search(
         for h in hits:
             text = " ".join(h.text.split())
             typer.echo(f"  {h.rank:>2}. {h.score:.3f}  [{h.domain} {h.doc_id}]  {text[:160]}")
+
+
+def _read_queries(path: Path) -> list[str]:
+    """One query per line; a blank line is refused like an empty QUERY argument, naming its line."""
+    if not path.is_file():
+        raise RalmError(f"--queries-file {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RalmError(f"--queries-file {path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            raise RalmError(f"--queries-file {path}:{n}: empty query; every line must hold one (remove blank lines)")
+    return [line.strip() for line in lines]
 
 
 @app.command()
@@ -379,6 +395,16 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except (OSError, RuntimeError) as e:
+        # a write outside the atomic writers stopped by a full disk, a quota or a read-only file
+        # system: one line and exit 2 like any other error; anything else is a bug and keeps its traceback
+        from ralm.utils.atomic import disk_error
+
+        err = disk_error(e)
+        if err is None:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

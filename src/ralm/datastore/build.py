@@ -157,13 +157,19 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
     files = input_files_fingerprint(cfg.inputs)
     if state_path.exists():
         state = json.loads(state_path.read_text())
-        if state["params"] != params or state["inputs"] != [str(i) for i in cfg.inputs]:
+        if _shard_params(state["params"]) != _shard_params(params) or state["inputs"] != [str(i) for i in cfg.inputs]:
             raise RalmError(f"--out {root}: holds an unfinished build started with other inputs or parameters; "
                             "rerun that command to finish it, or use --force to start over")
         if state.get("files") != files:
             raise RalmError(f"--out {root}: the input files changed since the unfinished build started "
                             "(finished shards would no longer match them); use --force to start over")
         log(f"resuming the unfinished build in {root}")
+        if state["params"].get("index") != params["index"]:
+            # only the final index step reads the index parameters: the finished shards stay valid,
+            # and the manifest records the parameters the index is actually built with
+            log(f"{root}: the index parameters changed (--index {cfg.index.kind}); the finished shards are reused")
+            state["params"]["index"] = params["index"]
+            write_json(state_path, state)
         return state
     tok = load_tokenizer(cfg.tokenizer)
     encoder = None
@@ -179,6 +185,11 @@ def _resolve_state(cfg: BuildConfig, root: Path, manifest: dict | None, log) -> 
              "base_part": len(manifest["parts"]) if manifest else 0, "started": time.time()}
     write_json(state_path, state)
     return state
+
+
+def _shard_params(params: dict) -> dict:
+    """The parameters that shape the shards (chunks and keys): all but the index's."""
+    return {k: v for k, v in params.items() if k != "index"}
 
 
 def input_files_fingerprint(inputs: list[str]) -> list[list]:
@@ -240,6 +251,7 @@ def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: b
     state = _resolve_state(cfg, root, manifest, log)
     base = state["base_part"]
     encoder_cfg = EncoderConfig(**state["encoder"]) if state["encoder"] else EncoderConfig(name="bm25")
+    _check_before_encoding(cfg, encoder_cfg, log)
 
     stats = ReadStats()
     docs: Iterator[Document] = iter_documents(cfg.inputs, cfg.corpus, stats)
@@ -292,6 +304,20 @@ def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: b
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     summary["chunks_per_second"] = round(summary["new_chunks"] / max(summary["seconds"], 1e-9), 1)
     return summary
+
+
+def _check_before_encoding(cfg: BuildConfig, encoder_cfg: EncoderConfig, log: Callable[[str], None]) -> None:
+    """Refuse a factory string FAISS cannot build, and warn on chunks the encoder truncates, before any encoding."""
+    if encoder_cfg.sparse:
+        return
+    from ralm.datastore.index import check_factory
+
+    enc = load_encoder(encoder_cfg)  # loaded once per process: the shards reuse it
+    check_factory(cfg.index, enc.dim)
+    if cfg.chunking.chunk_tokens > enc.max_length:
+        log(f"warning: --chunk-tokens {cfg.chunking.chunk_tokens} exceeds the encoder's maximum length of "
+            f"{enc.max_length} tokens: each chunk's key sees only about its first {enc.max_length} tokens "
+            f"(of up to {cfg.chunking.chunk_tokens}) and retrieval ignores the rest")
 
 
 def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, parts: list[dict],

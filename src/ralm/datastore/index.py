@@ -32,9 +32,11 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 def parse_bytes(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)i?b?\s*", str(text).lower())
-    if not m:
-        raise RalmError(f"--memory-budget {text!r}: expected a size like 512MB or 4GB")
+    """Bytes of a size such as ``4GB``, ``512 MiB``, ``1.5g`` or ``1000000`` (binary units: 1 GB = 1024**3)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)i?b?\s*", str(text).lower())
+    if not m or float(m.group(1)) <= 0:
+        raise RalmError(f"--memory-budget {text!r}: expected a positive number with an optional unit "
+                        "B, KB, MB, GB or TB (KiB.. and K.. too), e.g. 512MB, 4GB or 1.5GB")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
 
 
@@ -55,6 +57,40 @@ class IndexConfig:
         if not 0 < self.target_recall <= 1:
             raise RalmError(f"--target-recall {self.target_recall}: must be in (0, 1]")
         self.budget_bytes = parse_bytes(self.memory_budget)
+
+
+_IVF_LISTS = re.compile(r"IVF(\d+)")
+
+
+def _faiss_reason(err: RuntimeError) -> str:
+    """FAISS's own explanation from its exception text, without the C++ signature and source line."""
+    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    m = re.match(r"Error in .*? at \S+:\d+: (?:Error: '.*?' failed: )?(.*)", line)
+    return (m.group(1) if m else line)[:200]
+
+
+def factory_lists(factory: str, dim: int, metric: str = "ip") -> int | None:
+    """Parse ``factory`` with FAISS for ``dim``-dim vectors: its IVF list count, or None if it has no IVF.
+
+    Raises RuntimeError if FAISS cannot build it. Parsing costs nothing: each ``IVF<n>`` is parsed as
+    ``IVF1`` because FAISS allocates every inverted list up front (gigabytes for ``IVF99999999``).
+    """
+    probe = faiss.index_factory(dim, _IVF_LISTS.sub("IVF1", factory), METRICS[metric])
+    m = _IVF_LISTS.search(factory)
+    if m:
+        return int(m.group(1))
+    ivf = faiss.try_extract_index_ivf(probe)  # e.g. IMI2x8: its list count comes from the parse
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def check_factory(cfg: IndexConfig, dim: int) -> None:
+    """Refuse an ``--index`` factory string FAISS cannot build for ``dim``-dim keys, before any key is encoded."""
+    if cfg.kind in NAMED:
+        return
+    try:
+        factory_lists(cfg.kind, dim, cfg.metric)
+    except RuntimeError as e:
+        raise RalmError(f"--index {cfg.kind}: FAISS cannot build it for {dim}-dim keys ({_faiss_reason(e)})") from None
 
 
 def choose_factory(n: int, dim: int, cfg: IndexConfig) -> tuple[str, int]:
@@ -205,9 +241,20 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
         raise RalmError("no chunks to index: the corpus produced no text")
     factory, rerank = choose_factory(n, dim, cfg)
     try:
-        index = faiss.index_factory(dim, factory, METRICS[cfg.metric])
+        nlist = factory_lists(factory, dim, cfg.metric)
     except RuntimeError as e:
-        raise RalmError(f"--index {cfg.kind}: FAISS cannot build {factory!r} ({str(e).splitlines()[0][:120]})") from None
+        raise RalmError(f"--index {cfg.kind}: FAISS cannot build {factory!r} for {dim}-dim keys "
+                        f"({_faiss_reason(e)})") from None
+    nq = min(cfg.n_queries, n)
+    n_pool = n - nq if n > nq else n  # held-out recall queries are not trained on
+    if nlist is not None and nlist > n_pool:
+        # k-means cannot make more clusters than it has points; checked before the index allocates its lists
+        fit = 1 << max(0, int(math.log2(max(n_pool // 39, 1))))
+        raise RalmError(f"--index {cfg.kind}: IVF with nlist {nlist:,} needs at least {nlist:,} training vectors "
+                        f"(FAISS wants ~{39 * nlist:,}) but the store has {n:,} chunks ({n_pool:,} for training); "
+                        f"rerun with a smaller nlist (e.g. --index IVF{fit},Flat) or --index flat: "
+                        "the finished shards are reused")
+    index = faiss.index_factory(dim, factory, METRICS[cfg.metric])
     ivf = faiss.try_extract_index_ivf(index)
     ivf = faiss.downcast_index(ivf) if ivf is not None else None
     if isinstance(ivf, faiss.IndexIVFPQ):
@@ -216,14 +263,18 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
         ivf.do_polysemous_training = False
     rng = np.random.default_rng(cfg.seed)
     # held-out queries: keys excluded from training, so tuning is not measured on training points
-    nq = min(cfg.n_queries, n)
     q_rows = np.sort(rng.choice(rows, nq, replace=False))
     if not index.is_trained:
         pool = np.setdiff1d(rows, q_rows) if n > nq else rows
         n_train = min(len(pool), max(256 * 64, 64 * getattr(ivf, "nlist", 256)))
         train_rows = np.sort(rng.choice(pool, n_train, replace=False))
         log(f"training {factory} on {n_train:,} of {n:,} keys")
-        index.train(keys.get(train_rows))
+        try:
+            index.train(keys.get(train_rows))
+        except RuntimeError as e:  # e.g. PQ codebooks need 2**nbits points each
+            raise RalmError(f"--index {cfg.kind}: FAISS cannot train {factory} on the store's {n_train:,} "
+                            f"training vectors ({_faiss_reason(e)}); rerun with another --index: "
+                            "the finished shards are reused") from None
     for ids, xb in keys.blocks(rows):
         index.add_with_ids(xb, ids)
     t_build = time.perf_counter() - t0

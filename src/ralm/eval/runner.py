@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ralm.data.corpus import CorpusConfig, Document, iter_documents
+from ralm.data.corpus import CorpusConfig, Document, ReadStats, iter_documents
 from ralm.errors import RalmError
 from ralm.eval.leakage import NeighbourLog, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
@@ -85,8 +85,13 @@ class EvalLMConfig:
             raise RalmError(f"--subset {self.subset}: must be in (0, 1]")
 
 
-def _documents(files: list[str], max_docs: int | None) -> list[Document]:
-    docs = list(iter_documents(files, CorpusConfig()))
+def _documents(files: list[str], max_docs: int | None, flag: str = "--data") -> list[Document]:
+    """The documents of ``files``; an empty set is refused naming the files (before any model is loaded)."""
+    stats = ReadStats()
+    docs = list(iter_documents(files, CorpusConfig(), stats))
+    if not docs:
+        raise RalmError(f"{flag} {', '.join(map(str, files))}: no documents to evaluate ({stats.blank} blank, "
+                        f"{stats.too_large} too large, {stats.invalid_utf8_skipped} invalid UTF-8 skipped)")
     return docs[:max_docs] if max_docs else docs
 
 
@@ -151,7 +156,7 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
         if cfg.validation:
             val = KNNScorer(model, store, cfg.knn, stride, cfg.exclude_same_doc, cfg.decontaminate,
                             temperatures=cfg.temperature_grid)
-            evaluate_lm(model, tok, _documents(cfg.validation, cfg.lm.max_docs), cfg.lm, scorer=val,
+            evaluate_lm(model, tok, _documents(cfg.validation, cfg.lm.max_docs, "--validation"), cfg.lm, scorer=val,
                         method="knn-lm (validation)", progress=progress)
             sweeps = {temp: _sweep(val, cfg.lmbda_grid, temp) for temp in cfg.temperature_grid}
             temp, best = min(((t, lam) for t, sw in sweeps.items() for lam in sw), key=lambda tl: sweeps[tl[0]][tl[1]])
