@@ -393,7 +393,9 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
     for sub in ("chunks", "keys", "index"):  # temporary files of writes cut short by a crash
         for tmp in (root / sub).glob(".*.tmp*"):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    write_json(root / layout.MANIFEST, new_manifest)
+    from ralm.datastore.manifest import seal
+
+    write_json(root / layout.MANIFEST, seal(new_manifest))  # with the checksum of its content
     shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
     for stale in index_dir.iterdir():  # earlier generations of the index, now unreferenced
         if not stale.name.startswith((f"dense-g{generation:04d}", f"bm25-g{generation:04d}")):

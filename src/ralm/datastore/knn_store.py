@@ -33,7 +33,8 @@ from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input
 from ralm.datastore.index import IndexConfig, build_index, load_index
 from ralm.datastore.keys import KeyParts
 from ralm.datastore.layout import BUILD_DIR
-from ralm.errors import IncompatibleError, RalmError
+from ralm.datastore.manifest import check_paths, seal
+from ralm.errors import IncompatibleError, RalmError, StoreError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
 
@@ -241,15 +242,25 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
                 "context": context, "window_stride": stride, "parts": records,
                 "index": {"path": "index/knn.faiss", "meta": meta, "files": index_files},
                 "build": {"params": params, "inputs": list(cfg.inputs)}, "summary": summary}
-    write_json(root / "manifest.json", manifest)
+    write_json(root / "manifest.json", seal(manifest))  # with the checksum of its content
     shutil.rmtree(root / BUILD_DIR, ignore_errors=True)
     return summary
 
 
+def _check_knn_paths(root: Path, manifest: dict, manifest_path: Path) -> None:
+    check_paths(root, manifest, manifest_path, {kind: (lambda n, k=kind: _paths(Path(), n)[k])
+                                                for kind in ("keys", "values", "docs")},
+                required=("keys", "values", "docs"), fixed=("documents.json",))
+
+
 def read_knn_manifest(root: Path) -> dict:
+    """The manifest of a finished kNN-LM store, every path in it checked to stay inside the store."""
     from ralm.datastore.store import read_manifest
 
-    return read_manifest(root, FORMAT, VERSION)
+    return read_manifest(root, FORMAT, VERSION, paths=_check_knn_paths)
+
+
+_CORRUPT_HINT = "the kNN-LM store is damaged: rebuild it with `ralm knnlm build ... --force`"
 
 
 class KNNStore:
@@ -258,17 +269,26 @@ class KNNStore:
     def __init__(self, root: Path, manifest: dict, allowed: np.ndarray | None = None):
         self.root, self.manifest, self.allowed = root, manifest, allowed
         parts = [_paths(root, r["part"]) for r in manifest["parts"]]
+        for p in parts:  # a damaged header is named here, not raised from inside KeyParts
+            _readable(p["keys"], np.load, mmap_mode="r")
         self.keys = KeyParts([p["keys"] for p in parts])
-        self.values = np.concatenate([np.load(p["values"]) for p in parts])  # (n,) int32, 4 bytes a key
-        self.docs = np.concatenate([np.load(p["docs"]) for p in parts])  # (n,) int32
-        self.doc_ids: list[str] = json.loads((root / "documents.json").read_text())
+        self.values = np.concatenate([_readable(p["values"], np.load) for p in parts])  # (n,) int32, 4 bytes a key
+        self.docs = np.concatenate([_readable(p["docs"], np.load) for p in parts])  # (n,) int32
+        self.doc_ids: list[str] = _readable(root / "documents.json", lambda p: json.loads(p.read_text()))
+        vocab = int(manifest.get("vocab_size", 2**31 - 1))
+        for name, arr, hi in (("values", self.values, vocab), ("docs", self.docs, len(self.doc_ids))):
+            if len(arr) and (int(arr.min()) < 0 or int(arr.max()) >= hi):  # damaged bytes inside a part
+                raise StoreError(f"{root}: {name} parts hold ids outside [0, {hi}); {_CORRUPT_HINT}")
         self._ordinal = {d: i for i, d in enumerate(self.doc_ids)}
         self._index: Any = None
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = False) -> KNNStore:
-        """Open a finished store; refuse unfinished, truncated or (with ``verify``) corrupt ones."""
-        from ralm.datastore.store import check_files
+    def open(cls, path: str | Path, verify: bool = False, log: Callable[[str], None] | None = None) -> KNNStore:
+        """Open a finished store; refuse unfinished, truncated, edited or (with ``verify``) corrupt ones.
+
+        With ``verify``, a manifest without a checksum (written before they existed) is reported to ``log``.
+        """
+        from ralm.datastore.store import check_files, warn_unsealed
 
         root = Path(path)
         manifest = read_knn_manifest(root)
@@ -276,6 +296,8 @@ class KNNStore:
         for r in manifest["parts"]:
             files += [(p, r[kind]) for kind, p in _paths(root, r["part"]).items()]
         check_files(files, verify, "the kNN-LM store")
+        if verify:
+            warn_unsealed(root, manifest, log)
         return cls(root, manifest)
 
     def __len__(self) -> int:
@@ -314,7 +336,7 @@ class KNNStore:
         """Squared L2 distances and rows (nq, k) of the nearest stored states; -1 rows past the store's end."""
         if self._index is None:
             meta = self.manifest["index"]["meta"]
-            self._index = load_index(self.root / self.manifest["index"]["path"], meta, self.keys)
+            self._index = _readable(self.root / self.manifest["index"]["path"], load_index, meta, self.keys)
         return self._index.search(xq, k, allowed=self.allowed)
 
     def windows(self, rows: np.ndarray, length: int) -> list[list[int]]:
@@ -330,3 +352,12 @@ class KNNStore:
             out.append(self.values[lo:r + 1].tolist())
         return out
 
+
+def _readable(path: Path, load: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+    """``load(path, ...)``, with a damaged file (right size, wrong bytes) refused in one line naming it."""
+    from ralm.datastore.store import unreadable
+
+    try:
+        return load(path, *args, **kw)
+    except (RuntimeError, ValueError, OSError, EOFError, UnicodeDecodeError) as e:  # numpy, json, FAISS
+        raise unreadable(path, e, _CORRUPT_HINT) from None

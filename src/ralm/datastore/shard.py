@@ -56,7 +56,8 @@ def process_shard(task: ShardTask) -> dict:
     })
     cpath = layout.chunks_path(root, task.part)
     with atomic_path(cpath) as tmp:
-        pq.write_table(table, tmp, row_group_size=4096, compression="zstd")
+        # page CRCs: a reader refuses a damaged page instead of returning altered text (store.py checks them)
+        pq.write_table(table, tmp, row_group_size=4096, compression="zstd", write_page_checksum=True)
     t_chunk = time.perf_counter() - t0
     record = {"part": task.part, "documents": len(task.docs), "chunks": n, "tokens": chunks.num_tokens,
               "chunks_file": _file_record(cpath, root)}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,6 +15,7 @@ import numpy as np
 from ralm.datastore import layout
 from ralm.datastore.encoders import EncoderConfig, load_encoder
 from ralm.datastore.keys import KeyParts
+from ralm.datastore.manifest import CHECKSUM, check_checksum, check_paths, check_tree, inside
 from ralm.errors import IncompatibleError, RalmError, StoreError
 from ralm.utils.atomic import sha256_file
 
@@ -36,10 +39,27 @@ class Hit:
 
 FORMATS = {layout.FORMAT: ("datastore", "ralm build", "in-context or replug"),
            "ralm-knnlm": ("kNN-LM store", "ralm knnlm build", "knn-lm")}
+PathCheck = Callable[[Path, dict, Path], None]
 
 
-def read_manifest(root: Path, fmt: str = layout.FORMAT, version: int = layout.VERSION) -> dict:
-    """The manifest of a finished store of format ``fmt``; one-line errors for every other state."""
+def _check_datastore_paths(root: Path, manifest: dict, manifest_path: Path) -> None:
+    check_paths(root, manifest, manifest_path,
+                {"chunks_file": lambda n: layout.chunks_path(Path(), n), "keys_file": lambda n: layout.keys_path(Path(), n)},
+                required=("chunks_file",) + (("keys_file",) if _dense(manifest) else ()))
+
+
+def _dense(manifest: dict) -> bool:
+    encoder = manifest.get("encoder")
+    return not (isinstance(encoder, dict) and encoder.get("kind") == "sparse")
+
+
+def read_manifest(root: Path, fmt: str = layout.FORMAT, version: int = layout.VERSION,
+                  paths: PathCheck | None = None) -> dict:
+    """The manifest of a finished store of format ``fmt``; one-line errors for every other state.
+
+    Every path it names is checked to stay inside ``root`` (``paths``: the check for ``fmt``) and its
+    checksum, where it has one, to match, before any file it names is opened or stat'ed.
+    """
     what, command, _ = FORMATS[fmt]
     path = root / layout.MANIFEST
     if not root.exists():
@@ -49,17 +69,38 @@ def read_manifest(root: Path, fmt: str = layout.FORMAT, version: int = layout.VE
             raise StoreError(f"{root}: unfinished {what} (build interrupted); rerun the same `{command}` "
                              "command to finish it")
         raise StoreError(f"{root}: not a ralm {what} (no {layout.MANIFEST})")
+    inside(root, layout.MANIFEST, path, "the manifest itself")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{path}: corrupt manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{path}: corrupt manifest (not a JSON object)")
     if manifest.get("format") != fmt:
         other = FORMATS.get(manifest.get("format"))
         hint = f" (it is a {other[0]}: use it with {other[2]})" if other else ""
         raise StoreError(f"{path}: not a ralm {what} manifest{hint}; build one with `{command}`")
     if manifest.get("version") != version:
         raise StoreError(f"{path}: format version {manifest.get('version')} is not supported (expected {version})")
+    if paths is None and fmt != layout.FORMAT:
+        raise ValueError(f"read_manifest: no path check given for format {fmt!r}")
+    (paths or _check_datastore_paths)(root, manifest, path)
+    check_checksum(path, manifest, command)
     return manifest
+
+
+def warn_unsealed(root: Path, manifest: dict, log: Callable[[str], None] | None = None) -> None:
+    """What ``--verify`` says of a manifest written before checksums: its own content went unchecked."""
+    if CHECKSUM not in manifest:
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"warning: {root / layout.MANIFEST}: has no checksum (written before ralm stored one), so --verify "
+            "checked every file it names but not the manifest's own content; rebuild the store to add one")
+
+
+def unreadable(path: Path, e: BaseException, hint: str) -> StoreError:
+    """A part or index that passed the size check but cannot be read: one line, not a library traceback."""
+    detail = (str(e).strip().splitlines() or [""])[0][:160]
+    return StoreError(f"{path}: corrupt, cannot be read ({type(e).__name__}: {detail}); {hint}")
 
 
 def _store_files(root: Path, manifest: dict) -> list[tuple[Path, dict]]:
@@ -89,6 +130,11 @@ def check_files(files: list[tuple[Path, dict]], checksums: bool, where: str) -> 
             raise StoreError(f"{path}: checksum mismatch (file is corrupt)")
 
 
+# the columns of a chunk part, with the types the builder writes (shard.py)
+_COLUMNS = {"chunk_id": "int64", "doc_id": "string", "domain": "string", "position": "int32", "char_start": "int64",
+            "text": "string", "tokens": "list<int32>", "continuation": "list<int32>"}
+
+
 class Datastore:
     """A finished datastore, opened read-only. Keys are memory-mapped; chunk parts load on demand."""
 
@@ -102,12 +148,22 @@ class Datastore:
         self.allowed: np.ndarray | None = None  # a subset of rows to search (``restrict``), or all
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = False) -> Datastore:
-        """Open a finished store; refuse unfinished, truncated or (with ``verify``) corrupt ones."""
+    def open(cls, path: str | Path, verify: bool = False, log: Callable[[str], None] | None = None) -> Datastore:
+        """Open a finished store; refuse unfinished, truncated, edited or (with ``verify``) corrupt ones.
+
+        With ``verify``, a manifest written before manifests carried a checksum is reported to ``log``
+        (stderr by default): its files are checked, its own content cannot be.
+        """
         root = Path(path)
         manifest = read_manifest(root)
         verify_files(root, manifest, checksums=verify)
+        if verify:
+            warn_unsealed(root, manifest, log)
         return cls(root, manifest)
+
+    @property
+    def _corrupt_hint(self) -> str:
+        return f"run `ralm info {self.root} --verify` to check the whole store, or rebuild it"
 
     # ---- what the store was built with -------------------------------------------------------
     @property
@@ -155,13 +211,30 @@ class Datastore:
             if self.sparse:
                 from ralm.datastore.bm25 import load_bm25
 
-                self._index = load_bm25(path)
+                # bm25s opens the files of its folder by name: none of them may lead out of the store
+                check_tree(self.root, path, self.root / layout.MANIFEST, "index.path")
+                load = lambda: load_bm25(path)  # noqa: E731
             else:
                 from ralm.datastore.index import load_index
 
-                keys = KeyParts([layout.keys_path(self.root, p) for p in self.parts])
-                self._index = load_index(path, meta, keys)
+                load = lambda: load_index(path, meta, self._keys())  # noqa: E731
+            try:
+                self._index = load()
+            except (RuntimeError, ValueError, OSError, EOFError) as e:  # FAISS, numpy, bm25s on a damaged file
+                raise unreadable(path, e, self._corrupt_hint) from None
         return self._index
+
+    def _keys(self) -> KeyParts:
+        paths = [layout.keys_path(self.root, p) for p in self.parts]
+        try:
+            return KeyParts(paths)
+        except (ValueError, OSError, EOFError):
+            for p in paths:  # name the damaged part
+                try:
+                    np.load(p, mmap_mode="r")
+                except (ValueError, OSError, EOFError) as e:
+                    raise unreadable(p, e, self._corrupt_hint) from None
+            raise
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """Queries encoded with the store's own encoder (same model, pooling and dtype)."""
@@ -169,7 +242,16 @@ class Datastore:
             raise IncompatibleError(f"{self.root}: a BM25 store has no vectors; search it with texts")
         if self._encoder is None:
             e = self.manifest["encoder"]
-            enc = load_encoder(EncoderConfig(e["name"], e["pooling"], e["dtype"], max_length=e["max_length"]))
+            try:
+                enc = load_encoder(EncoderConfig(e["name"], e["pooling"], e["dtype"], max_length=e["max_length"]))
+            except (RalmError, KeyError, TypeError) as err:
+                # the user passed no --encoder: say what the store records and why it cannot be used
+                detail = str(err).partition(": ")[2] if isinstance(err, RalmError) else f"missing or bad {err}"
+                if "(" in detail and detail.endswith(")"):  # the loader's reason, without its --encoder wording
+                    detail = detail[detail.index("(") + 1:-1]
+                raise StoreError(f"{self.root / layout.MANIFEST}: records encoder {e.get('name')!r} "
+                                 f"(pooling {e.get('pooling')!r}, dtype {e.get('dtype')!r}), which cannot be loaded: "
+                                 f"{detail}; restore the manifest or rebuild the store") from None
             if enc.fingerprint != e["fingerprint"]:
                 raise IncompatibleError(f"{self.root}: encoder {e['name']!r} now loads different weights "
                                         f"({enc.fingerprint}) than the store was built with ({e['fingerprint']})")
@@ -259,9 +341,19 @@ class Datastore:
 
     @lru_cache(maxsize=64)  # noqa: B019 (one store object lives as long as its cache should)
     def _part_table(self, p: int) -> dict[str, list]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(layout.chunks_path(self.root, self.parts[p])).to_pydict()
+        path = layout.chunks_path(self.root, self.parts[p])
+        try:  # parts written with page checksums have them checked (a no-op on older parts)
+            table = pq.read_table(path, page_checksum_verification=True)
+            for name, kind in _COLUMNS.items():  # a damaged footer can turn strings into bytes
+                t = table.schema.field(name).type
+                if (f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)) != kind:
+                    raise ValueError(f"column {name} is {t}, not {kind}")
+            return table.to_pydict()
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            raise unreadable(path, e, self._corrupt_hint) from None
 
     def info(self) -> dict[str, Any]:
         m = self.manifest
@@ -273,4 +365,5 @@ class Datastore:
             "continuation": m["chunking"]["continuation"], "encoder": m["encoder"]["name"],
             "encoder_dim": m["encoder"].get("dim"), "index": meta.get("factory"), "index_params": meta.get("params"),
             "recall_at_10": meta.get("recall_at_10"), "bytes": sum(r["bytes"] for _, r in _store_files(self.root, m)),
+            "manifest_checksum": m.get(CHECKSUM, "none (written before manifests carried one)"),
         }
