@@ -32,8 +32,7 @@ KEY = "manifest_sha256"
 
 def canonical(m: dict) -> str:
     body = {k: v for k, v in m.items() if k != KEY}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     ensure_ascii=False).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def edit(store: Path, change, reseal: bool = True) -> None:

@@ -22,10 +22,13 @@ CHECKSUM = "manifest_sha256"
 
 
 def canonical_sha256(manifest: dict) -> str:
-    """sha256 of the canonical JSON (sorted keys, no spaces) of everything but the checksum field."""
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII escapes) of everything but the checksum.
+
+    ASCII escapes keep it defined for any string, including undecodable file names (lone surrogates).
+    """
     body = {k: v for k, v in manifest.items() if k != CHECKSUM}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def seal(manifest: dict) -> dict:
