@@ -28,6 +28,7 @@ from ralm.datastore.shard import ShardTask, process_shard
 from ralm.errors import RalmError
 from ralm.lm.presets import DEFAULT_LM, load_tokenizer, tokenizer_fingerprint
 from ralm.utils.atomic import sha256_file, write_json
+from ralm.utils.outdir import OutDir, open_out, remove_owned
 
 
 @dataclass
@@ -65,21 +66,9 @@ class BuildConfig:
                 "dedup": self.dedup, "near_dup": self.near_dup}
 
 
-def _looks_like_store(root: Path) -> bool:
-    return (root / layout.MANIFEST).exists() or (root / layout.BUILD_DIR).exists()
-
-
-def _prepare(cfg: BuildConfig, log: Callable[[str], None]) -> tuple[Path, dict | None, bool]:
-    """Resolve what to do with the output folder: (root, finished manifest for --add, already done)."""
-    root = Path(cfg.out)
-    if root.exists() and not root.is_dir():
-        raise RalmError(f"--out {root}: exists and is not a directory")
-    if cfg.force and root.exists():
-        if any(root.iterdir()) and not _looks_like_store(root):
-            raise RalmError(f"--out {root}: not empty and not a ralm datastore; refusing to delete it with --force")
-        shutil.rmtree(root)
-    if root.exists() and any(root.iterdir()) and not _looks_like_store(root):
-        raise RalmError(f"--out {root}: not empty and not a ralm datastore; choose another path")
+def _prepare(cfg: BuildConfig, out: OutDir, log: Callable[[str], None]) -> tuple[Path, dict | None, bool]:
+    """What to do in the locked, checked output folder: (root, finished manifest for --add, already done)."""
+    root = out.root
     manifest = None
     if (root / layout.MANIFEST).exists():
         from ralm.datastore.store import read_manifest
@@ -89,7 +78,7 @@ def _prepare(cfg: BuildConfig, log: Callable[[str], None]) -> tuple[Path, dict |
             # killed after the manifest was written but before .build was removed: the store is
             # complete; resuming would append its parts a second time
             log(f"{root}: removing build state left over from a finished build")
-            shutil.rmtree(root / layout.BUILD_DIR)
+            out.remove(layout.BUILD_DIR)
         if not cfg.add and not (root / layout.BUILD_DIR).exists():
             same = manifest["build"]["params"] == _jsonable(cfg.output_params()) and \
                 manifest["build"]["inputs"] == [str(i) for i in cfg.inputs]
@@ -119,20 +108,12 @@ def _finished_build_leftover(root: Path, manifest: dict) -> bool:
     return int(state.get("base_part", 0)) < len(manifest["parts"])
 
 
-def _discard_failed_start(root: Path, root_existed: bool, manifest: dict | None) -> None:
+def _discard_failed_start(out: OutDir, manifest: dict | None, err: RalmError) -> None:
     """After a fatal input error, remove what a build that finished no shard wrote (no half store left)."""
-    done_dir = root / layout.BUILD_DIR / "done"
+    done_dir = out.root / layout.BUILD_DIR / "done"
     if done_dir.exists() and any(done_dir.iterdir()):
         return  # finished shards: keep them, a rerun resumes from them
-    if manifest is not None:  # --add on a finished store: leave the store as it was
-        shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
-        return
-    if not root.exists():
-        return
-    for child in root.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if not root_existed:
-        root.rmdir()
+    out.discard(err, keep_store=manifest is not None)  # --add on a finished store: it stays as it was
 
 
 def _jsonable(obj):
@@ -231,18 +212,20 @@ def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     list_input_files(cfg.inputs)  # fail fast on a missing path, before touching the output folder
-    root, manifest, done = _prepare(cfg, log)
-    if done:
-        log(f"{root}: already complete; nothing to do (use --force to rebuild, --add to append)")
-        return {**manifest["summary"], "already_complete": True}
-    root_existed = root.exists()
-    fresh_state = not (root / layout.BUILD_DIR / "state.json").exists()
-    try:
-        return _build(cfg, root, manifest, log, progress, t0)
-    except RalmError:
-        if fresh_state and (root / layout.BUILD_DIR / "state.json").exists():
-            _discard_failed_start(root, root_existed, manifest)
-        raise
+    # writable, locked against a second writer, and ralm's own: checked before any model is loaded
+    with open_out(cfg.out, layout.KIND, force=cfg.force, log=log) as out:
+        root, manifest, done = _prepare(cfg, out, log)
+        if done:
+            log(f"{root}: already complete; nothing to do (use --force to rebuild, --add to append)")
+            return {**manifest["summary"], "already_complete": True}
+        out.claim()
+        fresh_state = not (root / layout.BUILD_DIR / "state.json").exists()
+        try:
+            return _build(cfg, root, manifest, log, progress, t0)
+        except RalmError as e:
+            if fresh_state:
+                _discard_failed_start(out, manifest, e)
+            raise
 
 
 def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: bool, t0: float) -> dict:
@@ -399,5 +382,5 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
     shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)
     for stale in index_dir.iterdir():  # earlier generations of the index, now unreferenced
         if not stale.name.startswith((f"dense-g{generation:04d}", f"bm25-g{generation:04d}")):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+            remove_owned(root, f"index/{stale.name}", layout.KIND)  # only ralm's names, never through a link
     return summary

@@ -37,8 +37,25 @@ from ralm.datastore.manifest import check_paths, seal
 from ralm.errors import IncompatibleError, RalmError, StoreError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
+from ralm.utils.outdir import Kind, open_out, read_json
 
 FORMAT, VERSION = "ralm-knnlm", 1
+
+
+def _legacy(root: Path) -> bool:
+    """A store built before folders had an owner marker: its manifest, or an unfinished build's state."""
+    manifest, state = read_json(root / "manifest.json"), read_json(root / BUILD_DIR / "state.json")
+    return (isinstance(manifest, dict) and manifest.get("format") == FORMAT) or \
+        (isinstance(state, dict) and "model" in state and "base_part" not in state)
+
+
+_PART = r"part-\d{5}\.npy"
+# every name a build writes: --force and the failed-start cleanup remove these and nothing else
+KIND = Kind("knnlm", "ralm kNN-LM store", {
+    r"manifest\.json": None, r"documents\.json": None, "keys": {_PART: None}, "values": {_PART: None},
+    "docs": {_PART: None}, "index": {r"knn\.(faiss|json)": None},
+    r"\.build": {r"state\.json": None, "done": {r"part-\d{5}\.json": None}},
+}, _legacy)
 
 
 @dataclass
@@ -136,33 +153,27 @@ def build_knn_store(cfg: KNNBuildConfig, log: Callable[[str], None] | None = Non
     log = log or (lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     list_input_files(cfg.inputs)
-    root = Path(cfg.out)
-    params = cfg.output_params()
-    state_path = root / BUILD_DIR / "state.json"
-    if root.exists() and not root.is_dir():
-        raise RalmError(f"--out {root}: exists and is not a directory")
-    if cfg.force and root.exists():
-        if any(root.iterdir()) and not ((root / "manifest.json").exists() or (root / BUILD_DIR).exists()):
-            raise RalmError(f"--out {root}: not empty and not a kNN-LM store; refusing to delete it with --force")
-        shutil.rmtree(root)
-    if (root / "manifest.json").exists():
-        manifest = read_knn_manifest(root)
-        if manifest["build"]["params"] == params and manifest["build"]["inputs"] == list(cfg.inputs):
-            log(f"{root}: already complete; nothing to do (use --force to rebuild)")
-            return {**manifest["summary"], "already_complete": True}
-        raise RalmError(f"--out {root}: already a kNN-LM store built from other inputs or parameters; use --force")
-    if root.exists() and any(root.iterdir()) and not state_path.exists():
-        raise RalmError(f"--out {root}: not empty and not a kNN-LM store; choose another path")
-    fresh, root_existed = not state_path.exists(), root.exists()
-    try:
-        return _build(cfg, root, params, state_path, log, progress, t0)
-    except RalmError:
-        done = root / BUILD_DIR / "done"
-        if fresh and not (done.exists() and any(done.iterdir())):  # nothing worth resuming: leave no trace
-            shutil.rmtree(root / BUILD_DIR, ignore_errors=True)
-            if not root_existed and root.exists() and not any(root.iterdir()):
-                root.rmdir()
-        raise
+    # writable, locked against a second writer, and ralm's own: checked before the LM is loaded
+    with open_out(cfg.out, KIND, force=cfg.force, log=log) as out:
+        root = out.root
+        params = cfg.output_params()
+        state_path = root / BUILD_DIR / "state.json"
+        if (root / "manifest.json").exists():
+            manifest = read_knn_manifest(root)
+            if manifest["build"]["params"] == params and manifest["build"]["inputs"] == list(cfg.inputs):
+                log(f"{root}: already complete; nothing to do (use --force to rebuild)")
+                return {**manifest["summary"], "already_complete": True}
+            raise RalmError(f"--out {root}: already a kNN-LM store built from other inputs or parameters; "
+                            "use --force")
+        out.claim()
+        fresh = not state_path.exists()
+        try:
+            return _build(cfg, root, params, state_path, log, progress, t0)
+        except RalmError as e:
+            done = root / BUILD_DIR / "done"
+            if fresh and not (done.exists() and any(done.iterdir())):  # nothing worth resuming: leave no trace
+                out.discard(e)
+            raise
 
 
 def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log: Callable[[str], None],
