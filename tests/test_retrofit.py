@@ -87,10 +87,10 @@ def test_checkpoint_round_trip_reproduces_logits(trained, tiny_lm, setup):
         assert not torch.equal(la, a(ids).logits)  # trained layers read the neighbours
 
 
-def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, trained, monkeypatch):
+def kill_after_step_2(monkeypatch, cfg: RetrofitConfig) -> None:
+    """Run ``cfg`` until the third training step raises (after the step-2 checkpoint), as a kill would."""
     import ralm.tuning.retrofit as rf
 
-    out = tmp_path / "resumed"
     real, calls = rf.batch_loss, []
 
     def crash_at_step_3(model, *a, **kw):
@@ -101,8 +101,13 @@ def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, tra
 
     monkeypatch.setattr(rf, "batch_loss", crash_at_step_3)
     with pytest.raises(KeyboardInterrupt):  # killed after the step-2 checkpoint
-        retrofit(train_cfg(setup, tiny_lm, out), progress=False)
+        retrofit(cfg, progress=False)
     monkeypatch.setattr(rf, "batch_loss", real)
+
+
+def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, trained, monkeypatch):
+    out = tmp_path / "resumed"
+    kill_after_step_2(monkeypatch, train_cfg(setup, tiny_lm, out))
     (out / "train_log.jsonl").open("a").write(json.dumps({"step": 3, "loss": 0.0}) + "\n")  # logged, not saved
     summary = retrofit(train_cfg(setup, tiny_lm, out), progress=False)
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
@@ -116,10 +121,24 @@ def test_resume_continues_exactly_where_it_stopped(setup, tiny_lm, tmp_path, tra
         retrofit(train_cfg(setup, tiny_lm, out, steps=4), progress=False)
     with pytest.raises(RalmError, match="other settings"):
         retrofit(train_cfg(setup, tiny_lm, out, steps=6, lr=1e-3), progress=False)
-    state = torch.load(out / "trainer.pt", weights_only=False)
-    torch.save({**state, "model_fingerprint": "0" * 16}, out / "trainer.pt")
+    edit_trainer_state(out / "trainer.safetensors", model_fingerprint="0" * 16)
     with pytest.raises(RalmError, match="other base-model weights"):
         retrofit(train_cfg(setup, tiny_lm, out, steps=6), progress=False)
+
+
+def edit_trainer_state(path, **changes) -> None:
+    """Rewrite keys of a trainer state's JSON header (its tensors and their checksum stay as they were)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        head, tensors = json.loads(f.metadata()["ralm"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for key, value in changes.items():
+        if value is None:
+            del head[key]
+        else:
+            head[key] = value
+    save_file(tensors, str(path), metadata={"ralm": json.dumps(head)})
 
 
 def test_eval_lm_retro_off_and_untrained_equal_the_plain_lm(setup, tiny_lm, tmp_path, trained):

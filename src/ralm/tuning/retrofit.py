@@ -8,7 +8,8 @@
 3. Only the new parameters get gradients: AdamW, linear warm-up then cosine decay to 10%, gradient
    clipping, bf16 autocast where the hardware has bf16 units. Every ``eval_every`` steps the mean loss on
    the evaluation windows is logged with retrieval on and off; every ``save_every`` steps (and at the end)
-   the checkpoint is written: new parameters (safetensors), config, and the optimiser state to resume from.
+   the checkpoint is written: new parameters (safetensors), config, and the state to resume from
+   (``trainer.safetensors``: weights, optimiser, scheduler and RNG of one step; never a pickle).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 from ralm.errors import RalmError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.lm.retro import PAD, RetroConfig, RetroFit
-from ralm.lm.retro_checkpoint import VERSION
+from ralm.lm.retro_checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
 
-TRAINER_STATE, LOG = "trainer.pt", "train_log.jsonl"
+LOG = "train_log.jsonl"
+ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW (amsgrad off) keeps per parameter
 
 
 @dataclass
@@ -156,7 +158,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     from ralm.lm.hidden import model_fingerprint
     from ralm.lm.models import load
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro_checkpoint import load_retrofit, save_checkpoint
+    from ralm.lm.retro_checkpoint import save_checkpoint, save_trainer_state
 
     out = Path(cfg.out)
     state_path = out / TRAINER_STATE
@@ -165,6 +167,7 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     elif out.exists() and any(out.iterdir()) and not state_path.exists() and not (out / "neighbours").exists():
         raise RalmError(f"--out {out}: exists and is not a RETRO-fit run; choose another folder or pass --force")
     out.mkdir(parents=True, exist_ok=True)  # with --neighbours nothing else creates it
+    state = _resume_state(cfg, out, state_path)  # read and checked before minutes of model and data loading
     lm = load(cfg.model)
     model_fp, tok_fp = model_fingerprint(lm.model), tokenizer_fingerprint(lm.tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,26 +182,12 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
         raise RalmError(f"--train {cfg.train}: no document has 2 tokens to train on")
     eval_w = windows([len(x) for x in eval_ids], cfg.seq_len)[: cfg.eval_windows]
 
-    step, log_rows = 0, []
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location=device)
-        if state["resume_key"] != cfg.resume_key():
-            raise RalmError(f"--out {out}: holds a run with other settings; pass the same ones, or --force to "
-                            "start over")
-        if state.get("model_fingerprint", model_fp) != model_fp:
+    step, log_rows, tokens_before = 0, [], 0
+    if state is not None:
+        if state.model_fingerprint != model_fp:
             raise RalmError(f"--out {out}: was trained on other base-model weights than {cfg.model!r} has now")
-        if "weights" in state:  # the weights saved with the optimiser state: both of the same step
-            model = RetroFit(lm.model, cfg.retro)
-            model.load_new_state_dict({k: v.cpu() for k, v in state["weights"].items()})
-        else:
-            model, _ = load_retrofit(out, lm.model, lm.tokenizer, cfg.model)
-        step = state["step"]
-        if step >= cfg.steps:
-            raise RalmError(f"--out {out}: already trained for {step} steps; raise --steps to train further")
-        print(f"resuming {out} at step {step}", file=sys.stderr)
-        _truncate_log(out / LOG, step)
-    else:
-        model = RetroFit(lm.model, cfg.retro)
+        step, tokens_before = state.step, state.trained_tokens
+    model = RetroFit(lm.model, cfg.retro)
     model.to(device)
     # weight decay on the matrices only: decaying a norm, a bias, the match gate or the relative-position
     # biases would pull each toward a value that means something (uniform attention, a half-open gate)
@@ -208,9 +197,10 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, cfg.warmup, cfg.steps))
-    if step:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    if state is not None:  # the weights saved with the optimiser state: all of the same step
+        state.restore(model, opt, sched, ADAMW_STATE)
+        _truncate_log(out / LOG, step)
+        print(f"resuming {out} at step {step}", file=sys.stderr)  # only once all of it has been accepted
     counts = model.parameter_counts()
     meta = {"model": cfg.model, "model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp,
             "datastore": str(Path(cfg.datastore).resolve()), "train": cfg.train, "parameters": counts}
@@ -219,14 +209,11 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     off_loss = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=False) if eval_w else None
 
     def checkpoint() -> None:
-        from ralm.utils.atomic import atomic_path
-
         # the resumption state is one atomic file (weights + optimiser of one step), written first; the
         # user-facing checkpoint (new weights + config) follows
-        with atomic_path(state_path) as tmp:
-            torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "weights": model.new_state_dict(), "model_fingerprint": model_fp,
-                        "resume_key": cfg.resume_key()}, tmp)
+        save_trainer_state(state_path, model, opt, sched, {
+            "step": step, "trained_tokens": tokens_before + tokens, "model_fingerprint": model_fp,
+            "resume_key": cfg.resume_key()})
         save_checkpoint(out, model, {**meta, "step": step})
 
     def evaluate() -> dict[str, Any]:
@@ -239,7 +226,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
 
     model.train()
     model.base.eval()  # the frozen model keeps inference behaviour (no dropout)
-    tokens, t0, loss_ema = 0, time.perf_counter(), None
+    tokens, t0, loss_ema = 0, time.perf_counter(), None  # tokens: this session's (tokens/s is this session's)
+    if state is not None:
+        state.restore_rng()  # after model building and the first evaluation, as where the run was saved
     with tqdm(total=cfg.steps, initial=step, desc="retrofit", unit="step", disable=not progress,
               file=sys.stderr) as bar:
         while step < cfg.steps:
@@ -259,7 +248,8 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tps:.0f}")
             bar.update(1)
             row = {"step": step, "loss": round(value, 4), "grad_norm": round(grad_norm, 4),
-                   "lr": sched.get_last_lr()[0], "tokens_per_second": round(tps, 1),
+                   "lr": sched.get_last_lr()[0], "trained_tokens": tokens_before + tokens,
+                   "tokens_per_second": round(tps, 1),
                    "elapsed_s": round(time.perf_counter() - t0, 2)}
             if cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps:
                 row.update(evaluate())
@@ -274,7 +264,9 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
                 checkpoint()
     seconds = time.perf_counter() - t0
     last_eval = next((r for r in reversed(log_rows) if "eval_loss_on" in r), {})
-    return {"checkpoint": str(out), "steps": step, "trained_tokens": tokens, "seconds": round(seconds, 1),
+    # trained_tokens counts the whole run, resumed parts included; seconds and tokens/s are this session's
+    return {"checkpoint": str(out), "steps": step, "trained_tokens": tokens_before + tokens,
+            "resumed_at_step": state.step if state is not None else 0, "seconds": round(seconds, 1),
             "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "bf16": bf16, "device": device.type,
             "final_loss": log_rows[-1]["loss"] if log_rows else None, **counts, **last_eval}
 
@@ -345,11 +337,44 @@ def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: 
     return [t.ids for t in targets], [cache.doc(i) for i in range(len(targets))]
 
 
+def _resume_state(cfg: RetrofitConfig, out: Path, state_path: Path) -> TrainerState | None:
+    """The run to resume in ``out`` (None: start afresh), checked against ``cfg``; never unpickles anything."""
+    from ralm.lm.retro_checkpoint import read_trainer_state
+
+    legacy = out / LEGACY_TRAINER_STATE
+    if cfg.force:  # starting over (the folder was emptied of ralm's files, trainer.pt included): nothing is read
+        return None
+    if legacy.exists() or legacy.is_symlink():
+        raise RalmError(f"--out {out}: holds {LEGACY_TRAINER_STATE}, an older ralm's resumption state, which is a "
+                        f"pickle and is never loaded (it could run code); rerun with --force to start over "
+                        f"(a {WEIGHTS} + {CONFIG} of checkpoint format {VERSION} there still loads for eval-lm)")
+    if not state_path.exists():
+        return None
+    state = read_trainer_state(state_path)
+    if state.resume_key != cfg.resume_key():
+        raise RalmError(f"--out {out}: holds a run with other settings; pass the same ones, or --force to "
+                        "start over")
+    if state.step >= cfg.steps:
+        raise RalmError(f"--out {out}: already trained for {state.step} steps; raise --steps to train further")
+    return state
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows of steps after the checkpoint being resumed (they will be trained again)."""
-    if path.exists():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    from ralm.utils.atomic import atomic_open
+
+    if not path.exists():
+        return
+    keep = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            row_step = json.loads(line)["step"] if line.strip() else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RalmError(f"{path}: line {n} is not a training log row; fix or delete the file") from None
+        if isinstance(row_step, int) and row_step <= step:
+            keep.append(line)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 def same_doc_docs(doc_ids: list[str], fraction: float, seed: int) -> set[str]:
@@ -366,6 +391,6 @@ def _clear(out: Path) -> None:
 
     from ralm.lm.retro_checkpoint import CONFIG, WEIGHTS
 
-    for name in (WEIGHTS, CONFIG, TRAINER_STATE, LOG):
+    for name in (WEIGHTS, CONFIG, TRAINER_STATE, LEGACY_TRAINER_STATE, LOG):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / "neighbours", ignore_errors=True)
