@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from ralm.errors import RalmError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.lm.retro import PAD, RetroConfig, RetroFit
 from ralm.lm.retro_checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
+from ralm.utils import outdir
 
 LOG = "train_log.jsonl"
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW (amsgrad off) keeps per parameter
@@ -151,8 +153,28 @@ def lr_lambda(step: int, warmup: int, total: int) -> float:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
+def _legacy_run(root: Path) -> bool:
+    """A run folder written before folders had an owner marker: its checkpoint, trainer state or cache."""
+    return any((root / n).exists() for n in (CONFIG, TRAINER_STATE, LEGACY_TRAINER_STATE, "neighbours"))
+
+
+# every name a run writes: --force and the cleanup of a failed start remove these and nothing else
+KIND = outdir.Kind("retrofit", "RETRO-fit run", {
+    **{re.escape(n): None for n in (WEIGHTS, CONFIG, TRAINER_STATE, LEGACY_TRAINER_STATE, LOG)},
+    "neighbours": {"train|eval": {r"header\.json": None, r"neighbours\.npz": None}},
+}, _legacy_run)
+
+
 def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume training) and return a summary: losses, tokens/s, parameter share, checkpoint path."""
+    # writable, locked against a second writer, and ralm's own (--force empties it): before any loading
+    with outdir.open_out(cfg.out, KIND, force=cfg.force) as run:
+        run.claim()
+        return _train(cfg, progress)
+
+
+def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
+    """The run itself, in the locked ``cfg.out``."""
     from tqdm import tqdm
 
     from ralm.lm.hidden import model_fingerprint
@@ -162,11 +184,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
 
     out = Path(cfg.out)
     state_path = out / TRAINER_STATE
-    if out.exists() and cfg.force:
-        _clear(out)
-    elif out.exists() and any(out.iterdir()) and not state_path.exists() and not (out / "neighbours").exists():
-        raise RalmError(f"--out {out}: exists and is not a RETRO-fit run; choose another folder or pass --force")
-    out.mkdir(parents=True, exist_ok=True)  # with --neighbours nothing else creates it
     state = _resume_state(cfg, out, state_path)  # read and checked before minutes of model and data loading
     lm = load(cfg.model)
     model_fp, tok_fp = model_fingerprint(lm.model), tokenizer_fingerprint(lm.tokenizer)
@@ -386,11 +403,3 @@ def same_doc_docs(doc_ids: list[str], fraction: float, seed: int) -> set[str]:
     return {doc_ids[i] for i in order[: round(fraction * len(doc_ids))]}
 
 
-def _clear(out: Path) -> None:
-    import shutil
-
-    from ralm.lm.retro_checkpoint import CONFIG, WEIGHTS
-
-    for name in (WEIGHTS, CONFIG, TRAINER_STATE, LEGACY_TRAINER_STATE, LOG):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "neighbours", ignore_errors=True)

@@ -282,7 +282,8 @@ class OutDir:
             raise RalmError(f"{self.flag} {self.root}: is a ralm {marker.get('kind')} folder, not a "
                             f"{self.kind.label}; choose another folder")
         if marker is None and (found or not self.kind.legacy(self.root)):
-            what = f"{found[0]} is not a file ralm writes" if found else f"no {MARKER} and no {self.kind.label} in it"
+            what = (f"its {MARKER} is unreadable or not ralm's" if found and found[0] == MARKER
+                    else f"{found[0]} is not a file ralm writes" if found else f"no {self.kind.label} in it")
             raise RalmError(f"{self.flag} {self.root}: not empty and not a {self.kind.label} ({what}); "
                             + ("refusing to delete it with --force" if force else "choose another path"))
         if force:
