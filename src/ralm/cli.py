@@ -75,6 +75,7 @@ def build(
     shard_docs: Annotated[int, typer.Option(help="documents per shard; memory is bounded by one shard")] = 1000,
     max_doc_mb: Annotated[float, typer.Option(help="skip (and count) documents larger than this")] = 16.0,
     invalid_utf8: Annotated[str, typer.Option(help="'replace' bad bytes or 'skip' the document")] = "replace",
+    duplicate_ids: Annotated[str, typer.Option(help="repeated document ids: 'warn' (and keep) or 'error'")] = "warn",
     dedup: Annotated[bool, typer.Option("--dedup", help="drop exact-duplicate chunks")] = False,
     near_dup: Annotated[bool, typer.Option("--near-dup", help="drop near-duplicate documents (13-gram Jaccard >= 0.8)")] = False,
     executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
@@ -95,7 +96,7 @@ def build(
     try:
         cfg = BuildConfig(
             inputs=list(inputs), out=out,
-            corpus=CorpusConfig(text_field, id_field, domain, max_doc_mb, invalid_utf8),
+            corpus=CorpusConfig(text_field, id_field, domain, max_doc_mb, invalid_utf8, duplicate_ids),
             chunking=ChunkingConfig(chunk_tokens, continuation),
             encoder=EncoderConfig(encoder, pooling, encoder_dtype, batch_size),
             index=IndexConfig(index, memory_budget, target_recall),

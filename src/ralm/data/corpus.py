@@ -4,18 +4,26 @@ An explicitly named ``.json`` file is read as a SQuAD-format file: one document 
 paragraph id ``f"{title}#{i}"`` as doc id (``ralm.data.squad``), so a store built from it finds gold
 paragraphs by id. Folders are not searched for ``.json`` files.
 
-Everything is streamed (one line / one file / one record batch at a time), so memory does not grow
-with the corpus. Recoverable problems (blank documents, invalid UTF-8, oversized documents) are skipped
-or repaired and counted in ``ReadStats``; unrecoverable ones (missing path, malformed JSON, a missing
-text field) raise ``RalmError`` naming the file and line.
+Default document ids are ``name:line`` (``name:row`` for Parquet, ``name`` for a .txt file), where a file's
+name is its file name, or ``folder/relative/path`` inside a named folder; where two input files would share
+a name, their names take on parent folders until they differ (``a/x.jsonl``, ``b/x.jsonl``), so generated
+ids never merge two documents. Explicit ids that repeat are counted and warned about, or refused
+(``--duplicate-ids error``): same-document exclusion treats documents sharing an id as one document.
+
+Everything is streamed (one line / one file / one record batch at a time), so memory grows with the
+corpus only by the set of ids seen (for the duplicate check). Recoverable problems (blank documents,
+invalid UTF-8, oversized documents) are skipped or repaired and counted in ``ReadStats``; unrecoverable
+ones (missing path, malformed JSON, a missing text field) raise ``RalmError`` naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ralm.errors import RalmError
 
@@ -44,10 +52,17 @@ class CorpusConfig:
     invalid_utf8: str = field(
         default="replace", metadata={"help": "'replace' bad bytes with U+FFFD, or 'skip' the document"}
     )
+    duplicate_ids: str = field(
+        default="warn",
+        metadata={"help": "documents whose id repeats an earlier one: 'warn' (counted, with examples, and kept) "
+                  "or 'error' (refuse the corpus); same-document exclusion treats documents sharing an id as one"},
+    )
 
     def __post_init__(self) -> None:
         if self.invalid_utf8 not in ("replace", "skip"):
             raise RalmError(f"--invalid-utf8 {self.invalid_utf8!r}: expected 'replace' or 'skip'")
+        if self.duplicate_ids not in ("warn", "error"):
+            raise RalmError(f"--duplicate-ids {self.duplicate_ids!r}: expected 'warn' or 'error'")
         if self.max_doc_mb <= 0:
             raise RalmError(f"--max-doc-mb {self.max_doc_mb}: must be > 0")
         if not self.text_field:
@@ -66,6 +81,7 @@ class ReadStats:
     invalid_utf8: int = 0  # documents with bad bytes, repaired (--invalid-utf8 replace) or skipped
     invalid_utf8_skipped: int = 0
     too_large: int = 0
+    duplicate_ids: int = 0  # documents whose id repeats an earlier document's (kept, under --duplicate-ids warn)
     skipped_files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -78,11 +94,13 @@ def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = Non
     """Expand inputs into ``(file, name)`` pairs; ``name`` (used in default doc ids) is stable across runs.
 
     Folders are walked recursively in sorted order; files in them with other suffixes are skipped
-    (and recorded), while an explicitly named file with an unknown suffix is an error.
+    (and recorded), while an explicitly named file with an unknown suffix is an error. Names are unique
+    (``_unique_names``); a file named twice (directly, or also inside a named folder) is an error.
     """
     if not inputs:
         raise RalmError("no input given: name at least one JSONL, .txt, Parquet file or folder")
     out: list[tuple[Path, str]] = []
+    given: dict[Path, str] = {}  # resolved file -> the input that named it first
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
@@ -102,24 +120,68 @@ def list_input_files(inputs: Sequence[str | Path], stats: ReadStats | None = Non
                             f"or a SQuAD-format {SQUAD_SUFFIX} file")
     if not out:
         raise RalmError(f"{', '.join(map(str, inputs))}: no {', '.join(SUFFIXES)} files found")
-    return out
+    for f, _ in out:
+        real = f.resolve()
+        if real in given:
+            also = f" (also as {given[real]})" if given[real] != str(f) else ""
+            raise RalmError(f"{f}: named twice in the inputs{also}; its documents would be read twice")
+        given[real] = str(f)
+    return _unique_names(out)
+
+
+def _unique_names(files: list[tuple[Path, str]]) -> list[tuple[Path, str]]:
+    """The same files, every name unique: names two files share take on parent folders until they differ.
+
+    Names that are already unique are kept, so the ids of a single input (and of inputs with distinct file
+    names) do not change; only files that would have given the same ids get longer names.
+    """
+    names = [name for _, name in files]
+    parts = [Path(os.path.abspath(f)).parts for f, _ in files]
+    depth = [len(PurePosixPath(name).parts) for name in names]
+    for _ in range(max(map(len, parts))):
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, name in enumerate(names):
+            groups[name].append(i)
+        clashes = [i for group in groups.values() if len(group) > 1 for i in group]
+        if not clashes:
+            break
+        for i in clashes:
+            depth[i] = min(depth[i] + 1, len(parts[i]))
+            names[i] = PurePosixPath(*parts[i][-depth[i]:]).as_posix()
+    return [(f, name) for (f, _), name in zip(files, names, strict=True)]
 
 
 def iter_documents(
     inputs: Sequence[str | Path], cfg: CorpusConfig, stats: ReadStats | None = None
 ) -> Iterator[Document]:
-    """Stream the documents of all inputs in a deterministic order."""
+    """Stream the documents of all inputs in a deterministic order; repeated ids are warned about or refused."""
     stats = stats if stats is not None else ReadStats()
+    seen: set[str] = set()
+    repeats: dict[str, int] = {}  # repeated id -> times it repeats
     for path, name in list_input_files(inputs, stats):
         stats.files += 1
         if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, name, cfg, stats)
+            docs = _read_jsonl(path, name, cfg, stats)
         elif path.suffix == ".txt":
-            yield from _read_txt(path, name, cfg, stats)
+            docs = _read_txt(path, name, cfg, stats)
         elif path.suffix == SQUAD_SUFFIX:
-            yield from _read_squad(path, cfg, stats)
+            docs = _read_squad(path, cfg, stats)
         else:
-            yield from _read_parquet(path, name, cfg, stats)
+            docs = _read_parquet(path, name, cfg, stats)
+        for doc in docs:
+            if doc.id in seen:
+                if cfg.duplicate_ids == "error":
+                    raise RalmError(f"{path}: document id {doc.id!r} is also the id of an earlier document "
+                                    "(--duplicate-ids error; give every document its own id)")
+                stats.duplicate_ids += 1
+                repeats[doc.id] = repeats.get(doc.id, 0) + 1
+            seen.add(doc.id)
+            yield doc
+    if repeats:  # first in the list: build logs only the first warnings
+        examples = ", ".join(f"{i!r} x{n + 1}" for i, n in list(repeats.items())[:5])
+        stats.warnings.insert(0, f"{stats.duplicate_ids} document(s) repeat an earlier document's id ({len(repeats)} "
+                              f"id(s) shared, e.g. {examples}); same-document exclusion treats documents sharing "
+                              "an id as one document: give them unique ids, or refuse with --duplicate-ids error")
 
 
 def _decode(raw: bytes, where: str, cfg: CorpusConfig, stats: ReadStats) -> str | None:

@@ -231,6 +231,8 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
         bar.close()
     if not records:
         raise RalmError(f"{', '.join(cfg.inputs)}: no document with at least one token to store")
+    for w in stats.warnings[:20]:  # repeated document ids first (same-document exclusion goes by id)
+        log(f"warning: {w}")
 
     keys = KeyParts([_paths(root, r["part"])["keys"] for r in records])
     n = len(keys)
