@@ -184,7 +184,7 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     from ralm.eval.lm import model_context
     from ralm.lm.hidden import check_states_match_head, model_fingerprint
     from ralm.lm.models import load
-    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.presets import start_token, start_token_change, tokenizer_fingerprint
 
     lm = load(cfg.model)
     model, tok = lm.model, lm.tokenizer
@@ -192,7 +192,7 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     stride = min(cfg.window_stride or max(1, context // 2), context - 1)
     check_states_match_head(model, torch.arange(min(8, context))[None] % model.config.get_text_config().vocab_size)
     files = input_files_fingerprint(cfg.inputs)
-    fp = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok)}
+    fp = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok), "start_token": start_token(tok)}
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state["params"] != params or state["inputs"] != list(cfg.inputs) or state["files"] != files:
@@ -204,6 +204,8 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
         write_json(state_path, state)
     if state["model"] != fp["model"]:
         raise RalmError(f"--model {cfg.model}: loads other weights than the unfinished build started with; use --force")
+    if (why := start_token_change(state, tok)) is not None:  # keys after two start tokens would not mix
+        raise RalmError(f"--out {root}: the unfinished build was {why}; use --force to start over")
 
     stats = ReadStats()
     records, doc_ids = [], []
@@ -250,7 +252,8 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     index_files = [{"path": p.relative_to(root).as_posix(), "bytes": p.stat().st_size, "sha256": sha256_file(p)}
                    for p in (index_path, index_path.with_suffix(".json"), root / "documents.json")]
     manifest = {"format": FORMAT, "version": VERSION, "model": {"name": cfg.model, "fingerprint": fp["model"]},
-                "tokenizer": {"name": cfg.model, "fingerprint": fp["tokenizer"]}, "dim": keys.dim,
+                "tokenizer": {"name": cfg.model, "fingerprint": fp["tokenizer"], "start_token": fp["start_token"]},
+                "dim": keys.dim,
                 "vocab_size": int(model.config.get_text_config().vocab_size),
                 "context": context, "window_stride": stride, "parts": records,
                 "index": {"path": "index/knn.faiss", "meta": meta, "files": index_files},

@@ -101,13 +101,15 @@ def target_bytes(text: str, tokenizer: Any, targets: Targets) -> np.ndarray:
 
     Same span as ``make_targets``: a target owns its token's text plus whatever lies between it and the
     previous token (whitespace a tokenizer drops goes to the following token); trailing text after the
-    last token goes to the last target. Without BOS the first token is unscored, and the scored span
+    last token goes to the last target. Without a start token the first token is unscored, and the scored span
     starts at the second token. Tokens sharing one character (byte-level pieces of a multi-byte character)
     give the whole character to the first of them.
     """
+    from ralm.lm.presets import start_token_id
+
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
-    has_bos = tokenizer.bos_token_id is not None
+    has_bos = start_token_id(tokenizer) is not None
     scored = offsets if has_bos else offsets[1:]
     if len(scored) != targets.n_targets:
         raise ValueError(f"{targets.doc_id!r}: text gives {len(scored)} targets, expected {targets.n_targets} "

@@ -1,7 +1,8 @@
 """Language-model evaluation: sliding-window perplexity and true bits per byte.
 
 Every method scores the same *targets*: each token of a document is predicted from the tokens before it
-(after a BOS token where the tokenizer has one, so the first token is scored too). Perplexity is
+(after the model's plain-text start token, ``ralm.lm.presets.start_token``: the BOS, or the document
+separator where the BOS is a chat-turn token; where there is none, the first token is not scored). Perplexity is
 exp(mean NLL) over those targets; bits per byte is their total NLL in bits over the UTF-8 bytes of the
 text they cover — not log2(ppl)/8, which would depend on the tokenizer.
 """
@@ -19,6 +20,7 @@ import torch
 
 from ralm.data.corpus import Document
 from ralm.errors import RalmError
+from ralm.lm.presets import start_token, start_token_id
 
 
 @dataclass
@@ -42,11 +44,11 @@ class LMEvalConfig:
 
 @dataclass
 class Targets:
-    """One document as the model sees it: ids (with BOS when available) and the span of text scored."""
+    """One document as the model sees it: ids (after the start token, if any) and the span of text scored."""
 
     doc_id: str
     ids: torch.Tensor  # (n,) input ids; targets are ids[first:], each predicted from ids[:t]
-    first: int  # index of the first scored target (1: position 0 is BOS or an unscored first token)
+    first: int  # index of the first scored target (1: position 0 is the start token or an unscored first token)
     scored_bytes: int  # UTF-8 bytes of the text covered by the targets
 
     @property
@@ -58,7 +60,7 @@ def make_targets(doc: Document, tokenizer: Any) -> Targets:
     """Tokenize a document; raise when it has nothing to score."""
     enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    bos = tokenizer.bos_token_id
+    bos = start_token_id(tokenizer)
     if bos is not None:
         ids = [bos, *ids]
         scored_text = doc.text
@@ -162,5 +164,5 @@ def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalCon
             bar.update(len(nll))
     seconds = time.perf_counter() - t0
     return summarize(nll_sum, total, n_bytes, seconds, method=method, documents=len(docs), context=context,
-                     window_stride=stride, retrieval_seconds=round(retrieval_s, 3),
+                     window_stride=stride, start_token=start_token(tokenizer), retrieval_seconds=round(retrieval_s, 3),
                      retrieval_share=round(retrieval_s / max(seconds, 1e-9), 4), config=asdict(cfg))

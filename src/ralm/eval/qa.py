@@ -248,9 +248,13 @@ def _context_length(model: Any, tokenizer: Any) -> int:
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
-    # chat templates already hold their special tokens; plain prompts get BOS where the tokenizer adds one
-    special = prompt_style(tokenizer) != "chat"
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+    # chat templates already hold their special tokens; plain prompts start as eval-lm's plain text does
+    if prompt_style(tokenizer) == "chat":
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from ralm.lm.presets import start_token_id
+
+    start = start_token_id(tokenizer)
+    return ([start] if start is not None else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def build_prompt(tokenizer: Any, question: str, passages: Sequence[str], doc_tokens: int, room: int,

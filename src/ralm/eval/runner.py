@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ralm.data.corpus import CorpusConfig, Document, ReadStats, iter_documents
-from ralm.errors import RalmError
+from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.leakage import NeighbourLog, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
 from ralm.lm.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
@@ -106,11 +106,15 @@ def _sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None
 def open_knn_store(cfg: EvalLMConfig, model: Any, tok: Any) -> Any:
     from ralm.datastore.knn_store import KNNStore
     from ralm.lm.hidden import model_fingerprint
-    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 
     store = KNNStore.open(cfg.datastore)
     store.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tok), cfg.model,
                            model.config.get_text_config().hidden_size)
+    if (why := start_token_change(store.manifest["tokenizer"], tok)) is not None:
+        # the first token conditions every later hidden state: keys made after another one match nothing
+        raise IncompatibleError(f"--datastore {cfg.datastore}: a kNN-LM store {why}; its keys no longer match "
+                                "the model's states: rebuild it with `ralm knnlm build ... --force`")
     return store
 
 

@@ -1,7 +1,7 @@
 """``ralm generate``: continue a prompt with retrieval at every chunk boundary.
 
-- ``retro``: a RETRO-fit checkpoint. Whenever the text completes a chunk of m tokens (on RETRO's grid, BOS
-  included), that chunk's text retrieves its neighbours; the tokens after it read them through CCA.
+- ``retro``: a RETRO-fit checkpoint. Whenever the text completes a chunk of m tokens (on RETRO's grid, the start
+  token included), that chunk's text retrieves its neighbours; the tokens after it read them through CCA.
 - ``in-context``: every ``stride`` tokens (and once for the prompt) the last ``query_len`` tokens retrieve
   the top passages, which are prepended to the context of what follows.
 - ``none``: the plain LM, for comparison.
@@ -70,10 +70,12 @@ def generate(model: Any, tokenizer: Any, prompt: str, cfg: GenerateConfig, ds: A
     if cfg.method == "retro" and retro is None:
         raise RalmError("--method retro needs --checkpoint")
     device = next(model.parameters()).device
-    bos = tokenizer.bos_token_id
+    from ralm.lm.presets import start_token_id
+
+    bos = start_token_id(tokenizer)  # the start token plain text is scored after (eval-lm's too)
     ids = ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise RalmError("PROMPT: empty prompt and the tokenizer has no BOS token to start from")
+        raise RalmError("PROMPT: empty prompt and the tokenizer has no start (BOS) token to start from")
     n_prompt = len(ids)
     g = torch.Generator().manual_seed(cfg.seed)
     retrievals: list[dict[str, Any]] = []

@@ -2,7 +2,7 @@
 and prepend the top passages to the context of the next ``stride`` tokens.
 
 Scores the same targets as ``ralm.eval.lm.token_nll``: block [i, i+stride) is predicted from
-[BOS] + passages + the most recent tokens that fit the model's context. With no passage (the first
+[start token] + passages + the most recent tokens that fit the model's context. With no passage (the first
 block, or an empty retrieval) a block is scored from the last ``context`` tokens alone, which is the plain
 sliding window with ``window_stride = stride`` (identical when ``context - 1`` is a multiple of ``stride``),
 so with retrieval switched off this reproduces the plain LM.
@@ -18,6 +18,7 @@ import torch
 
 from ralm.errors import RalmError
 from ralm.eval.lm import Targets
+from ralm.lm.presets import start_token_id
 
 if TYPE_CHECKING:
     from ralm.eval.leakage import NeighbourLog
@@ -99,6 +100,7 @@ def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever |
     """
     starts = block_starts(len(t.ids), cfg.stride)
     found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
+    bos = start_token_id(tokenizer)
     out = []
     for start, passages in zip(starts, found, strict=True):
         used = [p.tokens[: cfg.doc_tokens] for p in passages[: cfg.docs]]
@@ -106,7 +108,7 @@ def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever |
         end = min(start + cfg.stride, len(t.ids))
         if log is not None:
             log.add(start, end, used)
-        out.append(-_block_logprobs(model, t, start, end, passage, context, tokenizer.bos_token_id))
+        out.append(-_block_logprobs(model, t, start, end, passage, context, bos))
     return torch.cat(out), seconds
 
 
@@ -118,6 +120,7 @@ def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | Non
     ``in_context_nll``."""
     starts = block_starts(len(t.ids), cfg.stride)
     found, seconds = _retrieve_blocks(tokenizer, t, starts, retrieve, cfg.query_len)
+    bos = start_token_id(tokenizer)
     out = []
     for start, passages in zip(starts, found, strict=True):
         end = min(start + cfg.stride, len(t.ids))
@@ -125,11 +128,11 @@ def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | Non
         if log is not None:
             log.add(start, end, [p.tokens[: cfg.doc_tokens] for p in passages])
         if not passages:
-            out.append(-_block_logprobs(model, t, start, end, [], context, tokenizer.bos_token_id))
+            out.append(-_block_logprobs(model, t, start, end, [], context, bos))
             continue
         log_w = torch.log_softmax(torch.tensor([p.score for p in passages], dtype=torch.float32), 0)  # (J,)
         lp = torch.stack([_block_logprobs(model, t, start, end, p.tokens[: cfg.doc_tokens], context,
-                                          tokenizer.bos_token_id) for p in passages])  # (J, end-start)
+                                          bos) for p in passages])  # (J, end-start)
         out.append(-torch.logsumexp(lp + log_w[:, None], dim=0))
     return torch.cat(out), seconds
 

@@ -31,8 +31,10 @@ from ralm.lm.presets import (
     _tokenizer_from_gguf,
     cache_dir,
     convert_once,
+    declare_start_token,
     preset_dir,
     preset_gguf,
+    start_token,
     tokenizer_fingerprint,
 )
 
@@ -54,7 +56,7 @@ class LoadedLM:
     path: str  # the folder it was loaded from
 
     def describe(self) -> dict[str, Any]:
-        """Name, folder, architecture, size, vocabulary, context length and tokenizer fingerprint."""
+        """Name, folder, architecture, size, vocabulary, context length, tokenizer fingerprint and start token."""
         cfg = self.model.config.get_text_config()
         max_ctx = getattr(cfg, "max_position_embeddings", None)
         if max_ctx is None and self.tokenizer.model_max_length < 10**9:
@@ -69,6 +71,7 @@ class LoadedLM:
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "device": str(self.model.device),
             "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "start_token": start_token(self.tokenizer),
         }
 
 
@@ -89,6 +92,7 @@ def load(name_or_path: str = DEFAULT_LM, device: str = "cpu", dtype: str = "floa
     dev = _device(device)
     src = model_dir(name_or_path)
     model, tok = _load_folder(name_or_path, src, torch_dtype)
+    declare_start_token(tok, name_or_path)  # a preset's plain-text start token, not its GGUF's chat BOS
     path = src if Path(src).is_dir() else _hub_snapshot(src)
     if tok.pad_token_id is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -67,11 +67,13 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
 
 def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | None = None) -> tuple[RetroFit, dict]:
     """Fit the checkpoint's layers onto ``base`` (its own frozen LM); return the model and the checkpoint config."""
+    import sys
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from ralm.lm.hidden import model_fingerprint
-    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 
     meta = read_checkpoint_config(path)
     fp, want = model_fingerprint(base), meta.get("model_fingerprint")
@@ -82,6 +84,9 @@ def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | 
     if tok_fp != meta.get("tokenizer_fingerprint"):
         raise IncompatibleError(f"--checkpoint {path}: trained with tokenizer {meta.get('tokenizer_fingerprint')}, "
                                 f"not {tok_fp}")
+    if (why := start_token_change(meta, tokenizer)) is not None:  # usable, but its layers saw other states
+        print(f"warning: --checkpoint {path}: trained {why}; its new layers read slightly different states "
+              "of the base model now; retrain it with `ralm retrofit` for comparable numbers", file=sys.stderr)
     model = RetroFit(base, RetroConfig(**meta["retro"]))
     try:
         state = load_file(str(Path(path) / WEIGHTS))

@@ -1,6 +1,6 @@
 """Neighbours of every chunk of a document, from a retrieval datastore, for RETRO-fit training and evaluation.
 
-A document is seen as the model sees it (``Targets.ids``: BOS first where the tokenizer has one) and cut
+A document is seen as the model sees it (``Targets.ids``: the start token first where the tokenizer has one) and cut
 on RETRO's grid into chunks of m tokens; chunk u is retrieved with its own text and gets the top-K
 neighbours, each the stored chunk plus its continuation (up to 2m tokens), best first. Same-document
 neighbours are excluded by default; ``decontaminate`` also drops neighbours sharing an N-token span with
@@ -47,7 +47,7 @@ def store_id(ds: Any) -> str:
 
 
 def chunk_queries(t: Targets, tokenizer: Any, m: int) -> list[str]:
-    """The text of every whole chunk of ``t`` on the model's grid (BOS excluded from the text)."""
+    """The text of every whole chunk of ``t`` on the model's grid (the start token excluded from the text)."""
     special = set(tokenizer.all_special_ids)
     out = []
     for u in range(len(t.ids) // m):

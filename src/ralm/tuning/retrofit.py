@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ralm.errors import RalmError
-from ralm.lm.presets import DEFAULT_LM
+from ralm.lm.presets import DEFAULT_LM, start_token
 from ralm.lm.retro import PAD, RetroConfig, RetroFit
 from ralm.lm.retro_checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
 from ralm.utils import outdir
@@ -220,6 +220,7 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
         print(f"resuming {out} at step {step}", file=sys.stderr)  # only once all of it has been accepted
     counts = model.parameter_counts()
     meta = {"model": cfg.model, "model_fingerprint": model_fp, "tokenizer_fingerprint": tok_fp,
+            "start_token": start_token(lm.tokenizer),  # what its layers saw plain text start with
             "datastore": str(Path(cfg.datastore).resolve()), "train": cfg.train, "parameters": counts}
     pad_id = lm.tokenizer.pad_token_id
     m = cfg.retro.chunk_size
