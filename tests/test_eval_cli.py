@@ -111,3 +111,26 @@ def test_malformed_squad_is_one_line(tmp_path, tiny_lm, content, needle):
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and str(path) in lines[0] and needle in lines[0], r.stderr
+
+
+# ---- the JSON reports the windows each method used (issue 11, item 9) ------------------------------
+@pytest.mark.parametrize("method", ["in-context", "replug"])
+def test_in_context_reports_its_block_stride_as_window_stride(setup, tiny_lm, method):
+    """Issue 11 item 9: in-context scored blocks of --stride 8 but reported "window_stride": 32 (context/2)."""
+    base, held = setup
+    common = ["--model", tiny_lm, "--data", str(held), "--context", "64"]
+    plain = run(common)
+    assert plain["window_stride"] == 32
+    r = run([*common, "--method", method, "--datastore", str(base / "ds"), "--stride", "8", "--doc-tokens", "16"])
+    assert r["window_stride"] == 8 and r["stride"] == 8
+
+
+def test_leakage_baseline_keeps_the_plain_lm_windows(setup, tiny_lm):
+    """Issue 11 item 9: the leakage report's baseline is still the plain LM with its own windows, not in-context's blocks."""
+    base, held = setup
+    common = ["--model", tiny_lm, "--data", str(held), "--context", "64"]
+    plain = run(common)
+    r = run([*common, "--method", "in-context", "--datastore", str(base / "ds"), "--stride", "8", "--doc-tokens", "16",
+             "--leakage-report"])
+    assert r["window_stride"] == 8
+    assert r["leakage"]["all"]["baseline"]["ppl"] == pytest.approx(plain["ppl"], rel=1e-6)

@@ -186,6 +186,8 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
     finally:
         if cfg.method == "retro":  # leave a reused model as it came
             retro.remove_hooks()
+    if cfg.method in ("in-context", "replug"):  # its blocks of --stride tokens, not the plain LM's windows
+        result["window_stride"] = cfg.in_context.stride
     if cfg.method == "knn-lm":
         extra["lmbda_sweep_test"] = {str(lam): round(p, 4) for lam, p in _sweep(scorer, cfg.lmbda_grid).items()}
     if cfg.leakage_report:
@@ -202,7 +204,7 @@ def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, resu
     scores = []
     for d in docs:
         t = make_targets(d, tok)
-        baseline = token_nll(model, t, result["context"], result["window_stride"])
+        baseline = token_nll(model, t, result["context"], cfg.lm.window_stride or max(1, result["context"] // 2))
         scores.append(DocScores(t, per_target[d.id], baseline, target_bytes(d.text, tok, t), logs[d.id]))
     return leakage_report(scores, method=cfg.method, baseline="none")
 
