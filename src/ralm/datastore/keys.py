@@ -77,8 +77,47 @@ def exact_search(keys: KeyParts, xq: np.ndarray, k: int, rows: np.ndarray | None
     return sign * D, I
 
 
-def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray, k: int = 10) -> float:
-    """Mean fraction of the exact top-k found in the approximate top-k (set recall, tie-insensitive to order)."""
-    hits = [len(set(a[:k]) & set(b[:k]) - {-1}) for a, b in zip(I_approx, I_exact, strict=True)]
-    denom = [max(1, len(set(b[:k]) - {-1})) for b in I_exact]
+def recall_at_k(I_approx: np.ndarray, I_exact: np.ndarray, k: int = 10, S_approx: np.ndarray | None = None,
+                D_exact: np.ndarray | None = None, metric: str = "ip", tol: np.ndarray | float = 0.0) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k (set recall, insensitive to order).
+
+    With ``S_approx`` (the exact scores of the returned ids, ``true_scores``) and ``D_exact`` (exact_search's
+    scores), ties count: a returned id that scores as well as the k-th exact score (within ``tol``, per query)
+    is a hit even where exact search happened to keep another id of that score. Without this, duplicate keys
+    make even an exact index look approximate.
+    """
+    hits, denom = [], []
+    for q, (a, b) in enumerate(zip(I_approx, I_exact, strict=True)):
+        want = set(b[:k]) - {-1}
+        found = set(a[:k]) - {-1}
+        n = len(found & want)
+        if S_approx is not None and D_exact is not None and want:
+            kth = D_exact[q, min(k, len(want)) - 1]
+            t = np.broadcast_to(tol, (len(I_exact),))[q]
+            tied = S_approx[q, :k] >= kth - t if metric == "ip" else S_approx[q, :k] <= kth + t
+            n += sum(1 for i, ok in zip(a[:k], tied, strict=True) if ok and i != -1 and i not in want)
+        hits.append(min(n, max(1, len(want))))
+        denom.append(max(1, len(want)))
     return float(np.mean(np.array(hits) / np.array(denom)))
+
+
+def true_scores(keys: KeyParts, xq: np.ndarray, I: np.ndarray, metric: str = "ip") -> np.ndarray:
+    """(nq, k) exact scores of ids ``I`` for each query, in exact_search's convention (-1 ids: NaN)."""
+    xq = np.asarray(xq, dtype=np.float32)
+    x = keys.get(np.where(I < 0, 0, I))  # (nq, k, d)
+    s = np.einsum("qd,qkd->qk", xq, x)
+    if metric == "l2":
+        s = (xq * xq).sum(1)[:, None] - 2 * s + (x * x).sum(2)
+    return np.where(I < 0, np.nan, s)
+
+
+def tie_recall(keys: KeyParts, xq: np.ndarray, I_approx: np.ndarray, D_exact: np.ndarray, I_exact: np.ndarray,
+               metric: str = "ip", k: int = 10) -> float:
+    """recall@k with ties counted (``recall_at_k``), rescoring the returned ids exactly.
+
+    Two float32 computations of one score differ by rounding, so "as good as" allows 1e-5 of the query's
+    squared norm plus the score's size: far below any real difference between neighbours.
+    """
+    xq = np.asarray(xq, dtype=np.float32)
+    tol = 1e-5 * ((xq * xq).sum(1) + np.abs(np.nan_to_num(D_exact[:, min(k, D_exact.shape[1]) - 1], posinf=0, neginf=0)))
+    return recall_at_k(I_approx, I_exact, k, true_scores(keys, xq, I_approx[:, :k], metric), D_exact, metric, tol)
