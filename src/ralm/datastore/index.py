@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,15 +157,12 @@ class DenseIndex:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         kk = min(self.ntotal, k * self.rerank)
         worst = -np.inf if self.metric == "ip" else np.inf
-        flat = _flat_ip_view(self.index) if len(xq) == 1 and kk > 0 and allowed is None else None
+        flat = _flat_view(self.index) if kk > 0 and allowed is None else None
         if flat is not None:
-            # one query on exact search: FAISS scans the keys on one thread (or through per-block sgemm
-            # calls that do no better); a single BLAS gemv streams them on every core
             xb, ids = flat
-            s = xb @ xq[0]
-            top = np.argpartition(s, len(s) - kk)[len(s) - kk:]
-            top = top[np.argsort(-s[top], kind="stable")]
-            D, I = s[top][None, :], (top if ids is None else ids[top]).astype(np.int64)[None, :]  # noqa: E741
+            D, I = _flat_search(xb, xq, kk, self.index.metric_type)  # noqa: E741
+            if ids is not None:
+                I = ids[I]  # noqa: E741
         else:
             # one query is faster on FAISS's own per-query scan (an IVF's coarse search: ~200 vs ~156 q/s
             # at 200k x 384, nprobe 128); batches gain from BLAS (flat at 16: ~340 vs ~90 q/s)
@@ -214,14 +213,70 @@ def _unwrap_idmap(index: faiss.Index) -> faiss.Index:
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
-def _flat_ip_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """Zero-copy (ntotal, d) float32 view of an inner-product Flat index's vectors, plus its IDMap ids."""
+def _flat_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Zero-copy (ntotal, d) float32 view of a Flat (IP or L2) index's vectors, plus its IDMap ids."""
     inner = _unwrap_idmap(index)
-    if not isinstance(inner, faiss.IndexFlat) or inner.metric_type != faiss.METRIC_INNER_PRODUCT or inner.ntotal == 0:
+    if not isinstance(inner, faiss.IndexFlat) or inner.metric_type not in METRICS.values() or inner.ntotal == 0:
         return None
     xb = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
     ids = faiss.rev_swig_ptr(index.id_map.data(), index.id_map.size()) if inner is not index else None
     return xb, ids
+
+
+# Exact search runs as single-threaded FAISS calls on row ranges of the keys, shared by a pool of
+# faiss.omp_get_max_threads() threads, instead of one FAISS call on that many OpenMP threads. Measured on
+# the project's 2-core machine (200k x 384 keys, batch 16, k=10, benchmarks/search.py and its contended run):
+#  * with other processes keeping the cores busy, FAISS's BLAS path (an sgemm and an OpenMP heap update per
+#    1024 keys: ~400 parallel regions a search) spins at every barrier for a thread that is not running:
+#    640 queries took 43 s and 23 s of CPU on 2 threads, 3.8 s and 2.0 s on 1 thread; 1-19 q/s against
+#    plain FAISS's 18-77 (0.06-0.3x). OMP_WAIT_POLICY=PASSIVE cut that to 6.4 s, but it must be set before
+#    FAISS loads, for the whole process. One thread per call has no barrier to wait at: a busy core slows
+#    only the range its thread holds, and the other thread takes the next range;
+#  * the ranges are multiples of FAISS's 1024-key BLAS block, so every score is the one a single-threaded
+#    FAISS call computes, and their number depends on the keys only, so results do not depend on the thread
+#    count (exact ties are ordered by row);
+#  * one query takes FAISS's per-query scan on each range (the keys are streamed by every thread: 64 vs 38 q/s
+#    for one numpy gemv on a loaded machine); batches take BLAS (flat at 16: ~340 vs ~90 q/s).
+FLAT_RANGES = 16  # at most: enough for a busy core's lag to be a small part of the search
+FLAT_MIN_ROWS = 2048  # no range smaller: below that the pool costs more than it shares
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of its parent's threads
+
+
+def _flat_pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, "ralm-flat", initializer=faiss.omp_set_num_threads, initargs=(1,))
+    return _POOLS[threads]
+
+
+def _flat_search(xb: np.ndarray, xq: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact (D, I) of the ``k`` <= len(xb) best rows of ``xb`` for each query, FAISS's order and scores."""
+    n, block = len(xb), int(faiss.cvar.distance_compute_blas_database_bs)
+    ranges = max(1, min(FLAT_RANGES, n // FLAT_MIN_ROWS))
+    step = block * math.ceil(n / (block * ranges))
+    starts = range(0, n, step)
+
+    def one(s: int) -> tuple[np.ndarray, np.ndarray]:
+        D, I = faiss.knn(xq, xb[s:s + step], min(k, n - s, step), metric=metric)  # noqa: E741
+        return D, I + s
+
+    threads = faiss.omp_get_max_threads()
+    with blas_always() if len(xq) > 1 else contextlib.nullcontext():
+        if threads > 1 and len(starts) > 1:
+            parts = list(_flat_pool(threads).map(one, starts))
+        else:  # one range or one thread: here, with no OpenMP team to wait for
+            faiss.omp_set_num_threads(1)
+            try:
+                parts = [one(s) for s in starts]
+            finally:
+                faiss.omp_set_num_threads(threads)
+    D, I = np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)  # noqa: E741
+    sign = -1 if metric == faiss.METRIC_INNER_PRODUCT else 1
+    if len(parts) > 1:
+        top = np.argpartition(sign * D, k - 1, axis=1)[:, :k]
+        D, I = np.take_along_axis(D, top, 1), np.take_along_axis(I, top, 1)  # noqa: E741
+    order = np.lexsort((I, sign * D), axis=1)  # best first, ties by row
+    return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
 
 
 def _tunable(index: faiss.Index) -> tuple[str, list[int]] | None:
