@@ -70,8 +70,9 @@ def retrofit(
     if json_out:
         typer.echo(json.dumps(summary))
     else:
-        typer.echo(f"trained {summary['steps']} steps ({summary['trained_tokens']:,} tokens this run, "
-                   f"{summary['tokens_per_second']} tok/s); {summary['new']:,} new parameters "
+        resumed = f", resumed at step {summary['resumed_at_step']}" if summary.get("resumed_at_step") else ""
+        typer.echo(f"trained {summary['steps']} steps ({summary['trained_tokens']:,} tokens in all{resumed}; "
+                   f"{summary['tokens_per_second']} tok/s this session); {summary['new']:,} new parameters "
                    f"({100 * summary['new_share']:.2f}% of the base); checkpoint in {summary['checkpoint']}")
         if "eval_ppl_on" in summary:
             typer.echo(f"eval ppl: retrieval on {summary['eval_ppl_on']}, off {summary['eval_ppl_off']}")
