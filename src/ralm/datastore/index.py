@@ -224,19 +224,25 @@ def _flat_view(index: faiss.Index) -> tuple[np.ndarray, np.ndarray | None] | Non
 
 
 # Exact search runs as single-threaded FAISS calls on row ranges of the keys, shared by a pool of
-# faiss.omp_get_max_threads() threads, instead of one FAISS call on that many OpenMP threads. Measured on
-# the project's 2-core machine (200k x 384 keys, batch 16, k=10, benchmarks/search.py and its contended run):
-#  * with other processes keeping the cores busy, FAISS's BLAS path (an sgemm and an OpenMP heap update per
-#    1024 keys: ~400 parallel regions a search) spins at every barrier for a thread that is not running:
-#    640 queries took 43 s and 23 s of CPU on 2 threads, 3.8 s and 2.0 s on 1 thread; 1-19 q/s against
-#    plain FAISS's 18-77 (0.06-0.3x). OMP_WAIT_POLICY=PASSIVE cut that to 6.4 s, but it must be set before
-#    FAISS loads, for the whole process. One thread per call has no barrier to wait at: a busy core slows
-#    only the range its thread holds, and the other thread takes the next range;
+# faiss.omp_get_max_threads() threads, instead of one FAISS call on that many OpenMP threads. Measured on the
+# project's 2-core machine while other sessions kept it loaded (load average 4-10):
+#  * FAISS's BLAS path runs an sgemm and an OpenMP heap update per 1024 keys (~100-400 parallel regions a
+#    search), and its threads spin at each barrier for one that is not running: 640 queries (batch 16, 200k
+#    random keys) took 43 s wall and 23 s CPU on 2 threads against 3.8 s and 2.0 s on 1 thread.
+#    `benchmarks/search.py --quick` (50k MiniLM keys) beside 2 busy processes: the old path 5.3 q/s vs plain
+#    FAISS 72.9 (0.07x; 0.89x even without them); this one 566 vs 65 (8.7x), batch 1 96 vs 14, batch 1024
+#    517 vs 209. OMP_WAIT_POLICY=PASSIVE also cured the spinning (43 -> 6.4 s), but only if set before FAISS
+#    loads, for the whole process. One thread per call has no barrier to wait at: a busy core slows only the
+#    range its thread holds, and the other thread takes the next range;
 #  * the ranges are multiples of FAISS's 1024-key BLAS block, so every score is the one a single-threaded
 #    FAISS call computes, and their number depends on the keys only, so results do not depend on the thread
-#    count (exact ties are ordered by row);
-#  * one query takes FAISS's per-query scan on each range (the keys are streamed by every thread: 64 vs 38 q/s
-#    for one numpy gemv on a loaded machine); batches take BLAS (flat at 16: ~340 vs ~90 q/s).
+#    count (exact ties are ordered by row); FAISS's own 2-thread results differ from its 1-thread ones by ulps;
+#  * one query takes FAISS's per-query scan on each range, streaming the keys on every thread (16.0 of 23.6
+#    GB/s in the same --quick run; a numpy gemv got 8-11 GB/s on the loaded machine); batches take BLAS.
+# IVF / HNSW searches stay one FAISS call: their OpenMP loop is over queries (one barrier a search). On the
+# --quick IVF1024 index, ralm / plain FAISS at the same nprobe was 0.84-1.21x over batches 1-1024 in two runs,
+# idle or contended, i.e. run-to-run noise (batch 1 is the very same call); an A/B of batch 16 with and
+# without the BLAS threshold gave 668 vs 658 q/s (median) loaded and 258 vs 270 contended.
 FLAT_RANGES = 16  # at most: enough for a busy core's lag to be a small part of the search
 FLAT_MIN_ROWS = 2048  # no range smaller: below that the pool costs more than it shares
 _POOLS: dict[int, ThreadPoolExecutor] = {}
