@@ -21,14 +21,14 @@ class Row:
 
 
 def change(value: float, base: float, lower_is_better: bool, unit: str = "%") -> str:
-    """'helps: -12.3% perplexity' style verdict of ``value`` against ``base``."""
+    """'helps (-12.3%)' style verdict of ``value`` against ``base``; under 1% (or 1 point) is no measurable change."""
     if unit == "%":
         delta = 100 * (value - base) / base
         text = f"{delta:+.1f}%"
     else:
         delta = value - base
         text = f"{delta:+.1f} {unit}"
-    if abs(delta) < 0.5:
+    if abs(delta) < 1:  # the demo's samples are small: smaller changes are within noise
         return f"no measurable change ({text})"
     better = delta < 0 if lower_is_better else delta > 0
     return f"{'helps' if better else 'hurts'} ({text})"
@@ -36,14 +36,24 @@ def change(value: float, base: float, lower_is_better: bool, unit: str = "%") ->
 
 def table(rows: list[Row]) -> str:
     """The closing table as markdown."""
-    lines = ["| setting | metric | value | what it means |", "|---|---|---:|---|"]
+    lines = ["| data | setting | metric | value | what it means |", "|---|---|---|---:|---|"]
     for r in rows:
         value = f"{100 * r.value:.0f}%" if r.metric.startswith("recall") else f"{r.value:.2f}"
-        lines.append(f"| {r.setting} | {r.metric} | {value} | {r.meaning} |")
+        lines.append(f"| {_data(r)} | {r.setting} | {r.metric} | {value} | {r.meaning} |")
     return "\n".join(lines)
 
 
 Panel = tuple[str, str, list[tuple[str, list[tuple[str, float]]]]]  # title, y label, [(group, [(bar, value)])]
+
+
+def _data(r: Row) -> str:
+    name, unit = {"qa": ("SQuAD dev", "questions"), "lm": ("BBC News", "tokens")}.get(r.section, (r.section, ""))
+    return name if r.n is None else f"{name}, {r.n:,} {unit}"
+
+
+def pct(value: float, base: float) -> str:
+    """'-93.1%': the relative change of ``value`` against ``base``."""
+    return f"{100 * (value - base) / base:+.1f}%"
 
 
 def write_all(out: Path, rows: list[Row], summary: list[str], panels: list[Panel], details: dict) -> dict[str, Path]:

@@ -66,7 +66,8 @@ def test_squad_subset_keeps_paragraph_ids(tmp_path):
 
 
 @pytest.mark.parametrize(("value", "base", "lower", "word"), [
-    (20.0, 30.0, True, "helps"), (33.0, 30.0, True, "hurts"), (30.1, 30.0, True, "no measurable change"),
+    (20.0, 30.0, True, "helps"), (33.0, 30.0, True, "hurts"), (30.2, 30.0, True, "no measurable change"),
+    (29.8, 30.0, True, "no measurable change"),
     (17.0, 5.0, False, "helps"), (4.0, 5.0, False, "hurts")])
 def test_change_verdict_follows_the_numbers(value, base, lower, word):
     assert demo_report.change(value, base, lower).startswith(word)
@@ -113,7 +114,8 @@ def test_report_writes_json_markdown_and_png(tmp_path):
     assert [r["meaning"] for r in data["rows"]] == ["the LM alone", "top hit is gold", "baseline"]
     assert data["summary"] == ["a line"] and data["total_seconds"] == 1.0
     md = paths["md"].read_text()
-    assert "| closed book | F1 | 5.50 | the LM alone |" in md and "| retriever | recall@1 | 50% |" in md
+    assert "| SQuAD dev, 4 questions | closed book | F1 | 5.50 | the LM alone |" in md
+    assert "| retriever | recall@1 | 50% |" in md and "| BBC News, 100 tokens | no retrieval |" in md
     assert "- a line" in md and "![chart](results.png)" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))  # written whole, no leftovers
