@@ -44,7 +44,7 @@ def test_folder_of_txt_and_parquet_with_custom_fields(tmp_path):
 
 
 def test_passage_mode_has_no_continuation(tiny_tokenizer):
-    from ralm.data.corpus import Document
+    from ralm.data.document import Document
 
     tok = load_tokenizer(tiny_tokenizer)
     doc = Document("x", "alpha beta gamma delta " * 40, "d")

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_text
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.errors import RalmError
 from ralm.eval.lm import LMEvalConfig, evaluate_lm, make_targets, token_nll, window_plan
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_text, write_corpus
 from ralm import Datastore
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.datastore.build import build
 from ralm.errors import RalmError
 from ralm.eval.lm import make_targets, token_nll

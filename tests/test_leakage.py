@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import make_text
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.eval.leakage import (
     DocScores,
     NeighbourLog,

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from badinput import fails, runner, write_jsonl
 from conftest import write_corpus
 from ralm.cli import app
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.errors import RalmError
 from ralm.eval.lm import make_targets, token_nll
 from ralm.lm.presets import PRESETS, declare_start_token, start_token, start_token_change, start_token_id

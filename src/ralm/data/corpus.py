@@ -25,17 +25,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from ralm.data.document import Document
+from ralm.data.squad import DOMAIN, squad_documents
 from ralm.errors import RalmError
 
 SUFFIXES = (".jsonl", ".txt", ".parquet")
 SQUAD_SUFFIX = ".json"  # only as an explicitly named file: a SQuAD-format file, one document per paragraph
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-    domain: str
 
 
 @dataclass
@@ -277,8 +272,6 @@ def _read_parquet(path: Path, name: str, cfg: CorpusConfig, stats: ReadStats) ->
 
 
 def _read_squad(path: Path, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Document]:
-    from ralm.data.squad import DOMAIN, squad_documents
-
     for doc in squad_documents(path, domain=cfg.domain or DOMAIN):
         if not _too_large(len(doc.text.encode("utf-8")), f"{path}:{doc.id}", cfg, stats):
             yield from _emit(doc.text, doc.id, doc.domain, stats)

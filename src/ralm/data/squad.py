@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.errors import RalmError
 
 DOMAIN = "squad"

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ralm.data.corpus import CorpusConfig, Document, ReadStats, iter_documents, list_input_files
+from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input_files
+from ralm.data.document import Document
 from ralm.datastore import layout
 from ralm.datastore.chunking import ChunkingConfig
 from ralm.datastore.dedup import exact_duplicate_mask, near_duplicate_ordinals

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.errors import RalmError
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.datastore import layout
 from ralm.datastore.chunking import ChunkingConfig, chunk_documents
 from ralm.datastore.encoders import EncoderConfig, load_encoder

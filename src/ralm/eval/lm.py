@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ralm.data.corpus import Document
+from ralm.data.document import Document
 from ralm.errors import RalmError
 from ralm.lm.presets import start_token, start_token_id
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ralm.data.corpus import CorpusConfig, Document, ReadStats, iter_documents
+from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
+from ralm.data.document import Document
 from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.leakage import NeighbourLog, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
