@@ -66,7 +66,7 @@ def _pick(src: Path, dst: Path, n: int, lo: int = 2500, hi: int = 5000) -> Path:
 
 def knn_store(paths: dict[str, Path]) -> dict:
     from ralm.datastore.index import IndexConfig
-    from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
+    from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
     # the same arguments as the `ralm knnlm build` command that may have started it: a rerun resumes it
     knn = build_knn_store(KNNBuildConfig([str(paths["store"])], str(CACHE / "knn"), model=MODEL, context=CONTEXT,
@@ -86,8 +86,8 @@ def retrieval_store(paths: dict[str, Path]) -> dict:
 def evaluate(method: str, data: Path, **kw) -> dict:
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig, run_eval_lm
-    from ralm.lm.in_context import InContextConfig
-    from ralm.lm.knnlm import KNNLMConfig
+    from ralm.methods.in_context import InContextConfig
+    from ralm.methods.knnlm import KNNLMConfig
 
     store = {"knn-lm": CACHE / "knn", "in-context": CACHE / "ds", "replug": CACHE / "ds"}.get(method)
     cfg = EvalLMConfig(model=MODEL, data=[str(data)], method=method, datastore=str(store) if store else None,

@@ -47,7 +47,7 @@ def log(msg: str) -> None:
 
 
 def train(paths: dict[str, Path], args: argparse.Namespace) -> dict:
-    from ralm.lm.retro import RetroConfig
+    from ralm.methods.retro.model import RetroConfig
     from ralm.tuning.retrofit import RetrofitConfig, retrofit
 
     layers = [int(x) for x in args.cca_layers.split(",")] if args.cca_layers else None
@@ -116,12 +116,12 @@ def random_neighbours(data: Path, seed: int = 0) -> dict:
     """
     import numpy as np
 
+    from ralm.core.targets import make_targets, summarize
     from ralm.data.corpus import CorpusConfig, iter_documents
     from ralm.datastore.store import Datastore
-    from ralm.eval.lm import make_targets, summarize
-    from ralm.lm.retro import pad_neighbours
-    from ralm.lm.retro_checkpoint import load_retrofit
-    from ralm.lm.retro_scoring import retro_nll
+    from ralm.methods.retro.checkpoint import load_retrofit
+    from ralm.methods.retro.model import pad_neighbours
+    from ralm.methods.retro.scoring import retro_nll
 
     lm = _lm()
     model, _ = load_retrofit(CKPT, lm.model, lm.tokenizer, MODEL)

@@ -180,9 +180,9 @@ def bbc_splits(bbc: Path, out: Path, args: argparse.Namespace) -> dict[str, Path
 def lm_stage(bbc: Path, out: Path, args: argparse.Namespace, lm: Any) -> tuple[list[Row], dict]:
     from ralm.datastore.build import BuildConfig, build
     from ralm.datastore.index import IndexConfig
-    from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
     from ralm.errors import IncompatibleError
     from ralm.eval.runner import EvalLMConfig, open_knn_store
+    from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
     files = bbc_splits(bbc, out, args)
     ds, knn = out / f"bbc-ds-{args.store_docs}", out / f"bbc-knn-{args.knn_docs}-{args.context}"
@@ -249,7 +249,7 @@ def lm_stage(bbc: Path, out: Path, args: argparse.Namespace, lm: Any) -> tuple[l
 def _evaluator(files: dict[str, Path], args: argparse.Namespace, lm: Any) -> Callable[..., dict]:
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig, run_eval_lm
-    from ralm.lm.in_context import InContextConfig
+    from ralm.methods.in_context import InContextConfig
 
     def ev(method: str, store: Path | None, data: Path = files["eval"], **kw: Any) -> dict:
         cfg = EvalLMConfig(model=MODEL, data=[str(data)], method=method,

@@ -10,9 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_text
+from ralm.core.targets import make_targets, window_plan
 from ralm.data.document import Document
 from ralm.errors import RalmError
-from ralm.eval.lm import LMEvalConfig, evaluate_lm, make_targets, token_nll, window_plan
+from ralm.eval.lm import LMEvalConfig, evaluate_lm
+from ralm.methods.plain import token_nll
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import make_text, write_corpus
 from ralm import Datastore
+from ralm.core.targets import make_targets
 from ralm.data.document import Document
 from ralm.datastore.build import build
 from ralm.errors import RalmError
-from ralm.eval.lm import make_targets, token_nll
-from ralm.lm.in_context import InContextConfig, Passage, block_input, in_context_nll, replug_nll, store_retriever
+from ralm.methods.in_context import InContextConfig, Passage, block_input, in_context_nll, replug_nll, store_retriever
+from ralm.methods.plain import token_nll
 
 
 @pytest.fixture(scope="module")

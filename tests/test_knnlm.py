@@ -12,13 +12,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from badinput import fails, runner, write_jsonl
 from conftest import write_corpus
 from ralm.cli import app
+from ralm.core.targets import make_targets
 from ralm.data.corpus import CorpusConfig, iter_documents
 from ralm.datastore.index import IndexConfig
-from ralm.datastore.knn_store import KNNBuildConfig, KNNStore, build_knn_store
+from ralm.datastore.knn_store import KNNStore
 from ralm.errors import IncompatibleError, RalmError, StoreError
-from ralm.eval.lm import LMEvalConfig, evaluate_lm, make_targets
+from ralm.eval.lm import LMEvalConfig, evaluate_lm
 from ralm.eval.runner import EvalLMConfig, run_eval_lm
-from ralm.lm.knnlm import KNNLMConfig, KNNScorer
+from ralm.methods.knnlm import KNNLMConfig, KNNScorer
+from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
 CTX, STRIDE = 32, 16
 

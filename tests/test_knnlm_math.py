@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ralm.errors import RalmError
-from ralm.lm.knnlm import KNNLMConfig, interpolate, knn_log_probs
+from ralm.methods.knnlm import KNNLMConfig, interpolate, knn_log_probs
 
 
 def test_knn_distribution_aggregates_neighbours_by_value():

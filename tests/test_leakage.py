@@ -12,18 +12,19 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import make_text
+from ralm.core.neighbours import NeighbourLog
+from ralm.core.targets import Targets, make_targets, summarize
 from ralm.data.document import Document
 from ralm.eval.leakage import (
     DocScores,
-    NeighbourLog,
     chunk_overlaps,
     leakage_markdown,
     leakage_report,
     longest_common_substring,
     target_bytes,
 )
-from ralm.eval.lm import Targets, make_targets, summarize, token_nll
-from ralm.lm.in_context import InContextConfig, Passage, in_context_nll, replug_nll
+from ralm.methods.in_context import InContextConfig, Passage, in_context_nll, replug_nll
+from ralm.methods.plain import token_nll
 
 # ---------------------------------------------------------------- longest common substring
 

@@ -298,7 +298,7 @@ def _page_header_has_crc(header: bytes) -> bool:
 @pytest.fixture(scope="module")
 def knn_built(tmp_path_factory, tiny_lm) -> Path:
     from ralm.datastore.index import IndexConfig
-    from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
+    from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
     tmp = tmp_path_factory.mktemp("knn-trust")
     corpus = write_corpus(tmp / "corpus.jsonl", n_docs=4, words=40)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ralm.errors import RalmError
-from ralm.lm.retro import PAD, RetroConfig, RetroFit, default_cca_layers, trigram_match, window_chunks
+from ralm.methods.retro.model import PAD, RetroConfig, RetroFit, default_cca_layers, trigram_match, window_chunks
 
 V = 97
 

@@ -16,8 +16,8 @@ from ralm.datastore.chunking import ChunkingConfig
 from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.lm import LMEvalConfig
 from ralm.eval.runner import EvalLMConfig, run_eval_lm
-from ralm.lm.retro import RetroConfig
-from ralm.lm.retro_checkpoint import load_retrofit
+from ralm.methods.retro.checkpoint import load_retrofit
+from ralm.methods.retro.model import RetroConfig
 from ralm.tuning.retrofit import RetrofitConfig, retrofit
 
 M = 16  # the conftest store's chunk size
@@ -163,8 +163,8 @@ def test_eval_lm_retro_off_and_untrained_equal_the_plain_lm(setup, tiny_lm, tmp_
 def _save_untrained(path, tiny_lm) -> None:
     from ralm.lm.hidden import model_fingerprint
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro import RetroFit
-    from ralm.lm.retro_checkpoint import save_checkpoint
+    from ralm.methods.retro.checkpoint import save_checkpoint
+    from ralm.methods.retro.model import RetroFit
 
     base = AutoModelForCausalLM.from_pretrained(tiny_lm)
     save_checkpoint(path, RetroFit(base, small_retro()), {
@@ -234,8 +234,8 @@ def test_cli_errors_are_one_line(setup, tiny_lm, tmp_path, trained):
 
 def test_generate_retrieves_at_chunk_boundaries(setup, tiny_lm, trained, tmp_path):
     from ralm.datastore.store import Datastore
-    from ralm.lm.generate import GenerateConfig, generate
-    from ralm.lm.retro import RetroFit
+    from ralm.generate import GenerateConfig, generate
+    from ralm.methods.retro.model import RetroFit
 
     root, corpus, held, ds_path = setup
     ds = Datastore.open(ds_path)
@@ -270,7 +270,7 @@ def test_generate_cli(setup, tiny_lm, trained):
 
 
 def test_same_doc_fraction_lets_training_chunks_find_themselves(setup, tiny_lm, tmp_path):
-    from ralm.lm.retro_neighbours import NeighbourCache
+    from ralm.methods.retro.neighbours import NeighbourCache
     from ralm.tuning.retrofit import same_doc_docs
 
     assert same_doc_docs(["a", "b", "c", "d"], 0.5, 0) == same_doc_docs(["a", "b", "c", "d"], 0.5, 0)

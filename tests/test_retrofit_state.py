@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import test_retrofit
 from badinput import fails
 from ralm.cli import app
-from ralm.lm.retro_checkpoint import load_retrofit
+from ralm.methods.retro.checkpoint import load_retrofit
 from ralm.tuning.retrofit import retrofit
 from test_retrofit import edit_trainer_state, kill_after_step_2, small_retro, train_cfg
 
@@ -119,7 +119,7 @@ def _rewrite_tensors(path, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ralm.lm.retro_checkpoint import _digest
+    from ralm.methods.retro.checkpoint import _digest
 
     with safe_open(str(path), "pt") as f:
         head, tensors = json.loads(f.metadata()["ralm"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

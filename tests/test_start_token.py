@@ -17,10 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from badinput import fails, runner, write_jsonl
 from conftest import write_corpus
 from ralm.cli import app
+from ralm.core.start_token import start_token, start_token_id
+from ralm.core.targets import make_targets
 from ralm.data.document import Document
 from ralm.errors import RalmError
-from ralm.eval.lm import make_targets, token_nll
-from ralm.lm.presets import PRESETS, declare_start_token, start_token, start_token_change, start_token_id
+from ralm.lm.presets import PRESETS, declare_start_token, start_token_change
+from ralm.methods.plain import token_nll
 
 TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
             "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -109,8 +111,8 @@ def test_eval_lm_scores_after_the_start_token_and_reports_it(chat_lm, tmp_path):
 def test_every_consumer_starts_plain_text_alike(chat_lm, tiny_lm):
     """Item 8: in-context blocks, generation prompts and plain QA prompts start with the same token as eval-lm."""
     from ralm.eval import qa
-    from ralm.lm.generate import GenerateConfig, generate
-    from ralm.lm.in_context import InContextConfig, block_input, in_context_nll
+    from ralm.generate import GenerateConfig, generate
+    from ralm.methods.in_context import InContextConfig, block_input, in_context_nll
 
     model, tok = AutoModelForCausalLM.from_pretrained(chat_lm).eval(), AutoTokenizer.from_pretrained(chat_lm)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -165,8 +167,8 @@ def test_retro_checkpoint_of_another_start_token_warns(chat_lm, tmp_path, capsys
     """Item 8: a RETRO-fit checkpoint records its start token; one trained after another says so plainly."""
     from ralm.lm.hidden import model_fingerprint
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro import RetroFit
-    from ralm.lm.retro_checkpoint import load_retrofit, save_checkpoint
+    from ralm.methods.retro.checkpoint import load_retrofit, save_checkpoint
+    from ralm.methods.retro.model import RetroFit
     from test_retro import small_cfg
 
     base, tok = AutoModelForCausalLM.from_pretrained(chat_lm).eval(), AutoTokenizer.from_pretrained(chat_lm)

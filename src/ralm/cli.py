@@ -227,8 +227,8 @@ def eval_lm(
     """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import LMBDA_GRID, TEMPERATURE_GRID, EvalLMConfig, run_eval_lm
-    from ralm.lm.in_context import InContextConfig
-    from ralm.lm.knnlm import KNNLMConfig
+    from ralm.methods.in_context import InContextConfig
+    from ralm.methods.knnlm import KNNLMConfig
 
     try:
         if not data:
@@ -330,8 +330,8 @@ def scale(
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig
     from ralm.eval.scaling import ScaleConfig, run_scale, scale_markdown
-    from ralm.lm.in_context import InContextConfig
-    from ralm.lm.knnlm import KNNLMConfig
+    from ralm.methods.in_context import InContextConfig
+    from ralm.methods.knnlm import KNNLMConfig
 
     try:
         base = EvalLMConfig(model=model, data=list(data), lm=LMEvalConfig(context, window_stride, max_docs),
@@ -371,7 +371,7 @@ def knnlm_build(
     """Store the LM's final hidden state at every corpus position with the next token (resumable)."""
     from ralm.data.corpus import CorpusConfig
     from ralm.datastore.index import IndexConfig
-    from ralm.datastore.knn_store import KNNBuildConfig, build_knn_store
+    from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
     try:
         cfg = KNNBuildConfig(inputs=list(inputs), out=out, model=model, corpus=CorpusConfig(text_field, id_field),

@@ -48,7 +48,7 @@ def retrofit(
     quiet: Quiet = False,
 ) -> None:
     """RETRO-fit a frozen causal LM: train CCA layers and a retrieval encoder on neighbours from the store."""
-    from ralm.lm.retro import RetroConfig
+    from ralm.methods.retro.model import RetroConfig
     from ralm.tuning.retrofit import RetrofitConfig
     from ralm.tuning.retrofit import retrofit as run
 
@@ -93,8 +93,8 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object (with the retrievals)")] = False,
 ) -> None:
     """Continue PROMPT, retrieving at every chunk boundary (retro) or every --stride tokens (in-context)."""
-    from ralm.lm.generate import GenerateConfig
-    from ralm.lm.generate import generate as run
+    from ralm.generate import GenerateConfig
+    from ralm.generate import generate as run
     from ralm.lm.models import load
 
     try:
@@ -102,7 +102,7 @@ def generate(
                              stride=stride, docs=docs, doc_tokens=doc_tokens)
         retro = ds = None
         if method == "retro":
-            from ralm.lm.retro_checkpoint import read_checkpoint_config
+            from ralm.methods.retro.checkpoint import read_checkpoint_config
 
             if not checkpoint:
                 raise RalmError("--method retro needs --checkpoint")
@@ -119,8 +119,8 @@ def generate(
             ds = Datastore.open(datastore)
             ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(lm.tokenizer), tokenizer_name=model)
         if method == "retro":
-            from ralm.lm.retro_checkpoint import load_retrofit
-            from ralm.lm.retro_neighbours import check_store_fits
+            from ralm.methods.retro.checkpoint import load_retrofit
+            from ralm.methods.retro.neighbours import check_store_fits
 
             retro, _ = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
             check_store_fits(ds, retro.cfg, tokenizer_fingerprint(lm.tokenizer), model)

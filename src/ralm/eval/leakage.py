@@ -7,61 +7,25 @@ targets, as a fraction of the chunk's length. Chunks are bucketed by that fracti
 perplexity and bits per byte of the retrieval method *and* of the no-retrieval baseline on the same
 tokens, so "retrieval still helps on chunks with <= 8 overlapping tokens" can be read off directly.
 
-Methods record what they retrieved in a ``NeighbourLog`` while scoring; this module only reads it (it
-must not import ``ralm.lm``: scorers there import it, data flows lm -> eval).
+Methods record what they retrieved in a ``NeighbourLog`` (``ralm.core.neighbours``) while scoring; this
+module only reads it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from ralm.eval.lm import Targets
+from ralm.core.neighbours import NeighbourLog
+from ralm.core.start_token import start_token_id
+from ralm.core.targets import Targets
 
 DEFAULT_EDGES = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
-
-
-class NeighbourLog:
-    """Which neighbour token sequences were used to score which targets of one document.
-
-    ``add(start, end, neighbours)``: targets [start, end) — indices into ``Targets.ids``, so the first
-    scored target is ``Targets.first`` — were scored with ``neighbours`` (possibly none). Call it as often
-    as the method retrieves: once per block (in-context RALM) or per position (kNN-LM).
-    """
-
-    def __init__(self) -> None:
-        # identical neighbours recur across blocks and positions: store each distinct sequence once
-        self._ids: dict[tuple[int, ...], int] = {}
-        self.sequences: list[tuple[int, ...]] = []
-        self._arrays: list[np.ndarray] = []  # the same sequences as int64 arrays, for the LCS
-        self.entries: list[tuple[int, int, list[int]]] = []  # (start, end, indices into sequences)
-
-    def add(self, start: int, end: int, neighbours: Sequence[Sequence[int]]) -> None:
-        if not 0 <= start <= end:
-            raise ValueError(f"bad target range [{start}, {end})")
-        refs = []
-        for seq in neighbours:
-            arr = np.asarray(seq, dtype=np.int64).reshape(-1)
-            key = tuple(arr.tolist())
-            if key not in self._ids:
-                self._ids[key] = len(self.sequences)
-                self.sequences.append(key)
-                self._arrays.append(arr)
-            refs.append(self._ids[key])
-        self.entries.append((start, end, refs))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __iter__(self) -> Iterator[tuple[int, int, list[tuple[int, ...]]]]:
-        """(start, end, neighbour sequences) per ``add`` call, in order."""
-        for start, end, refs in self.entries:
-            yield start, end, [self.sequences[r] for r in refs]
 
 
 def _longest_run(a: np.ndarray, b: np.ndarray) -> int:
@@ -105,8 +69,6 @@ def target_bytes(text: str, tokenizer: Any, targets: Targets) -> np.ndarray:
     starts at the second token. Tokens sharing one character (byte-level pieces of a multi-byte character)
     give the whole character to the first of them.
     """
-    from ralm.lm.presets import start_token_id
-
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
     has_bos = start_token_id(tokenizer) is not None

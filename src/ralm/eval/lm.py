@@ -1,7 +1,7 @@
 """Language-model evaluation: sliding-window perplexity and true bits per byte.
 
 Every method scores the same *targets*: each token of a document is predicted from the tokens before it
-(after the model's plain-text start token, ``ralm.lm.presets.start_token``: the BOS, or the document
+(after the model's plain-text start token, ``ralm.core.start_token.start_token``: the BOS, or the document
 separator where the BOS is a chat-turn token; where there is none, the first token is not scored). Perplexity is
 exp(mean NLL) over those targets; bits per byte is their total NLL in bits over the UTF-8 bytes of the
 text they cover — not log2(ppl)/8, which would depend on the tokenizer.
@@ -9,7 +9,6 @@ text they cover — not log2(ppl)/8, which would depend on the tokenizer.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -18,9 +17,11 @@ from typing import Any
 
 import torch
 
+from ralm.core.start_token import start_token
+from ralm.core.targets import Targets, make_targets, model_context, summarize
 from ralm.data.document import Document
 from ralm.errors import RalmError
-from ralm.lm.presets import start_token, start_token_id
+from ralm.methods.plain import token_nll
 
 
 @dataclass
@@ -40,85 +41,6 @@ class LMEvalConfig:
             raise RalmError(f"--window-stride {self.window_stride} exceeds --context {self.context}")
         if self.max_docs is not None and self.max_docs < 1:
             raise RalmError(f"--max-docs {self.max_docs}: must be >= 1")
-
-
-@dataclass
-class Targets:
-    """One document as the model sees it: ids (after the start token, if any) and the span of text scored."""
-
-    doc_id: str
-    ids: torch.Tensor  # (n,) input ids; targets are ids[first:], each predicted from ids[:t]
-    first: int  # index of the first scored target (1: position 0 is the start token or an unscored first token)
-    scored_bytes: int  # UTF-8 bytes of the text covered by the targets
-
-    @property
-    def n_targets(self) -> int:
-        return len(self.ids) - self.first
-
-
-def make_targets(doc: Document, tokenizer: Any) -> Targets:
-    """Tokenize a document; raise when it has nothing to score."""
-    enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    bos = start_token_id(tokenizer)
-    if bos is not None:
-        ids = [bos, *ids]
-        scored_text = doc.text
-    elif len(ids) >= 2:
-        scored_text = doc.text[offsets[1][0]:]  # the first token has no context: not scored
-    else:
-        scored_text = ""
-    if len(ids) < 2:
-        raise RalmError(f"document {doc.id!r}: {len(ids)} token(s) after tokenization; nothing to score")
-    return Targets(doc.id, torch.tensor(ids, dtype=torch.long), 1, len(scored_text.encode("utf-8")))
-
-
-def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows ``(begin, end, first_target)`` covering targets 1..n-1 exactly once.
-
-    The first window scores everything it holds; each later one scores the next ``stride`` targets
-    from the ``context`` tokens ending at them, so every target sees at least ``context - stride``
-    tokens of context (all of them, up to ``context``, near the start). A stride of ``context`` acts as
-    ``context - 1``: the logits predicting a window's first target come from the token before it.
-    """
-    stride = min(stride, context - 1)
-    plan = []
-    end = min(context, n)
-    plan.append((0, end, 1))
-    while end < n:
-        first, end = end, min(end + stride, n)
-        plan.append((max(0, end - context), end, first))
-    return plan
-
-
-@torch.inference_mode()
-def token_nll(model: Any, t: Targets, context: int, stride: int) -> torch.Tensor:
-    """(n_targets,) NLL in nats of every target of ``t`` under plain sliding-window evaluation."""
-    device = next(model.parameters()).device
-    out = []
-    for begin, end, first in window_plan(len(t.ids), context, stride):
-        inp = t.ids[begin:end].unsqueeze(0).to(device)  # (1, L)
-        keep = end - first + 1  # logits of positions first-1 .. end-1; the last one predicts nothing scored
-        logits = model(input_ids=inp, logits_to_keep=keep).logits[0, :-1].float()  # (end-first, V)
-        targets = t.ids[first:end].to(device)
-        out.append(torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu())
-    return torch.cat(out)
-
-
-def model_context(model: Any, requested: int | None, cap: int = 2048) -> int:
-    limit = getattr(model.config, "max_position_embeddings", None) or cap
-    ctx = requested or min(limit, cap)
-    if ctx > limit:
-        raise RalmError(f"--context {ctx}: the model handles at most {limit} positions")
-    return ctx
-
-
-def summarize(nll_sum: float, tokens: int, n_bytes: int, seconds: float, **extra: Any) -> dict:
-    return {
-        "ppl": math.exp(nll_sum / tokens), "bpb": nll_sum / math.log(2) / n_bytes, "nll": nll_sum / tokens,
-        "tokens": tokens, "bytes": n_bytes, "seconds": round(seconds, 3),
-        "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), **extra,
-    }
 
 
 # A method's scorer: (targets, context) -> (NLL per target, seconds spent retrieving)

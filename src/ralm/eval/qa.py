@@ -251,7 +251,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     # chat templates already hold their special tokens; plain prompts start as eval-lm's plain text does
     if prompt_style(tokenizer) == "chat":
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    from ralm.lm.presets import start_token_id
+    from ralm.core.start_token import start_token_id
 
     start = start_token_id(tokenizer)
     return ([start] if start is not None else []) + tokenizer(text, add_special_tokens=False)["input_ids"]

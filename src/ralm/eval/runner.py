@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from ralm.core.neighbours import NeighbourLog
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
 from ralm.data.document import Document
 from ralm.errors import IncompatibleError, RalmError
-from ralm.eval.leakage import NeighbourLog, target_bytes
+from ralm.eval.leakage import target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
-from ralm.lm.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
-from ralm.lm.knnlm import KNNLMConfig, KNNScorer, mix
+from ralm.methods.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
+from ralm.methods.knnlm import KNNLMConfig, KNNScorer, mix
 
 METHODS = ("none", "in-context", "replug", "knn-lm", "retro")
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -60,7 +61,7 @@ class EvalLMConfig:
         if self.retrieval not in ("on", "off"):
             raise RalmError(f"--retrieval {self.retrieval!r}: expected on or off")
         if self.method == "retro":
-            from ralm.lm.retro_checkpoint import read_checkpoint_config
+            from ralm.methods.retro.checkpoint import read_checkpoint_config
 
             if not self.checkpoint:
                 raise RalmError("--method retro needs --checkpoint")
@@ -124,7 +125,7 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
 
     ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve).
     """
-    from ralm.eval.lm import make_targets, model_context
+    from ralm.core.targets import make_targets, model_context
     from ralm.lm.models import load
     from ralm.lm.presets import tokenizer_fingerprint
 
@@ -199,8 +200,9 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
 def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, result: dict,
              per_target: dict[str, torch.Tensor], logs: dict[str, Any]) -> dict:
     """RETRO's leakage table: the method and the plain LM (same windows as ``none``) per overlap bucket."""
+    from ralm.core.targets import make_targets
     from ralm.eval.leakage import DocScores, leakage_report
-    from ralm.eval.lm import make_targets, token_nll
+    from ralm.methods.plain import token_nll
 
     scores = []
     for d in docs:
@@ -215,11 +217,11 @@ def _retro_scorer(cfg: EvalLMConfig, model: Any, tok: Any, logs: dict[str, Any])
     are retrieved in one batch (same-document exclusion and decontamination as for the other methods)."""
     import time
 
-    from ralm.eval.lm import model_context
+    from ralm.core.targets import model_context
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro_checkpoint import load_retrofit
-    from ralm.lm.retro_neighbours import check_store_fits, document_neighbours
-    from ralm.lm.retro_scoring import retro_nll
+    from ralm.methods.retro.checkpoint import load_retrofit
+    from ralm.methods.retro.neighbours import check_store_fits, document_neighbours
+    from ralm.methods.retro.scoring import retro_nll
 
     retro, _ = load_retrofit(cfg.checkpoint, model, tok, cfg.model)
     stride = cfg.lm.window_stride or max(1, model_context(model, cfg.lm.context) // 2)

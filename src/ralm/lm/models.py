@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ralm.core.start_token import start_token
 from ralm.errors import RalmError
 from ralm.lm.presets import (
     DEFAULT_LM,
@@ -34,7 +35,6 @@ from ralm.lm.presets import (
     declare_start_token,
     preset_dir,
     preset_gguf,
-    start_token,
     tokenizer_fingerprint,
 )
 

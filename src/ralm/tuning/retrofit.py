@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
+from ralm.core.start_token import start_token
 from ralm.errors import RalmError
-from ralm.lm.presets import DEFAULT_LM, start_token
-from ralm.lm.retro import PAD, RetroConfig, RetroFit
-from ralm.lm.retro_checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
+from ralm.lm.presets import DEFAULT_LM
+from ralm.methods.retro.checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
+from ralm.methods.retro.model import PAD, RetroConfig, RetroFit
 from ralm.utils import outdir
 
 LOG = "train_log.jsonl"
@@ -108,7 +109,7 @@ def windows(lengths: list[int], seq_len: int) -> list[Window]:
 def collate(ws: list[Window], ids: list[torch.Tensor], nbs: list[torch.Tensor], m: int,
             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, L) input ids, (B, L) labels (-100 on padding) and (B, U, K, R) neighbours."""
-    from ralm.lm.retro_neighbours import window_neighbours
+    from ralm.methods.retro.neighbours import window_neighbours
 
     L = max(w.end - w.begin for w in ws)
     U = L // m
@@ -180,7 +181,7 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
     from ralm.lm.hidden import model_fingerprint
     from ralm.lm.models import load
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro_checkpoint import save_checkpoint, save_trainer_state
+    from ralm.methods.retro.checkpoint import save_checkpoint, save_trainer_state
 
     out = Path(cfg.out)
     state_path = out / TRAINER_STATE
@@ -315,12 +316,12 @@ def _eval_loss(model: RetroFit, ws: list[Window], ids: list[torch.Tensor], nbs: 
 def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: bool
           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Token ids of every document of ``files`` and the neighbours of their whole chunks (cached)."""
+    from ralm.core.targets import make_targets
     from ralm.data.corpus import CorpusConfig, iter_documents
     from ralm.datastore.build import input_files_fingerprint
     from ralm.datastore.store import Datastore
-    from ralm.eval.lm import make_targets
     from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.lm.retro_neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id
+    from ralm.methods.retro.neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id
 
     ds = Datastore.open(cfg.datastore)
     tok_fp = tokenizer_fingerprint(lm.tokenizer)
@@ -357,7 +358,7 @@ def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: 
 
 def _resume_state(cfg: RetrofitConfig, out: Path, state_path: Path) -> TrainerState | None:
     """The run to resume in ``out`` (None: start afresh), checked against ``cfg``; never unpickles anything."""
-    from ralm.lm.retro_checkpoint import read_trainer_state
+    from ralm.methods.retro.checkpoint import read_trainer_state
 
     legacy = out / LEGACY_TRAINER_STATE
     if cfg.force:  # starting over (the folder was emptied of ralm's files, trainer.pt included): nothing is read

@@ -15,7 +15,7 @@
    nothing) when the folder holds anything foreign.
 
 Each kind (its name tree, its label, how a marker-less store of it is recognised) is declared next to
-that kind's own file layout: ``datastore/layout.py``, ``datastore/knn_store.py``, ``tuning/retrofit.py``.
+that kind's own file layout: ``datastore/layout.py``, ``methods/knnlm_store.py``, ``tuning/retrofit.py``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ralm.errors import IncompatibleError, RalmError
-from ralm.lm.retro import RetroConfig, RetroFit
+from ralm.methods.retro.model import RetroConfig, RetroFit
 
 WEIGHTS, CONFIG = "retro.safetensors", "retro.json"
 TRAINER_STATE, LEGACY_TRAINER_STATE = "trainer.safetensors", "trainer.pt"

@@ -132,7 +132,7 @@ class KNNScorer:
     def __call__(self, t: Any, context: int) -> tuple[torch.Tensor, float]:
         import time
 
-        from ralm.eval.lm import window_plan
+        from ralm.core.targets import window_plan
         from ralm.lm.hidden import head_inputs
 
         lp_lm, states = [], []

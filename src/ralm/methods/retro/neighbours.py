@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ralm.core.targets import Targets
 from ralm.errors import IncompatibleError, RalmError
-from ralm.eval.lm import Targets
-from ralm.lm.retro import PAD, RetroConfig, pad_neighbours
+from ralm.methods.retro.model import PAD, RetroConfig, pad_neighbours
 
 CACHE_VERSION = 1
 
@@ -62,7 +62,7 @@ def document_neighbours(ds: Any, tokenizer: Any, targets: list[Targets], cfg: Re
     """Per document, a (n_whole_chunks, K, R) tensor of neighbour tokens (PAD where fewer were found)."""
     from tqdm import tqdm
 
-    from ralm.lm.in_context import store_retriever
+    from ralm.methods.in_context import store_retriever
 
     doc_tokens = {t.doc_id: t.ids for t in targets} if decontaminate else None
     retrieve = store_retriever(ds, cfg.neighbours, exclude_same_doc, decontaminate, doc_tokens)
@@ -126,7 +126,7 @@ class NeighbourCache:
 
 def window_neighbours(doc_neighbours: torch.Tensor, offset: int, length: int, m: int) -> torch.Tensor:
     """(U, K, R) neighbours of the whole chunks of the window [offset, offset + length) of a document."""
-    from ralm.lm.retro import window_chunks
+    from ralm.methods.retro.model import window_chunks
 
     _, c0, U = window_chunks(offset, length, m)
     sel = doc_neighbours[c0:c0 + U]

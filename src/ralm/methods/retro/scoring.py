@@ -1,6 +1,6 @@
 """Score a document with a RETRO-fit model on the plain LM's sliding windows, retrieval on or off.
 
-The windows are ``ralm.eval.lm.window_plan``'s, so the targets and their contexts are exactly those of
+The windows are ``ralm.core.targets.window_plan``'s, so the targets and their contexts are exactly those of
 ``--method none``; with retrieval off no hook runs and the NLLs are the frozen model's, bit for bit.
 A target at position p is predicted from position p − 1, which reads the neighbours of chunk
 u = p // m − 1 when that chunk lies wholly inside the window.
@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ralm.eval.lm import Targets, window_plan
-from ralm.lm.retro import PAD, RetroFit, window_chunks
-from ralm.lm.retro_neighbours import window_neighbours
+from ralm.core.targets import Targets, window_plan
+from ralm.methods.retro.model import PAD, RetroFit, window_chunks
+from ralm.methods.retro.neighbours import window_neighbours
 
 if TYPE_CHECKING:
-    from ralm.eval.leakage import NeighbourLog
+    from ralm.core.neighbours import NeighbourLog
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """In-Context RALM (Ram et al. 2023): every ``stride`` tokens, retrieve with the last ``query_len`` tokens
 and prepend the top passages to the context of the next ``stride`` tokens.
 
-Scores the same targets as ``ralm.eval.lm.token_nll``: block [i, i+stride) is predicted from
+Scores the same targets as ``ralm.methods.plain.token_nll``: block [i, i+stride) is predicted from
 [start token] + passages + the most recent tokens that fit the model's context. With no passage (the first
 block, or an empty retrieval) a block is scored from the last ``context`` tokens alone, which is the plain
 sliding window with ``window_stride = stride`` (identical when ``context - 1`` is a multiple of ``stride``),
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ralm.core.start_token import start_token_id
+from ralm.core.targets import Targets
 from ralm.errors import RalmError
-from ralm.eval.lm import Targets
-from ralm.lm.presets import start_token_id
 
 if TYPE_CHECKING:
-    from ralm.eval.leakage import NeighbourLog
+    from ralm.core.neighbours import NeighbourLog
 
 
 @dataclass

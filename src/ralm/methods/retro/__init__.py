@@ -1,0 +1,1 @@
+"""RETRO-fit: the model, chunk neighbours, scoring on the chunk grid, checkpoints."""
