@@ -66,11 +66,15 @@ def _no_models(monkeypatch) -> None:
     """Loading any model, tokenizer or encoder fails the test: a refusal must come before all of them."""
     import ralm.datastore.build as build_mod
     import ralm.lm.models as models
+    import ralm.methods.knnlm_store as knnlm_store
+    import ralm.tuning.retrofit as retrofit
 
     def boom(*a, **kw):
         raise AssertionError("a model was loaded before the output folder was checked")
 
-    for mod, name in ((build_mod, "load_tokenizer"), (build_mod, "load_encoder"), (models, "load")):
+    # `load` as the kNN-LM store builder and retrofit imported it at their tops, and at its source
+    for mod, name in ((build_mod, "load_tokenizer"), (build_mod, "load_encoder"), (models, "load"),
+                      (knnlm_store, "load"), (retrofit, "load")):
         monkeypatch.setattr(mod, name, boom)
 
 

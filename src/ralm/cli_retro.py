@@ -8,7 +8,11 @@ from typing import Annotated
 import typer
 
 from ralm.cli_options import Docs, DocTokens, Model, Quiet, fail
+from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.lm.presets import tokenizer_fingerprint
+
+# as in cli.py, the commands import torch-backed modules inside the function: not at CLI start
 
 
 def retrofit(
@@ -111,9 +115,6 @@ def generate(
             raise RalmError("--checkpoint is for --method retro")
         lm = load(model)
         if method != "none":
-            from ralm.datastore.store import Datastore
-            from ralm.lm.presets import tokenizer_fingerprint
-
             if not datastore:
                 raise RalmError(f"--method {method} needs --datastore")
             ds = Datastore.open(datastore)

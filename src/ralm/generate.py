@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
+from ralm.core.start_token import start_token_id
 from ralm.errors import RalmError
+from ralm.methods.in_context import block_input
+from ralm.methods.retro.model import PAD, pad_neighbours
+from ralm.methods.retro.neighbours import window_neighbours
 
 GEN_METHODS = ("none", "in-context", "retro")
 
@@ -61,16 +65,11 @@ def generate(model: Any, tokenizer: Any, prompt: str, cfg: GenerateConfig, ds: A
 
     ``retro``: a ``RetroFit`` model (method retro; ``model`` is then its base); ``ds``: the retrieval store.
     """
-    from ralm.methods.in_context import block_input
-    from ralm.methods.retro.model import PAD, pad_neighbours
-    from ralm.methods.retro.neighbours import window_neighbours
-
     if cfg.method != "none" and ds is None:
         raise RalmError(f"--method {cfg.method} needs --datastore")
     if cfg.method == "retro" and retro is None:
         raise RalmError("--method retro needs --checkpoint")
     device = next(model.parameters()).device
-    from ralm.core.start_token import start_token_id
 
     bos = start_token_id(tokenizer)  # the start token plain text is scored after (eval-lm's too)
     ids = ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]

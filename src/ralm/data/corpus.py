@@ -245,7 +245,7 @@ def _read_txt(path: Path, name: str, cfg: CorpusConfig, stats: ReadStats) -> Ite
 
 
 def _read_parquet(path: Path, name: str, cfg: CorpusConfig, stats: ReadStats) -> Iterator[Document]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # only for Parquet inputs
 
     try:
         pf = pq.ParquetFile(path)

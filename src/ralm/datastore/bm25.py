@@ -40,7 +40,7 @@ class BM25Index:
 
 def build_bm25(texts: list[str], rows: np.ndarray, path: Path) -> dict:
     """Index ``texts`` (global ``rows``) into the folder ``path``, written whole or not at all."""
-    import bm25s
+    import bm25s  # only sparse stores need it (and datastore.store, read at CLI start, imports this module)
 
     if not texts:
         raise RalmError("no chunks to index: the corpus produced no text")

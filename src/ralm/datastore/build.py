@@ -16,16 +16,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input_files
 from ralm.data.document import Document
 from ralm.datastore import layout
+from ralm.datastore.bm25 import build_bm25
 from ralm.datastore.chunking import ChunkingConfig
 from ralm.datastore.dedup import exact_duplicate_mask, near_duplicate_ordinals
 from ralm.datastore.encoders import EncoderConfig, load_encoder
 from ralm.datastore.executors import make_executor
-from ralm.datastore.index import IndexConfig
+from ralm.datastore.index import IndexConfig, build_index, check_factory
+from ralm.datastore.keys import KeyParts
+from ralm.datastore.manifest import seal
 from ralm.datastore.shard import ShardTask, process_shard
+from ralm.datastore.store import read_manifest
 from ralm.errors import RalmError
 from ralm.lm.presets import DEFAULT_LM, load_tokenizer, tokenizer_fingerprint
 from ralm.utils.atomic import sha256_file, write_json
@@ -72,8 +78,6 @@ def _prepare(cfg: BuildConfig, out: OutDir, log: Callable[[str], None]) -> tuple
     root = out.root
     manifest = None
     if (root / layout.MANIFEST).exists():
-        from ralm.datastore.store import read_manifest
-
         manifest = read_manifest(root)
         if (root / layout.BUILD_DIR).exists() and _finished_build_leftover(root, manifest):
             # killed after the manifest was written but before .build was removed: the store is
@@ -200,8 +204,6 @@ def _estimate_documents(inputs: list[str]) -> int | None:
             with open(path, "rb") as f:
                 total += sum(buf.count(b"\n") for buf in iter(lambda: f.read(1 << 24), b""))
         elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
             total += pq.ParquetFile(path).metadata.num_rows
         else:
             total += 1
@@ -230,8 +232,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: 
 
 
 def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: bool, t0: float) -> dict:
-    from tqdm import tqdm
-
     state = _resolve_state(cfg, root, manifest, log)
     base = state["base_part"]
     encoder_cfg = EncoderConfig(**state["encoder"]) if state["encoder"] else EncoderConfig(name="bm25")
@@ -294,7 +294,6 @@ def _check_before_encoding(cfg: BuildConfig, encoder_cfg: EncoderConfig, log: Ca
     """Refuse a factory string FAISS cannot build, and warn on chunks the encoder truncates, before any encoding."""
     if encoder_cfg.sparse:
         return
-    from ralm.datastore.index import check_factory
 
     enc = load_encoder(encoder_cfg)  # loaded once per process: the shards reuse it
     check_factory(cfg.index, enc.dim)
@@ -307,8 +306,6 @@ def _check_before_encoding(cfg: BuildConfig, encoder_cfg: EncoderConfig, log: Ca
 def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, parts: list[dict],
               stats: ReadStats, near_dup_dropped: int, log) -> dict:
     """Index all parts, write the manifest last (atomically), then drop build state and stale files."""
-    import pyarrow.parquet as pq
-
     def texts_by_part() -> Iterator[list[str]]:
         for p in parts:
             yield pq.read_table(layout.chunks_path(root, p["part"]), columns=["text"])["text"].to_pylist()
@@ -326,15 +323,10 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
     index_dir.mkdir(parents=True, exist_ok=True)
     log(f"indexing {len(rows):,} chunks")
     if cfg.encoder.sparse:
-        from ralm.datastore.bm25 import build_bm25
-
         path = index_dir / f"bm25-g{generation:04d}"
         meta = build_bm25([texts[r] for r in rows], rows, path)
         files = sorted(f for f in path.rglob("*") if f.is_file())
     else:
-        from ralm.datastore.index import build_index
-        from ralm.datastore.keys import KeyParts
-
         path = index_dir / f"dense-g{generation:04d}.faiss"
         keys = KeyParts([layout.keys_path(root, p["part"]) for p in parts])
         meta = build_index(keys, rows, cfg.index, path, log=log)
@@ -377,7 +369,6 @@ def _finalize(cfg: BuildConfig, root: Path, state: dict, manifest: dict | None, 
     for sub in ("chunks", "keys", "index"):  # temporary files of writes cut short by a crash
         for tmp in (root / sub).glob(".*.tmp*"):
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-    from ralm.datastore.manifest import seal
 
     write_json(root / layout.MANIFEST, seal(new_manifest))  # with the checksum of its content
     shutil.rmtree(root / layout.BUILD_DIR, ignore_errors=True)

@@ -31,7 +31,7 @@ def jaccard(a: str, b: str, n: int = 13) -> float:
 def near_duplicate_ordinals(texts: Iterable[str], threshold: float = 0.8, n: int = 13,
                             num_perm: int = 128) -> set[int]:
     """Ordinals (0-based positions in ``texts``) of documents near-duplicating an earlier kept document."""
-    from datasketch import MinHash, MinHashLSH
+    from datasketch import MinHash, MinHashLSH  # only with the near-duplicate pre-pass
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     drop: set[int] = set()

@@ -69,7 +69,7 @@ class DenseEncoder:
     """Mean- or CLS-pooled, L2-normalised embeddings from a Hugging Face encoder."""
 
     def __init__(self, cfg: EncoderConfig):
-        import torch
+        import torch  # torch and transformers cost seconds; `import ralm` reaches this module (datastore.store)
         from transformers import AutoModel, AutoTokenizer
 
         self.cfg = cfg

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ralm.data.document import Document
 from ralm.datastore import layout
@@ -37,9 +39,6 @@ def _file_record(path: Path, root: Path) -> dict:
 
 def process_shard(task: ShardTask) -> dict:
     """Chunk, encode and write one shard; return its part record (also written as the done marker)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     root = Path(task.root)
     t0 = time.perf_counter()
     chunks = chunk_documents(task.docs, load_tokenizer(task.tokenizer), task.chunking)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ralm.core.start_token import start_token
 from ralm.core.targets import Targets, make_targets, model_context, summarize
@@ -56,8 +57,6 @@ def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalCon
     scores the same targets, so their ppl and bpb are directly comparable. ``per_target``, when given,
     receives each document's per-target NLL by document id.
     """
-    from tqdm import tqdm
-
     cfg = cfg or LMEvalConfig()
     docs = docs[: cfg.max_docs] if cfg.max_docs else docs
     if not docs:

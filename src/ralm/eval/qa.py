@@ -26,6 +26,7 @@ and recall@K of the gold paragraph.
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import string
@@ -36,7 +37,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from tqdm import tqdm
+
+from ralm.core.start_token import start_token_id
+from ralm.data.squad import load_squad, parse_squad
+from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.lm.models import load
+from ralm.lm.presets import tokenizer_fingerprint
 
 # ---- SQuAD metrics -------------------------------------------------------------------------------
 _PUNCT = set(string.punctuation)
@@ -251,7 +260,6 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     # chat templates already hold their special tokens; plain prompts start as eval-lm's plain text does
     if prompt_style(tokenizer) == "chat":
         return tokenizer(text, add_special_tokens=False)["input_ids"]
-    from ralm.core.start_token import start_token_id
 
     start = start_token_id(tokenizer)
     return ([start] if start is not None else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -281,8 +289,6 @@ _STOP_TOKENS: dict[int, tuple[Any, Any]] = {}
 
 def _stop_tokens(tokenizer: Any) -> tuple[Any, Any]:
     """(ids whose text holds a newline, ids whose text is blank); the vocabulary scan runs once per tokenizer."""
-    import torch
-
     key = id(tokenizer)
     if key not in _STOP_TOKENS:
         ids = sorted(tokenizer.get_vocab().values())
@@ -299,8 +305,7 @@ def newline_stop(tokenizer: Any, prompt_len: int) -> Any:
     A sequence stops when its last token holds a newline and either that token or an earlier generated
     one holds text: a leading blank line (some models start with one) does not end the answer.
     """
-    import torch
-    from transformers import StoppingCriteria
+    from transformers import StoppingCriteria  # ~3 s: only once answers are generated
 
     newline, blank = _stop_tokens(tokenizer)
 
@@ -338,11 +343,6 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_n
     (the model derives position ids from the attention mask). Without a shared prefix this is plain
     left padding.
     """
-    import copy
-
-    import torch
-    from tqdm import tqdm
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -407,15 +407,9 @@ def run_eval_qa(cfg: EvalQAConfig, progress: bool = True) -> dict:
     ``k``, ``seconds`` (everything after loading), ``questions_per_second`` (of the reported mode:
     retrieval + prompting + generation), ``retrieval_seconds``, ``prompt_style``, ``examples``.
     """
-    from ralm.data.squad import load_squad, parse_squad
-    from ralm.lm.models import load
-    from ralm.lm.presets import tokenizer_fingerprint
-
     examples = select_questions(load_squad(cfg.data), cfg.limit, cfg.seed)
     ds = None
     if cfg.datastore:
-        from ralm.datastore.store import Datastore
-
         ds = Datastore.open(cfg.datastore)
         if cfg.docs > len(ds):
             raise RalmError(f"--docs {cfg.docs}: the store {cfg.datastore} has only {len(ds)} chunks")

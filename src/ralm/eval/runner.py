@@ -10,19 +10,31 @@ pass over the validation documents prices every λ of the grid.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ralm.core.neighbours import NeighbourLog
+from ralm.core.targets import make_targets, model_context
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
 from ralm.data.document import Document
+from ralm.datastore.knn_store import KNNStore
+from ralm.datastore.store import Datastore
+from ralm.datastore.subset import nested_rows
 from ralm.errors import IncompatibleError, RalmError
-from ralm.eval.leakage import target_bytes
+from ralm.eval.leakage import DocScores, leakage_report, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
+from ralm.lm.hidden import model_fingerprint
+from ralm.lm.models import load
+from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 from ralm.methods.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
 from ralm.methods.knnlm import KNNLMConfig, KNNScorer, mix
+from ralm.methods.plain import token_nll
+from ralm.methods.retro.checkpoint import load_retrofit, read_checkpoint_config
+from ralm.methods.retro.neighbours import check_store_fits, document_neighbours
+from ralm.methods.retro.scoring import retro_nll
 
 METHODS = ("none", "in-context", "replug", "knn-lm", "retro")
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -61,8 +73,6 @@ class EvalLMConfig:
         if self.retrieval not in ("on", "off"):
             raise RalmError(f"--retrieval {self.retrieval!r}: expected on or off")
         if self.method == "retro":
-            from ralm.methods.retro.checkpoint import read_checkpoint_config
-
             if not self.checkpoint:
                 raise RalmError("--method retro needs --checkpoint")
             # the store the checkpoint was trained with, unless another is named
@@ -106,10 +116,6 @@ def _sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None
 
 
 def open_knn_store(cfg: EvalLMConfig, model: Any, tok: Any) -> Any:
-    from ralm.datastore.knn_store import KNNStore
-    from ralm.lm.hidden import model_fingerprint
-    from ralm.lm.presets import start_token_change, tokenizer_fingerprint
-
     store = KNNStore.open(cfg.datastore)
     store.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tok), cfg.model,
                            model.config.get_text_config().hidden_size)
@@ -125,10 +131,6 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
 
     ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve).
     """
-    from ralm.core.targets import make_targets, model_context
-    from ralm.lm.models import load
-    from ralm.lm.presets import tokenizer_fingerprint
-
     docs = _documents(cfg.data, cfg.lm.max_docs)
     lm = loaded or load(cfg.model)
     model, tok = lm.model, lm.tokenizer
@@ -136,8 +138,6 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
     extra: dict[str, Any] = {"model": cfg.model}
     logs: dict[str, Any] = {}  # doc id -> NeighbourLog, for the leakage report
     if cfg.method in ("in-context", "replug"):
-        from ralm.datastore.store import Datastore
-
         ds = Datastore.open(cfg.datastore)
         # passages are the store's own token ids: they must be the model's tokens
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(tok), tokenizer_name=cfg.model)
@@ -200,10 +200,6 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
 def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, result: dict,
              per_target: dict[str, torch.Tensor], logs: dict[str, Any]) -> dict:
     """RETRO's leakage table: the method and the plain LM (same windows as ``none``) per overlap bucket."""
-    from ralm.core.targets import make_targets
-    from ralm.eval.leakage import DocScores, leakage_report
-    from ralm.methods.plain import token_nll
-
     scores = []
     for d in docs:
         t = make_targets(d, tok)
@@ -215,20 +211,10 @@ def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, resu
 def _retro_scorer(cfg: EvalLMConfig, model: Any, tok: Any, logs: dict[str, Any]) -> tuple[Any, Any]:
     """A RETRO-fit checkpoint on the plain LM's windows; with retrieval on, each document's chunk neighbours
     are retrieved in one batch (same-document exclusion and decontamination as for the other methods)."""
-    import time
-
-    from ralm.core.targets import model_context
-    from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.methods.retro.checkpoint import load_retrofit
-    from ralm.methods.retro.neighbours import check_store_fits, document_neighbours
-    from ralm.methods.retro.scoring import retro_nll
-
     retro, _ = load_retrofit(cfg.checkpoint, model, tok, cfg.model)
     stride = cfg.lm.window_stride or max(1, model_context(model, cfg.lm.context) // 2)
     ds = None
     if cfg.retrieval == "on":
-        from ralm.datastore.store import Datastore
-
         ds = Datastore.open(cfg.datastore)
         check_store_fits(ds, retro.cfg, tokenizer_fingerprint(tok), cfg.model)
         ds = _restrict(ds, ds.manifest["counts"]["chunks"], cfg)
@@ -248,6 +234,5 @@ def _retro_scorer(cfg: EvalLMConfig, model: Any, tok: Any, logs: dict[str, Any])
 def _restrict(store: Any, n_rows: int, cfg: EvalLMConfig) -> Any:
     if cfg.subset is None or cfg.subset == 1.0:
         return store
-    from ralm.datastore.subset import nested_rows
 
     return store.restrict(nested_rows(n_rows, cfg.subset, cfg.subset_seed))

@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from ralm.datastore import layout
+from ralm.datastore.knn_store import read_knn_manifest
+from ralm.datastore.store import read_manifest
+from ralm.datastore.subset import nested_rows
 from ralm.errors import RalmError
 from ralm.eval.runner import EvalLMConfig, run_eval_lm
+from ralm.lm.models import load
 from ralm.utils.atomic import atomic_path, write_json
 
 RETRIEVAL_METHODS = ("in-context", "replug")
@@ -59,11 +66,6 @@ def store_tokens(method: str, path: str, rows: np.ndarray | None) -> int:
     """Tokens held by the (subset of the) store: chunk tokens, or one per key for a kNN-LM store."""
     if method == "knn-lm":
         return _rows_in(method, path) if rows is None else len(rows)
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from ralm.datastore import layout
-    from ralm.datastore.store import read_manifest
 
     manifest = read_manifest(Path(path))
     lengths = np.concatenate([pc.list_value_length(pq.read_table(layout.chunks_path(Path(path), p["part"]),
@@ -74,9 +76,6 @@ def store_tokens(method: str, path: str, rows: np.ndarray | None) -> int:
 
 def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
     """Evaluate every (method, fraction) point plus the plain LM; write JSON, markdown and PNG."""
-    from ralm.datastore.subset import nested_rows
-    from ralm.lm.models import load
-
     log = log or (lambda m: print(m, file=sys.stderr))
     loaded = load(cfg.eval.model)
     base = dataclasses.replace(cfg.eval, method="none", datastore=None, subset=None)
@@ -110,10 +109,7 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
 
 def _rows_in(method: str, path: str) -> int:
     if method == "knn-lm":
-        from ralm.datastore.knn_store import read_knn_manifest
-
         return int(read_knn_manifest(Path(path))["summary"]["keys"])
-    from ralm.datastore.store import read_manifest
 
     return int(read_manifest(Path(path))["counts"]["chunks"])
 
@@ -128,7 +124,7 @@ def scale_markdown(result: dict[str, Any]) -> str:
 
 def plot_scale(result: dict[str, Any], path: Path) -> None:
     """Metric against store tokens (log x), one line per method, the plain LM as a dashed reference."""
-    import matplotlib
+    import matplotlib  # only for the chart
 
     matplotlib.use("Agg")  # files only: never needs a display
     import matplotlib.pyplot as plt

@@ -81,6 +81,8 @@ def load(name_or_path: str = DEFAULT_LM, device: str = "cpu", dtype: str = "floa
     ``device``: ``cpu``, ``cuda``/``cuda:N`` (error if unavailable) or ``auto`` (cuda when available).
     ``dtype``: ``float32`` (default), ``bfloat16`` or ``float16``.
     """
+    # torch and transformers (seconds to import) load here, not at the top: `import ralm` reaches ralm.lm
+    # through datastore.store -> encoders -> lm.presets, and every CLI start imports ralm
     import torch
     from transformers.utils import logging as hf_logging
 

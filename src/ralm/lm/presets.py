@@ -160,7 +160,7 @@ def _preset_tokenizer_dir(preset: Preset) -> Path:
 @lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str) -> Any:
     """A fast Hugging Face tokenizer from a preset name, a folder, a ``.gguf`` file or a hub id."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # ~3 s: not at CLI start (datastore.store imports this module)
 
     try:
         if name_or_path in PRESETS:

@@ -10,18 +10,17 @@ so with retrieval switched off this reproduces the plain LM.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from ralm.core.neighbours import NeighbourLog
 from ralm.core.start_token import start_token_id
 from ralm.core.targets import Targets
 from ralm.errors import RalmError
-
-if TYPE_CHECKING:
-    from ralm.core.neighbours import NeighbourLog
 
 
 @dataclass
@@ -68,8 +67,6 @@ def block_input(ids: torch.Tensor, start: int, end: int, passage: list[int], con
 def _retrieve_blocks(tokenizer: Any, t: Targets, starts: list[int], retrieve: Retriever | None,
                      query_len: int) -> tuple[list[list[Passage]], float]:
     """Passages for every block, from one batched retrieval; the first block has no query text yet."""
-    import time
-
     found: list[list[Passage]] = [[] for _ in starts]
     if retrieve is None:
         return found, 0.0

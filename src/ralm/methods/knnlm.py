@@ -10,13 +10,16 @@ k = 1024, λ = 0.25, T = 1, d = squared L2 distance.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from ralm.core.targets import window_plan
 from ralm.errors import RalmError
+from ralm.lm.hidden import head_inputs
 
 
 @dataclass
@@ -130,11 +133,6 @@ class KNNScorer:
 
     @torch.inference_mode()
     def __call__(self, t: Any, context: int) -> tuple[torch.Tensor, float]:
-        import time
-
-        from ralm.core.targets import window_plan
-        from ralm.lm.hidden import head_inputs
-
         lp_lm, states = [], []
         device = next(self.model.parameters()).device
         for begin, end, first in window_plan(len(t.ids), context, self.window_stride):

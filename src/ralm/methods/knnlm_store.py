@@ -19,15 +19,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ralm.core.start_token import start_token
+from ralm.core.targets import make_targets, model_context, window_plan
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input_files
+from ralm.datastore.build import input_files_fingerprint
 from ralm.datastore.index import IndexConfig, build_index
 from ralm.datastore.keys import KeyParts
 from ralm.datastore.knn_store import FORMAT, VERSION, _paths, read_knn_manifest
 from ralm.datastore.layout import BUILD_DIR
 from ralm.datastore.manifest import seal
 from ralm.errors import RalmError
-from ralm.lm.presets import DEFAULT_LM
+from ralm.lm.hidden import check_states_match_head, final_states, model_fingerprint
+from ralm.lm.models import load
+from ralm.lm.presets import DEFAULT_LM, start_token_change, tokenizer_fingerprint
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
 from ralm.utils.outdir import Kind, open_out, read_json
 
@@ -88,8 +94,6 @@ def _save(path: Path, arr: np.ndarray) -> dict:
 
 def _shards(docs, shard_tokens: int, tokenizer) -> Any:
     """Documents grouped into parts of about ``shard_tokens`` positions, with their targets."""
-    from ralm.core.targets import make_targets
-
     shard, n = [], 0
     for d in docs:
         try:
@@ -109,9 +113,6 @@ def _shards(docs, shard_tokens: int, tokenizer) -> Any:
 def shard_states(model: Any, targets: list, context: int, stride: int, batch_size: int,
                  on_tokens: Callable[[int], None] = lambda n: None) -> list[np.ndarray]:
     """(n_targets, d) fp16 states of every document, computed over ``window_plan`` windows in batches."""
-    from ralm.core.targets import window_plan
-    from ralm.lm.hidden import final_states
-
     d = model.config.get_text_config().hidden_size
     out = [np.zeros((t.n_targets, d), dtype=np.float16) for t in targets]
     jobs = [(i, b, e, f) for i, t in enumerate(targets) for b, e, f in window_plan(len(t.ids), context, stride)]
@@ -163,15 +164,6 @@ def build_knn_store(cfg: KNNBuildConfig, log: Callable[[str], None] | None = Non
 
 def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log: Callable[[str], None],
            progress: bool, t0: float) -> dict:
-    from tqdm import tqdm
-
-    from ralm.core.start_token import start_token
-    from ralm.core.targets import model_context
-    from ralm.datastore.build import input_files_fingerprint
-    from ralm.lm.hidden import check_states_match_head, model_fingerprint
-    from ralm.lm.models import load
-    from ralm.lm.presets import start_token_change, tokenizer_fingerprint
-
     lm = load(cfg.model)
     model, tok = lm.model, lm.tokenizer
     context = model_context(model, cfg.context)

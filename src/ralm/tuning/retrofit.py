@@ -24,13 +24,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from ralm.core.start_token import start_token
+from ralm.core.targets import make_targets
+from ralm.data.corpus import CorpusConfig, iter_documents
+from ralm.datastore.build import input_files_fingerprint
+from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
-from ralm.lm.presets import DEFAULT_LM
-from ralm.methods.retro.checkpoint import CONFIG, LEGACY_TRAINER_STATE, TRAINER_STATE, VERSION, WEIGHTS, TrainerState
+from ralm.lm.hidden import model_fingerprint
+from ralm.lm.models import load
+from ralm.lm.presets import DEFAULT_LM, tokenizer_fingerprint
+from ralm.methods.retro.checkpoint import (
+    CONFIG,
+    LEGACY_TRAINER_STATE,
+    TRAINER_STATE,
+    VERSION,
+    WEIGHTS,
+    TrainerState,
+    read_trainer_state,
+    save_checkpoint,
+    save_trainer_state,
+)
 from ralm.methods.retro.model import PAD, RetroConfig, RetroFit
+from ralm.methods.retro.neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id, window_neighbours
 from ralm.utils import outdir
+from ralm.utils.atomic import atomic_open
 
 LOG = "train_log.jsonl"
 ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW (amsgrad off) keeps per parameter
@@ -109,8 +128,6 @@ def windows(lengths: list[int], seq_len: int) -> list[Window]:
 def collate(ws: list[Window], ids: list[torch.Tensor], nbs: list[torch.Tensor], m: int,
             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (B, L) input ids, (B, L) labels (-100 on padding) and (B, U, K, R) neighbours."""
-    from ralm.methods.retro.neighbours import window_neighbours
-
     L = max(w.end - w.begin for w in ws)
     U = L // m
     inp = torch.full((len(ws), L), pad_id, dtype=torch.long)
@@ -176,13 +193,6 @@ def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
 
 def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
     """The run itself, in the locked ``cfg.out``."""
-    from tqdm import tqdm
-
-    from ralm.lm.hidden import model_fingerprint
-    from ralm.lm.models import load
-    from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.methods.retro.checkpoint import save_checkpoint, save_trainer_state
-
     out = Path(cfg.out)
     state_path = out / TRAINER_STATE
     state = _resume_state(cfg, out, state_path)  # read and checked before minutes of model and data loading
@@ -316,13 +326,6 @@ def _eval_loss(model: RetroFit, ws: list[Window], ids: list[torch.Tensor], nbs: 
 def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: bool
           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Token ids of every document of ``files`` and the neighbours of their whole chunks (cached)."""
-    from ralm.core.targets import make_targets
-    from ralm.data.corpus import CorpusConfig, iter_documents
-    from ralm.datastore.build import input_files_fingerprint
-    from ralm.datastore.store import Datastore
-    from ralm.lm.presets import tokenizer_fingerprint
-    from ralm.methods.retro.neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id
-
     ds = Datastore.open(cfg.datastore)
     tok_fp = tokenizer_fingerprint(lm.tokenizer)
     check_store_fits(ds, cfg.retro, tok_fp, cfg.model)
@@ -358,8 +361,6 @@ def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: 
 
 def _resume_state(cfg: RetrofitConfig, out: Path, state_path: Path) -> TrainerState | None:
     """The run to resume in ``out`` (None: start afresh), checked against ``cfg``; never unpickles anything."""
-    from ralm.methods.retro.checkpoint import read_trainer_state
-
     legacy = out / LEGACY_TRAINER_STATE
     if cfg.force:  # starting over (the folder was emptied of ralm's files, trainer.pt included): nothing is read
         return None
@@ -380,8 +381,6 @@ def _resume_state(cfg: RetrofitConfig, out: Path, state_path: Path) -> TrainerSt
 
 def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows of steps after the checkpoint being resumed (they will be trained again)."""
-    from ralm.utils.atomic import atomic_open
-
     if not path.exists():
         return
     keep = []

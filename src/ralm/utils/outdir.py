@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ralm.errors import RalmError
+from ralm.utils.atomic import write_json
 
 MARKER, LOCK = ".ralm-owner.json", ".ralm.lock"
 MARKER_FORMAT, MARKER_VERSION = "ralm-folder", 1
@@ -304,7 +305,6 @@ class OutDir:
         """Write the marker that proves this folder is ralm's (before the first write of a build)."""
         if self._marker() is not None:
             return
-        from ralm.utils.atomic import write_json
 
         try:
             write_json(self.root / MARKER, {"format": MARKER_FORMAT, "version": MARKER_VERSION,

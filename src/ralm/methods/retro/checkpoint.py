@@ -15,14 +15,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 
 from ralm.errors import IncompatibleError, RalmError
+from ralm.lm.hidden import model_fingerprint
+from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 from ralm.methods.retro.model import RetroConfig, RetroFit
+from ralm.utils.atomic import atomic_open, write_json
 
 WEIGHTS, CONFIG = "retro.safetensors", "retro.json"
 TRAINER_STATE, LEGACY_TRAINER_STATE = "trainer.safetensors", "trainer.pt"
@@ -36,10 +42,6 @@ VERSION = 3
 
 def save_checkpoint(path: str | Path, model: RetroFit, meta: dict[str, Any]) -> None:
     """Write the new parameters, then the config (its presence marks a complete checkpoint)."""
-    from dataclasses import asdict
-
-    from ralm.utils.atomic import write_json
-
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     write_safetensors(root / WEIGHTS, model.new_state_dict())
@@ -67,14 +69,6 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
 
 def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | None = None) -> tuple[RetroFit, dict]:
     """Fit the checkpoint's layers onto ``base`` (its own frozen LM); return the model and the checkpoint config."""
-    import sys
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from ralm.lm.hidden import model_fingerprint
-    from ralm.lm.presets import start_token_change, tokenizer_fingerprint
-
     meta = read_checkpoint_config(path)
     fp, want = model_fingerprint(base), meta.get("model_fingerprint")
     if fp != want:
@@ -104,10 +98,6 @@ def write_safetensors(dest: Path, tensors: dict[str, torch.Tensor], metadata: di
     the target (so the checkpoint was the one file others could not read, and a kill left a stray
     ``.tmpXXXXXX``); serialising to bytes and writing them through ``atomic_open`` avoids both.
     """
-    from safetensors.torch import save
-
-    from ralm.utils.atomic import atomic_open
-
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_open(dest, "wb") as f:
         f.write(data)
@@ -239,8 +229,6 @@ _TOP = {"step": int, "trained_tokens": int, "resume_key": dict, "model_fingerpri
 
 def read_trainer_state(path: Path) -> TrainerState:
     """Read and type-check a resumption state (never a pickle); one-line errors for anything malformed."""
-    from safetensors import SafetensorError, safe_open
-
     def fail(what: str) -> RalmError:
         return _state_error(path, what)
 

@@ -20,10 +20,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ralm.core.targets import Targets
 from ralm.errors import IncompatibleError, RalmError
-from ralm.methods.retro.model import PAD, RetroConfig, pad_neighbours
+from ralm.methods.in_context import store_retriever
+from ralm.methods.retro.model import PAD, RetroConfig, pad_neighbours, window_chunks
+from ralm.utils.atomic import atomic_path, write_json
 
 CACHE_VERSION = 1
 
@@ -60,10 +63,6 @@ def document_neighbours(ds: Any, tokenizer: Any, targets: list[Targets], cfg: Re
                         exclude_same_doc: bool = True, decontaminate: int | None = None,
                         progress: bool = False) -> list[torch.Tensor]:
     """Per document, a (n_whole_chunks, K, R) tensor of neighbour tokens (PAD where fewer were found)."""
-    from tqdm import tqdm
-
-    from ralm.methods.in_context import store_retriever
-
     doc_tokens = {t.doc_id: t.ids for t in targets} if decontaminate else None
     retrieve = store_retriever(ds, cfg.neighbours, exclude_same_doc, decontaminate, doc_tokens)
     out = []
@@ -87,8 +86,6 @@ class NeighbourCache:
         return torch.from_numpy(self.tokens[self.offsets[i]:self.offsets[i + 1]].astype(np.int64))
 
     def save(self, path: Path) -> None:
-        from ralm.utils.atomic import atomic_path, write_json
-
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / "neighbours.npz") as tmp, open(tmp, "wb") as f:
             np.savez(f, tokens=self.tokens, offsets=self.offsets)
@@ -126,8 +123,6 @@ class NeighbourCache:
 
 def window_neighbours(doc_neighbours: torch.Tensor, offset: int, length: int, m: int) -> torch.Tensor:
     """(U, K, R) neighbours of the whole chunks of the window [offset, offset + length) of a document."""
-    from ralm.methods.retro.model import window_chunks
-
     _, c0, U = window_chunks(offset, length, m)
     sel = doc_neighbours[c0:c0 + U]
     if len(sel) < U:  # chunks past the neighbours' end (cannot happen for a document's own windows)

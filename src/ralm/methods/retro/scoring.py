@@ -8,16 +8,12 @@ u = p // m − 1 when that chunk lies wholly inside the window.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from ralm.core.neighbours import NeighbourLog
 from ralm.core.targets import Targets, window_plan
 from ralm.methods.retro.model import PAD, RetroFit, window_chunks
 from ralm.methods.retro.neighbours import window_neighbours
-
-if TYPE_CHECKING:
-    from ralm.core.neighbours import NeighbourLog
 
 
 @torch.inference_mode()
