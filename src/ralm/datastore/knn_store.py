@@ -99,8 +99,9 @@ class KNNStore:
         view.allowed = np.unique(np.asarray(rows, dtype=np.int64))
         return view
 
-    def check_compatible(self, model_fp: str, tokenizer_fp: str, model_name: str, dim: int) -> None:
-        """Refuse a model whose tokens or hidden states are not the ones stored."""
+    def check_compatible(self, model_fps: tuple[str, ...], tokenizer_fp: str, model_name: str, dim: int) -> None:
+        """Refuse a model whose tokens or hidden states are not the ones stored (``model_fps``: the model's
+        current and legacy fingerprints, ``lm.hidden.model_fingerprints``)."""
         m = self.manifest
         if tokenizer_fp != m["tokenizer"]["fingerprint"]:
             raise IncompatibleError(f"{self.root}: built with the tokenizer of {m['model']['name']!r} "
@@ -108,9 +109,9 @@ class KNNStore:
                                     f"({tokenizer_fp}), so stored next-token values mean other tokens")
         if dim != self.dim:
             raise IncompatibleError(f"{self.root}: keys have dim {self.dim}, {model_name!r} has hidden size {dim}")
-        if model_fp != m["model"]["fingerprint"]:
+        if m["model"]["fingerprint"] not in model_fps:
             raise IncompatibleError(f"{self.root}: keys are hidden states of {m['model']['name']!r} "
-                                    f"({m['model']['fingerprint']}), not of {model_name!r} ({model_fp}); "
+                                    f"({m['model']['fingerprint']}), not of {model_name!r} ({model_fps[0]}); "
                                     "rebuild the store with this model")
 
     def ordinal(self, doc_id: str) -> int:

@@ -26,7 +26,7 @@ from ralm.datastore.subset import nested_rows
 from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.leakage import DocScores, leakage_report, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
-from ralm.lm.hidden import model_fingerprint
+from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 from ralm.methods.in_context import InContextConfig, in_context_nll, replug_nll, store_retriever
@@ -117,7 +117,7 @@ def _sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None
 
 def open_knn_store(cfg: EvalLMConfig, model: Any, tok: Any) -> Any:
     store = KNNStore.open(cfg.datastore)
-    store.check_compatible(model_fingerprint(model), tokenizer_fingerprint(tok), cfg.model,
+    store.check_compatible(model_fingerprints(model), tokenizer_fingerprint(tok), cfg.model,
                            model.config.get_text_config().hidden_size)
     if (why := start_token_change(store.manifest["tokenizer"], tok)) is not None:
         # the first token conditions every later hidden state: keys made after another one match nothing

@@ -46,10 +46,27 @@ def check_states_match_head(model: Any, input_ids: torch.Tensor) -> None:
                         "kNN-LM keys cannot be read from this architecture")
 
 
-def model_fingerprint(model: Any) -> str:
-    """A short hash of the config and a slice of every weight: kNN-LM keys belong to exactly one model."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+# config entries that say where a model was loaded from, not what it computes: the same weights from another
+# cache folder (another RALM_CACHE_DIR or HOME) must keep their fingerprint
+_LOCATION_KEYS = ("_name_or_path", "transformers_version")
+
+
+def model_fingerprint(model: Any, *, legacy: bool = False) -> str:
+    """A short hash of the config and a slice of every weight: kNN-LM keys belong to exactly one model.
+
+    ``legacy``: the hash stores written before the location keys were left out recorded (it changed with
+    the folder the model was loaded from).
+    """
+    config = model.config.to_dict()
+    if not legacy:
+        config = {k: v for k, v in config.items() if k not in _LOCATION_KEYS}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         h.update(name.encode())
         h.update(p.detach().reshape(-1)[:256].float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def model_fingerprints(model: Any) -> tuple[str, str]:
+    """(current, legacy) fingerprints: a store or checkpoint that recorded either was made with these weights."""
+    return model_fingerprint(model), model_fingerprint(model, legacy=True)

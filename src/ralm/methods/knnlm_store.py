@@ -31,7 +31,7 @@ from ralm.datastore.knn_store import FORMAT, VERSION, _paths, read_knn_manifest
 from ralm.datastore.layout import BUILD_DIR
 from ralm.datastore.manifest import seal
 from ralm.errors import RalmError
-from ralm.lm.hidden import check_states_match_head, final_states, model_fingerprint
+from ralm.lm.hidden import check_states_match_head, final_states, model_fingerprint, model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import DEFAULT_LM, start_token_change, tokenizer_fingerprint
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
@@ -180,7 +180,7 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     else:
         state = {"params": params, "inputs": list(cfg.inputs), "files": files, **fp}
         write_json(state_path, state)
-    if state["model"] != fp["model"]:
+    if state["model"] not in model_fingerprints(model):
         raise RalmError(f"--model {cfg.model}: loads other weights than the unfinished build started with; use --force")
     if (why := start_token_change(state, tok)) is not None:  # keys after two start tokens would not mix
         raise RalmError(f"--out {root}: the unfinished build was {why}; use --force to start over")

@@ -32,7 +32,7 @@ from ralm.data.corpus import CorpusConfig, iter_documents
 from ralm.datastore.build import input_files_fingerprint
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
-from ralm.lm.hidden import model_fingerprint
+from ralm.lm.hidden import model_fingerprint, model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import DEFAULT_LM, tokenizer_fingerprint
 from ralm.methods.retro.checkpoint import (
@@ -212,7 +212,7 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
 
     step, log_rows, tokens_before = 0, [], 0
     if state is not None:
-        if state.model_fingerprint != model_fp:
+        if state.model_fingerprint not in model_fingerprints(lm.model):
             raise RalmError(f"--out {out}: was trained on other base-model weights than {cfg.model!r} has now")
         step, tokens_before = state.step, state.trained_tokens
     model = RetroFit(lm.model, cfg.retro)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from ralm.errors import IncompatibleError, RalmError
-from ralm.lm.hidden import model_fingerprint
+from ralm.lm.hidden import model_fingerprints
 from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 from ralm.methods.retro.model import RetroConfig, RetroFit
 from ralm.utils.atomic import atomic_open, write_json
@@ -70,8 +70,9 @@ def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
 def load_retrofit(path: str | Path, base: Any, tokenizer: Any, base_name: str | None = None) -> tuple[RetroFit, dict]:
     """Fit the checkpoint's layers onto ``base`` (its own frozen LM); return the model and the checkpoint config."""
     meta = read_checkpoint_config(path)
-    fp, want = model_fingerprint(base), meta.get("model_fingerprint")
-    if fp != want:
+    fps, want = model_fingerprints(base), meta.get("model_fingerprint")
+    fp = fps[0]
+    if want not in fps:
         raise IncompatibleError(f"--checkpoint {path}: trained on base model {meta.get('model')!r} ({want}), "
                                 f"not {base_name or 'the given model'!r} ({fp})")
     tok_fp = tokenizer_fingerprint(tokenizer)
