@@ -181,7 +181,7 @@ def lm_stage(bbc: Path, out: Path, args: argparse.Namespace, lm: Any) -> tuple[l
     from ralm.datastore.build import BuildConfig, build
     from ralm.datastore.index import IndexConfig
     from ralm.errors import IncompatibleError
-    from ralm.eval.runner import EvalLMConfig, open_knn_store
+    from ralm.methods.knnlm import open_knn_store
     from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
 
     files = bbc_splits(bbc, out, args)
@@ -194,8 +194,7 @@ def lm_stage(bbc: Path, out: Path, args: argparse.Namespace, lm: Any) -> tuple[l
                               window_stride=args.context, index=IndexConfig("flat", metric="l2"))
         k = build_knn_store(kcfg)
         try:  # a finished store is reused as it is; keys of another model (or conversion) would be refused later
-            open_knn_store(EvalLMConfig(model=MODEL, data=[], method="knn-lm", datastore=str(knn)), lm.model,
-                           lm.tokenizer)
+            open_knn_store(str(knn), MODEL, lm.model, lm.tokenizer)
         except IncompatibleError as e:
             log(f"{e}: rebuilding it")
             k = build_knn_store(replace(kcfg, force=True))

@@ -197,7 +197,7 @@ def info(
 def eval_lm(
     model: Model = "smollm2-135m",
     data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
-    method: Annotated[str, typer.Option(help="none, in-context, replug, knn-lm or retro")] = "none",
+    method: Annotated[str, typer.Option(help="scoring method (`ralm methods` lists them)")] = "none",
     datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug, retro; retro defaults "
                                                        "to its checkpoint's) or kNN-LM store (knn-lm)")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder (from `ralm retrofit`)")] = None,
@@ -306,9 +306,12 @@ def scale(
     data: Annotated[list[str], typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")],
     out: Annotated[str, typer.Option("--out", "-o", help="folder for scale.json, scale.md and scale.png")],
     model: Model = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="comma-separated: in-context, replug, knn-lm")] = "in-context",
+    methods: Annotated[str, typer.Option(help="comma-separated methods that read a store (`ralm methods`; "
+                                              "default: in-context)")] = "",
     datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug)")] = None,
     knn_store: Annotated[str | None, typer.Option(help="kNN-LM store (knn-lm)")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder (its store is the "
+                                                        "default --datastore)")] = None,
     fractions: Annotated[str, typer.Option(help="comma-separated nested subset sizes in (0, 1]")] = "0.01,0.1,0.3,1",
     seed: Annotated[int, typer.Option(help="seed of the nested subsets")] = 0,
     metric: Annotated[str, typer.Option(help="plotted metric: ppl or bpb")] = "ppl",
@@ -339,11 +342,23 @@ def scale(
                             exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
         cfg = ScaleConfig(eval=base, out=out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                           datastore=datastore, knn_store=knn_store, validation=list(validation or []) or None,
+                          checkpoint=checkpoint,
                           fractions=floats(fractions, "--fractions"), seed=seed, metric=metric)
         result = run_scale(cfg, progress=not quiet, log=(lambda m: None) if quiet else None)
     except RalmError as e:
         fail(e)
     typer.echo(json.dumps(result, indent=2) if json_out else scale_markdown(result) + f"plot: {Path(out) / 'scale.png'}")
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered scoring methods: name, the store each reads, what it does."""
+    import ralm.methods  # noqa: F401  registers the built-in methods
+    from ralm.core.registry import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        typer.echo(f"{name:>12}  store: {m.store:<9}  {m.help}")
 
 
 app.command()(cli_retro.retrofit)

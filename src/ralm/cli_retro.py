@@ -85,7 +85,7 @@ def retrofit(
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     model: Model = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="none, in-context or retro")] = "none",
+    method: Annotated[str, typer.Option(help="a method that generates (`ralm methods`)")] = "none",
     datastore: Annotated[str | None, typer.Option(help="retrieval store (retro defaults to its checkpoint's)")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 64,
@@ -97,35 +97,29 @@ def generate(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object (with the retrievals)")] = False,
 ) -> None:
     """Continue PROMPT, retrieving at every chunk boundary (retro) or every --stride tokens (in-context)."""
+    from ralm.core.registry import get_method, refuse_foreign
     from ralm.generate import GenerateConfig
     from ralm.generate import generate as run
     from ralm.lm.models import load
 
     try:
         cfg = GenerateConfig(method=method, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             stride=stride, docs=docs, doc_tokens=doc_tokens)
-        retro = ds = None
-        if method == "retro":
-            from ralm.methods.retro.checkpoint import read_checkpoint_config
-
-            if not checkpoint:
-                raise RalmError("--method retro needs --checkpoint")
-            datastore = datastore or read_checkpoint_config(checkpoint).get("datastore")
-        elif checkpoint:
-            raise RalmError("--checkpoint is for --method retro")
+                             stride=stride, docs=docs, doc_tokens=doc_tokens, checkpoint=checkpoint,
+                             datastore=datastore)
+        m = get_method(method, generates=True)
+        refuse_foreign(cfg, method)
+        if m.resolve is not None:  # e.g. the store a checkpoint was trained with (before the model loads)
+            m.resolve(cfg)
+        elif m.store != "none" and not cfg.datastore:
+            raise RalmError(f"--method {method} needs --datastore")
         lm = load(model)
-        if method != "none":
-            if not datastore:
-                raise RalmError(f"--method {method} needs --datastore")
-            ds = Datastore.open(datastore)
+        state = ds = None
+        if m.store != "none":
+            ds = Datastore.open(cfg.datastore)
             ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(lm.tokenizer), tokenizer_name=model)
-        if method == "retro":
-            from ralm.methods.retro.checkpoint import load_retrofit
-            from ralm.methods.retro.neighbours import check_store_fits
-
-            retro, _ = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
-            check_store_fits(ds, retro.cfg, tokenizer_fingerprint(lm.tokenizer), model)
-        result = run(lm.model, lm.tokenizer, prompt, cfg, ds=ds, retro=retro)
+        if m.load_generation is not None:
+            state = m.load_generation(lm, model, cfg, ds)
+        result = run(lm.model, lm.tokenizer, prompt, cfg, ds=ds, state=state)
     except RalmError as e:
         fail(e)
     if json_out:

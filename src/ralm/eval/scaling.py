@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import ralm.methods  # noqa: F401  registers the built-in methods
+from ralm.core.registry import get_method, method_names
 from ralm.datastore import layout
 from ralm.datastore.knn_store import read_knn_manifest
 from ralm.datastore.store import read_manifest
@@ -26,32 +28,37 @@ from ralm.eval.runner import EvalLMConfig, run_eval_lm
 from ralm.lm.models import load
 from ralm.utils.atomic import atomic_path, write_json
 
-RETRIEVAL_METHODS = ("in-context", "replug")
+# the flag naming the store of each kind a method can be scaled on
+STORE_FLAGS = {"retrieval": "datastore", "knn": "knn_store"}
 
 
 @dataclass
 class ScaleConfig:
     eval: EvalLMConfig  # model, data, windows and method settings; method, store and validation set per point
     out: str = field(metadata={"help": "folder for scale.json, scale.md and scale.png"})
-    methods: tuple[str, ...] = field(default=("in-context",), metadata={"help": "methods to scale"})
-    datastore: str | None = field(default=None, metadata={"help": "retrieval store (in-context, replug)"})
-    knn_store: str | None = field(default=None, metadata={"help": "kNN-LM store (knn-lm)"})
-    validation: list[str] | None = field(default=None, metadata={"help": "knn-lm: documents on which λ is chosen "
-                                                                          "at each store size"})
+    methods: tuple[str, ...] = field(default=(), metadata={"help": "methods to scale (default: the first "
+                                                                   "registered retrieval method)"})
+    datastore: str | None = field(default=None, metadata={"help": "retrieval store (methods of store kind "
+                                                                  "retrieval)"})
+    knn_store: str | None = field(default=None, metadata={"help": "kNN-LM store (methods of store kind knn)"})
+    validation: list[str] | None = field(default=None, metadata={"help": "documents on which a method that owns "
+                                                                          "validation (the kNN-LM's λ) tunes at each "
+                                                                          "store size"})
+    checkpoint: str | None = field(default=None, metadata={"help": "retro: the RETRO-fit checkpoint folder"})
     fractions: tuple[float, ...] = field(default=(0.01, 0.1, 0.3, 1.0), metadata={"help": "nested subset sizes"})
     seed: int = field(default=0, metadata={"help": "seed of the nested subsets"})
     metric: str = field(default="ppl", metadata={"help": "plotted metric: ppl or bpb"})
+    points: dict[str, EvalLMConfig] = field(default_factory=dict, init=False, repr=False)  # per method, resolved
 
     def __post_init__(self) -> None:
+        scalable = [n for n in method_names() if get_method(n).store in STORE_FLAGS]
+        self.methods = tuple(self.methods) or method_names(store="retrieval")[:1]
         for m in self.methods:
-            if m not in (*RETRIEVAL_METHODS, "knn-lm"):
-                raise RalmError(f"--methods {m!r}: expected in-context, replug or knn-lm")
+            if m not in scalable:
+                raise RalmError(f"--methods {m!r}: expected one of {', '.join(scalable)}")
         if not self.methods:
             raise RalmError("--methods: give at least one method")
-        if any(m in RETRIEVAL_METHODS for m in self.methods) and not self.datastore:
-            raise RalmError("--datastore is required for in-context / replug")
-        if "knn-lm" in self.methods and not self.knn_store:
-            raise RalmError("--knn-store is required for knn-lm")
+        self.points = {m: self._point(m) for m in self.methods}  # every method's settings checked before loading
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad or not self.fractions:
             raise RalmError(f"--fractions {bad or 'empty'}: every fraction must be in (0, 1]")
@@ -61,11 +68,26 @@ class ScaleConfig:
         if out.exists() and not out.is_dir():
             raise RalmError(f"--out {out}: exists and is not a directory")
 
+    def _point(self, name: str) -> EvalLMConfig:
+        """``eval`` for method ``name`` on its store (by store kind), the whole store; resolved by the method."""
+        method = get_method(name)
+        flag = STORE_FLAGS[method.store]
+        store = getattr(self, flag)
+        try:
+            # run options only some methods read (Method.owns: validation, checkpoint) go to those alone
+            owned = {f: getattr(self, f, None) for f in method.owns}
+            return dataclasses.replace(self.eval, method=name, datastore=store, subset=None, subset_seed=self.seed,
+                                       **{"validation": None, "checkpoint": None, **owned})
+        except RalmError:
+            if store is None:  # the flag this command takes for that kind of store
+                raise RalmError(f"--{flag.replace('_', '-')} is required for {name}") from None
+            raise
 
-def store_tokens(method: str, path: str, rows: np.ndarray | None) -> int:
+
+def store_tokens(kind: str, path: str, rows: np.ndarray | None) -> int:
     """Tokens held by the (subset of the) store: chunk tokens, or one per key for a kNN-LM store."""
-    if method == "knn-lm":
-        return _rows_in(method, path) if rows is None else len(rows)
+    if kind == "knn":
+        return _rows_in(kind, path) if rows is None else len(rows)
 
     manifest = read_manifest(Path(path))
     lengths = np.concatenate([pc.list_value_length(pq.read_table(layout.chunks_path(Path(path), p["part"]),
@@ -78,22 +100,21 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
     """Evaluate every (method, fraction) point plus the plain LM; write JSON, markdown and PNG."""
     log = log or (lambda m: print(m, file=sys.stderr))
     loaded = load(cfg.eval.model)
-    base = dataclasses.replace(cfg.eval, method="none", datastore=None, subset=None)
+    plain = method_names(store="none")[0]  # the reference line
+    base = dataclasses.replace(cfg.eval, method=plain, datastore=None, subset=None, validation=None)
     none = run_eval_lm(base, progress=progress, loaded=loaded)
-    log(f"none: ppl {none['ppl']:.3f} bpb {none['bpb']:.4f}")
+    log(f"{plain}: ppl {none['ppl']:.3f} bpb {none['bpb']:.4f}")
     points = []
     for method in cfg.methods:
-        store = cfg.knn_store if method == "knn-lm" else cfg.datastore
-        n_rows = _rows_in(method, store)
+        whole = cfg.points[method]
+        kind, store = get_method(method).store, whole.datastore
+        n_rows = _rows_in(kind, store)
         for frac in sorted(cfg.fractions):
             rows = None if frac == 1.0 else nested_rows(n_rows, frac, cfg.seed)
-            point_cfg = dataclasses.replace(cfg.eval, method=method, datastore=store, subset=frac, subset_seed=cfg.seed,
-                                            validation=cfg.validation if method == "knn-lm" else None)
-            r = run_eval_lm(point_cfg, progress=progress, loaded=loaded)
-            point = {"method": method, "fraction": frac, "store_tokens": store_tokens(method, store, rows),
+            r = run_eval_lm(dataclasses.replace(whole, subset=frac), progress=progress, loaded=loaded)
+            point = {"method": method, "fraction": frac, "store_tokens": store_tokens(kind, store, rows),
                      **{k: r[k] for k in ("ppl", "bpb", "tokens", "bytes", "seconds", "tokens_per_second")}}
-            if method == "knn-lm":
-                point["lmbda"] = r["lmbda"]
+            point.update({k: r[k] for k in get_method(method).report if k in r})
             points.append(point)
             log(f"{method} @ {frac:g} ({point['store_tokens']:,} store tokens): ppl {r['ppl']:.3f} bpb {r['bpb']:.4f}")
     result = {"model": cfg.eval.model, "data": cfg.eval.data, "metric": cfg.metric, "seed": cfg.seed,
@@ -107,8 +128,8 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
     return result
 
 
-def _rows_in(method: str, path: str) -> int:
-    if method == "knn-lm":
+def _rows_in(kind: str, path: str) -> int:
+    if kind == "knn":
         return int(read_knn_manifest(Path(path))["summary"]["keys"])
 
     return int(read_manifest(Path(path))["counts"]["chunks"])

@@ -18,9 +18,11 @@ from typing import Any
 import torch
 
 from ralm.core.neighbours import NeighbourLog
+from ralm.core.registry import Method, MethodContext, Session, register_method
 from ralm.core.start_token import start_token_id
-from ralm.core.targets import Targets
+from ralm.core.targets import Targets, make_targets
 from ralm.errors import RalmError
+from ralm.methods.stores import open_retrieval_store, restrict, store_hits, without_tokens
 
 
 @dataclass
@@ -164,3 +166,53 @@ def store_retriever(ds: Any, k: int, exclude_same_doc: bool = True,
 
 def _ngrams(tokens: list[int], n: int) -> set[tuple[int, ...]]:
     return {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+
+
+def _opener(fn: Callable[..., tuple[torch.Tensor, float]]) -> Callable[[MethodContext], Session]:
+    """``open`` for in-context RALM / REPLUG: one store retriever, blocks of ``--stride`` tokens."""
+    def open_(ctx: MethodContext) -> Session:
+        cfg: InContextConfig = ctx.options
+        ds = open_retrieval_store(ctx)
+        ds = restrict(ds, ds.manifest["counts"]["chunks"], ctx)
+        doc_tokens = {d.id: make_targets(d, ctx.tokenizer).ids for d in ctx.docs} if ctx.decontaminate else None
+        retrieve = store_retriever(ds, cfg.docs, ctx.exclude_same_doc, ctx.decontaminate, doc_tokens)
+        # its blocks of --stride tokens, not the plain LM's windows
+        session = Session(window_stride=cfg.stride, info=dict(stride=cfg.stride, query_len=cfg.query_len,
+                                                              docs=cfg.docs, doc_tokens=cfg.doc_tokens))
+
+        def scorer(t: Targets, context: int) -> tuple[torch.Tensor, float]:
+            return fn(ctx.model, ctx.tokenizer, t, retrieve, cfg, context, log=session.log_for(t.doc_id, ctx.leakage))
+
+        session.scorer = scorer
+        return session
+
+    return open_
+
+
+def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, state: Any) -> Any:
+    """``ralm generate`` step: every ``cfg.stride`` tokens (and once for the prompt) the last ``cfg.query_len``
+    tokens retrieve the top ``cfg.docs`` passages, prepended to the context of what follows."""
+    device = next(model.parameters()).device
+    bos = start_token_id(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    passage: list[int] = []
+
+    def step(ids: list[int], n_prompt: int, retrievals: list[dict[str, Any]]) -> torch.Tensor:
+        nonlocal passage
+        n = len(ids)
+        if (n - n_prompt) % cfg.stride == 0:
+            query = tokenizer.decode([i for i in ids[max(0, n - cfg.query_len):] if i not in special])
+            hits = store_hits(ds, query, cfg.docs)
+            passage = [tok for h in hits for tok in h["tokens"][: cfg.doc_tokens]]
+            retrievals.append({"position": n, "query": query, "neighbours": without_tokens(hits)})
+        inp = block_input(torch.tensor(ids, dtype=torch.long), n - 1, n, passage, cfg.context, bos)
+        return model(input_ids=inp.unsqueeze(0).to(device), logits_to_keep=1).logits[0, -1]
+
+    return step
+
+
+register_method(Method(name="in-context", help="In-Context RALM: top passages prepended every --stride tokens",
+                       store="retrieval", open=_opener(in_context_nll), config=InContextConfig,
+                       options="in_context", generate=_generate))
+register_method(Method(name="replug", help="REPLUG: one pass per passage, probabilities mixed by retrieval score",
+                       store="retrieval", open=_opener(replug_nll), config=InContextConfig, options="in_context"))

@@ -17,9 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ralm.core.targets import window_plan
-from ralm.errors import RalmError
-from ralm.lm.hidden import head_inputs
+from ralm.core.registry import Method, MethodContext, Session, register_method
+from ralm.core.targets import make_targets, model_context, window_plan
+from ralm.datastore.knn_store import KNNStore
+from ralm.errors import IncompatibleError, RalmError
+from ralm.lm.hidden import head_inputs, model_fingerprints
+from ralm.lm.presets import start_token_change, tokenizer_fingerprint
+from ralm.methods.stores import restrict
+
+LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# distances between final hidden states run in the hundreds: T = 1 makes p_kNN the nearest neighbour's token
+TEMPERATURE_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 
 
 @dataclass
@@ -182,3 +190,59 @@ class KNNScorer:
         for q in range(len(rows)):
             best = rows[q][valid[q]][: self.log_neighbours]
             log.add(first + q, first + q + 1, self.store.windows(best, 64))
+
+
+def open_knn_store(path: str, model_name: str, model: Any, tok: Any) -> KNNStore:
+    """The kNN-LM store at ``path``, refused unless its keys are this model's states."""
+    store = KNNStore.open(path)
+    store.check_compatible(model_fingerprints(model), tokenizer_fingerprint(tok), model_name,
+                           model.config.get_text_config().hidden_size)
+    if (why := start_token_change(store.manifest["tokenizer"], tok)) is not None:
+        # the first token conditions every later hidden state: keys made after another one match nothing
+        raise IncompatibleError(f"--datastore {path}: a kNN-LM store {why}; its keys no longer match "
+                                "the model's states: rebuild it with `ralm knnlm build ... --force`")
+    return store
+
+
+def sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None = None) -> dict[float, float]:
+    """Perplexity at every λ of the grid from the scorer's recorded per-target probabilities (at ``temperature``,
+    default the scorer's own)."""
+    lm = torch.cat(scorer.lp_lm)
+    knn = torch.cat(scorer.lp_knn if temperature in (None, scorer.cfg.temperature) else scorer.lp_knn_at[temperature])
+    return {lam: math.exp(-float(mix(lm, knn, lam).double().mean())) for lam in grid}
+
+
+def _open(ctx: MethodContext) -> Session:
+    """kNN-LM on the plain LM's windows; with validation documents, λ and T are chosen on them first (the LM and
+    kNN parts do not depend on λ, so one pass prices the whole grid)."""
+    run = ctx.run
+    store = open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer)
+    store = restrict(store, len(store.values), ctx)
+    context = model_context(ctx.model, ctx.lm.context)
+    stride = ctx.lm.window_stride or max(1, context // 2)
+    knn_cfg: KNNLMConfig = ctx.options
+    info: dict[str, Any] = {}
+    if ctx.validation:
+        val = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
+                        temperatures=run.temperature_grid)
+        for d in ctx.validation:
+            val(make_targets(d, ctx.tokenizer), context)
+        sweeps = {temp: sweep(val, run.lmbda_grid, temp) for temp in run.temperature_grid}
+        temp, best = min(((t, lam) for t, sw in sweeps.items() for lam in sw), key=lambda tl: sweeps[tl[0]][tl[1]])
+        knn_cfg = KNNLMConfig(k=knn_cfg.k, lmbda=best, temperature=temp)
+        info.update(lmbda_sweep_validation={str(lam): round(p, 4) for lam, p in sweeps[temp].items()},
+                    temperature_sweep_validation={str(t): round(min(sw.values()), 4) for t, sw in sweeps.items()},
+                    validation=run.validation)
+    session = Session(info=info)
+    scorer = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
+                       log_factory=(lambda t: session.log_for(t.doc_id, True)) if ctx.leakage else None)
+    session.scorer = scorer
+    info.update(k=knn_cfg.k, lmbda=knn_cfg.lmbda, temperature=knn_cfg.temperature, store_keys=len(store))
+    session.after = lambda: {"lmbda_sweep_test": {str(lam): round(p, 4)
+                                                  for lam, p in sweep(scorer, run.lmbda_grid).items()}}
+    return session
+
+
+register_method(Method(name="knn-lm", help="kNN-LM: p_LM mixed with p_kNN over the nearest stored LM states",
+                       store="knn", open=_open, config=KNNLMConfig, options="knn", owns=("validation",),
+                       report=("lmbda",)))
