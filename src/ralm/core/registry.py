@@ -42,6 +42,10 @@ class MethodContext:
     leakage: bool = False  # record NeighbourLogs for the leakage report
     validation: list[Any] | None = None  # validation documents (e.g. the kNN-LM's λ choice), already read
     progress: bool = True
+    wrap_store: Callable[[Any], Any] | None = None  # applied to the store a method opened (ralm.core.retriever)
+
+    def wrapped(self, store: Any) -> Any:
+        return self.wrap_store(store) if self.wrap_store is not None else store
 
 
 @dataclass

@@ -7,6 +7,7 @@ perplexity and bits per byte sit in one table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,10 +87,12 @@ def _documents(files: list[str], max_docs: int | None, flag: str = "--data") -> 
     return docs[:max_docs] if max_docs else docs
 
 
-def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) -> dict:
+def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
+                wrap_store: Callable[[Any], Any] | None = None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the metrics dict.
 
-    ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve).
+    ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve);
+    ``wrap_store``: wraps the store the method opens (e.g. ``ralm.core.retriever.EmptyRetriever``).
     """
     method = get_method(cfg.method)
     docs = _documents(cfg.data, cfg.lm.max_docs)
@@ -100,7 +103,7 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None) ->
                         options=method.options_of(cfg), lm=cfg.lm, run=cfg, docs=docs,
                         exclude_same_doc=cfg.exclude_same_doc, decontaminate=cfg.decontaminate, subset=cfg.subset,
                         subset_seed=cfg.subset_seed, leakage=cfg.leakage_report, validation=validation,
-                        progress=progress)
+                        progress=progress, wrap_store=wrap_store)
     session = method.open(ctx)
     extra: dict[str, Any] = {"model": cfg.model}
     per_target: dict[str, torch.Tensor] = {}

@@ -216,7 +216,7 @@ def _open(ctx: MethodContext) -> Session:
     """kNN-LM on the plain LM's windows; with validation documents, λ and T are chosen on them first (the LM and
     kNN parts do not depend on λ, so one pass prices the whole grid)."""
     run = ctx.run
-    store = open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer)
+    store = ctx.wrapped(open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer))
     store = restrict(store, len(store.values), ctx)
     context = model_context(ctx.model, ctx.lm.context)
     stride = ctx.lm.window_stride or max(1, context // 2)

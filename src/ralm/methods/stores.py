@@ -19,11 +19,11 @@ def restrict(store: Any, n_rows: int, ctx: MethodContext) -> Any:
 
 def open_retrieval_store(ctx: MethodContext, check: bool = True) -> Datastore:
     """The run's retrieval store; ``check``: its passages are the store's own token ids, so they must be the
-    model's tokens."""
+    model's tokens. ``ctx.wrap_store`` (if any) wraps it: the one place every retrieval method's store passes."""
     ds = Datastore.open(ctx.store)
     if check:
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(ctx.tokenizer), tokenizer_name=ctx.model_name)
-    return ds
+    return ctx.wrapped(ds)
 
 
 def store_hits(ds: Any, query: str, k: int) -> list[dict[str, Any]]:
