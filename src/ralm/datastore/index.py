@@ -296,10 +296,7 @@ def _tunable(index: faiss.Index) -> tuple[str, list[int]] | None:
 
 def _exact(index: faiss.Index) -> bool:
     """Whether ``index`` is brute force (IDMap,Flat / Flat): its results are exact, bar the order of ties."""
-    inner = faiss.downcast_index(index)
-    if isinstance(inner, faiss.IndexIDMap):
-        inner = faiss.downcast_index(inner.index)
-    return isinstance(inner, faiss.IndexFlat)
+    return isinstance(_unwrap_idmap(faiss.downcast_index(index)), faiss.IndexFlat)
 
 
 def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, log=print) -> dict:

@@ -37,22 +37,23 @@ def _file_record(path: Path, root: Path) -> dict:
     return {"path": path.relative_to(root).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+# the columns of a chunk part; the reader (store.py) checks a part's types against it
+CHUNK_SCHEMA = pa.schema({"chunk_id": pa.int64(), "doc_id": pa.string(), "domain": pa.string(),
+                          "position": pa.int32(), "char_start": pa.int64(), "text": pa.string(),
+                          "tokens": pa.list_(pa.int32()), "continuation": pa.list_(pa.int32())})
+
+
 def process_shard(task: ShardTask) -> dict:
     """Chunk, encode and write one shard; return its part record (also written as the done marker)."""
     root = Path(task.root)
     t0 = time.perf_counter()
     chunks = chunk_documents(task.docs, load_tokenizer(task.tokenizer), task.chunking)
     n = len(chunks)
-    table = pa.table({
-        "chunk_id": pa.array([layout.chunk_id(task.part, r) for r in range(n)], pa.int64()),
-        "doc_id": pa.array(chunks.doc_id, pa.string()),
-        "domain": pa.array(chunks.domain, pa.string()),
-        "position": pa.array(chunks.position, pa.int32()),
-        "char_start": pa.array(chunks.char_start, pa.int64()),
-        "text": pa.array(chunks.text, pa.string()),
-        "tokens": pa.array(chunks.tokens, pa.list_(pa.int32())),
-        "continuation": pa.array(chunks.continuation, pa.list_(pa.int32())),
-    })
+    table = pa.Table.from_pydict({
+        "chunk_id": [layout.chunk_id(task.part, r) for r in range(n)], "doc_id": chunks.doc_id,
+        "domain": chunks.domain, "position": chunks.position, "char_start": chunks.char_start,
+        "text": chunks.text, "tokens": chunks.tokens, "continuation": chunks.continuation,
+    }, schema=CHUNK_SCHEMA)
     cpath = layout.chunks_path(root, task.part)
     with atomic_path(cpath) as tmp:
         # page CRCs: a reader refuses a damaged page instead of returning altered text (store.py checks them)

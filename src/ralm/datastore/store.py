@@ -131,11 +131,6 @@ def check_files(files: list[tuple[Path, dict]], checksums: bool, where: str) -> 
             raise StoreError(f"{path}: checksum mismatch (file is corrupt)")
 
 
-# the columns of a chunk part, with the types the builder writes (shard.py)
-_COLUMNS = {"chunk_id": "int64", "doc_id": "string", "domain": "string", "position": "int32", "char_start": "int64",
-            "text": "string", "tokens": "list<int32>", "continuation": "list<int32>"}
-
-
 class Datastore:
     """A finished datastore, opened read-only. Keys are memory-mapped; chunk parts load on demand."""
 
@@ -343,13 +338,18 @@ class Datastore:
         import pyarrow as pa  # ~0.6 s: only when chunk texts are read, not at every CLI start
         import pyarrow.parquet as pq
 
+        from ralm.datastore.shard import CHUNK_SCHEMA  # imports pyarrow too
+
+        def kind(t: pa.DataType) -> str:  # a list's item field may be renamed by Parquet: compare item types
+            return f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)
+
         path = layout.chunks_path(self.root, self.parts[p])
         try:  # parts written with page checksums have them checked (a no-op on older parts)
             table = pq.read_table(path, page_checksum_verification=True)
-            for name, kind in _COLUMNS.items():  # a damaged footer can turn strings into bytes
-                t = table.schema.field(name).type
-                if (f"list<{t.value_type}>" if pa.types.is_list(t) else str(t)) != kind:
-                    raise ValueError(f"column {name} is {t}, not {kind}")
+            for want in CHUNK_SCHEMA:  # a damaged footer can turn strings into bytes
+                t = table.schema.field(want.name).type
+                if kind(t) != kind(want.type):
+                    raise ValueError(f"column {want.name} is {t}, not {kind(want.type)}")
             return table.to_pydict()
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             raise unreadable(path, e, self._corrupt_hint) from None

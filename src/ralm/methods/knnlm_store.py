@@ -31,7 +31,7 @@ from ralm.datastore.knn_store import FORMAT, VERSION, _paths, read_knn_manifest
 from ralm.datastore.layout import BUILD_DIR
 from ralm.datastore.manifest import seal
 from ralm.errors import RalmError
-from ralm.lm.hidden import check_states_match_head, final_states, model_fingerprint, model_fingerprints
+from ralm.lm.hidden import check_states_match_head, final_states, model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import DEFAULT_LM, start_token_change, tokenizer_fingerprint
 from ralm.utils.atomic import atomic_path, sha256_file, write_json
@@ -170,7 +170,8 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     stride = min(cfg.window_stride or max(1, context // 2), context - 1)
     check_states_match_head(model, torch.arange(min(8, context))[None] % model.config.get_text_config().vocab_size)
     files = input_files_fingerprint(cfg.inputs)
-    fp = {"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tok), "start_token": start_token(tok)}
+    model_fps = model_fingerprints(model)  # (current, legacy): an unfinished build may have recorded either
+    fp = {"model": model_fps[0], "tokenizer": tokenizer_fingerprint(tok), "start_token": start_token(tok)}
     if state_path.exists():
         state = json.loads(state_path.read_text())
         if state["params"] != params or state["inputs"] != list(cfg.inputs) or state["files"] != files:
@@ -180,7 +181,7 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     else:
         state = {"params": params, "inputs": list(cfg.inputs), "files": files, **fp}
         write_json(state_path, state)
-    if state["model"] not in model_fingerprints(model):
+    if state["model"] not in model_fps:
         raise RalmError(f"--model {cfg.model}: loads other weights than the unfinished build started with; use --force")
     if (why := start_token_change(state, tok)) is not None:  # keys after two start tokens would not mix
         raise RalmError(f"--out {root}: the unfinished build was {why}; use --force to start over")

@@ -32,7 +32,7 @@ from ralm.data.corpus import CorpusConfig, iter_documents
 from ralm.datastore.build import input_files_fingerprint
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
-from ralm.lm.hidden import model_fingerprint, model_fingerprints
+from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import DEFAULT_LM, tokenizer_fingerprint
 from ralm.methods.retro.checkpoint import (
@@ -197,7 +197,8 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
     state_path = out / TRAINER_STATE
     state = _resume_state(cfg, out, state_path)  # read and checked before minutes of model and data loading
     lm = load(cfg.model)
-    model_fp, tok_fp = model_fingerprint(lm.model), tokenizer_fingerprint(lm.tokenizer)
+    model_fps, tok_fp = model_fingerprints(lm.model), tokenizer_fingerprint(lm.tokenizer)
+    model_fp = model_fps[0]  # what this run records; a state may hold the legacy one
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     lm.model.to(device)
     bf16 = bf16_supported(device) if cfg.bf16 is None else cfg.bf16
@@ -212,7 +213,7 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
 
     step, log_rows, tokens_before = 0, [], 0
     if state is not None:
-        if state.model_fingerprint not in model_fingerprints(lm.model):
+        if state.model_fingerprint not in model_fps:
             raise RalmError(f"--out {out}: was trained on other base-model weights than {cfg.model!r} has now")
         step, tokens_before = state.step, state.trained_tokens
     model = RetroFit(lm.model, cfg.retro)
