@@ -76,6 +76,11 @@ def model_context(model: Any, requested: int | None, cap: int = 2048) -> int:
     return ctx
 
 
+def default_stride(context: int, requested: int | None) -> int:
+    """New tokens scored per window: ``requested``, or half the context (the rest is context for them)."""
+    return requested or max(1, context // 2)
+
+
 def summarize(nll_sum: float, tokens: int, n_bytes: int, seconds: float, **extra: Any) -> dict:
     return {
         "ppl": math.exp(nll_sum / tokens), "bpb": nll_sum / math.log(2) / n_bytes, "nll": nll_sum / tokens,

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ralm.core.start_token import start_token
-from ralm.core.targets import Targets, make_targets, model_context, summarize
+from ralm.core.targets import Targets, default_stride, make_targets, model_context, summarize
 from ralm.data.document import Document
 from ralm.errors import RalmError
 from ralm.methods.plain import token_nll
@@ -62,7 +62,7 @@ def evaluate_lm(model: Any, tokenizer: Any, docs: list[Document], cfg: LMEvalCon
     if not docs:
         raise RalmError("no documents to evaluate")
     context = model_context(model, cfg.context)
-    stride = cfg.window_stride or max(1, context // 2)
+    stride = default_stride(context, cfg.window_stride)
     if stride > context:
         raise RalmError(f"--window-stride {stride} exceeds the context of {context} tokens")
     if scorer is None:

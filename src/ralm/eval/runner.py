@@ -15,7 +15,7 @@ import torch
 
 import ralm.methods  # noqa: F401  registers the built-in methods
 from ralm.core.registry import MethodContext, get_method, method_names, refuse_foreign
-from ralm.core.targets import make_targets
+from ralm.core.targets import default_stride, make_targets
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
 from ralm.data.document import Document
 from ralm.errors import RalmError
@@ -130,6 +130,6 @@ def _leakage(model: Any, tok: Any, docs: list[Document], cfg: EvalLMConfig, resu
     scores = []
     for d in docs:
         t = make_targets(d, tok)
-        baseline = token_nll(model, t, result["context"], cfg.lm.window_stride or max(1, result["context"] // 2))
+        baseline = token_nll(model, t, result["context"], default_stride(result["context"], cfg.lm.window_stride))
         scores.append(DocScores(t, per_target[d.id], baseline, target_bytes(d.text, tok, t), logs[d.id]))
     return leakage_report(scores, method=cfg.method, baseline=method_names(store="none")[0])

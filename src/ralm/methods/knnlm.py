@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
-from ralm.core.targets import make_targets, model_context, window_plan
+from ralm.core.targets import default_stride, make_targets, model_context, window_plan
 from ralm.datastore.knn_store import KNNStore
 from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.hidden import head_inputs, model_fingerprints
@@ -219,7 +219,7 @@ def _open(ctx: MethodContext) -> Session:
     store = ctx.wrapped(open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer))
     store = restrict(store, len(store.values), ctx)
     context = model_context(ctx.model, ctx.lm.context)
-    stride = ctx.lm.window_stride or max(1, context // 2)
+    stride = default_stride(context, ctx.lm.window_stride)
     knn_cfg: KNNLMConfig = ctx.options
     info: dict[str, Any] = {}
     if ctx.validation:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ralm.core.start_token import start_token
-from ralm.core.targets import make_targets, model_context, window_plan
+from ralm.core.targets import default_stride, make_targets, model_context, window_plan
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input_files
 from ralm.datastore.build import input_files_fingerprint
 from ralm.datastore.index import IndexConfig, build_index
@@ -167,7 +167,7 @@ def _build(cfg: KNNBuildConfig, root: Path, params: dict, state_path: Path, log:
     lm = load(cfg.model)
     model, tok = lm.model, lm.tokenizer
     context = model_context(model, cfg.context)
-    stride = min(cfg.window_stride or max(1, context // 2), context - 1)
+    stride = min(default_stride(context, cfg.window_stride), context - 1)
     check_states_match_head(model, torch.arange(min(8, context))[None] % model.config.get_text_config().vocab_size)
     files = input_files_fingerprint(cfg.inputs)
     model_fps = model_fingerprints(model)  # (current, legacy): an unfinished build may have recorded either

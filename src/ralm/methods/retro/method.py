@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
-from ralm.core.targets import Targets, model_context
+from ralm.core.targets import Targets, default_stride, model_context
 from ralm.errors import RalmError
 from ralm.lm.presets import tokenizer_fingerprint
 from ralm.methods.retro.checkpoint import load_retrofit, read_checkpoint_config
@@ -36,7 +36,7 @@ def _open(ctx: MethodContext) -> Session:
     run = ctx.run
     retro, _ = load_retrofit(run.checkpoint, ctx.model, ctx.tokenizer, ctx.model_name)
     try:
-        stride = ctx.lm.window_stride or max(1, model_context(ctx.model, ctx.lm.context) // 2)
+        stride = default_stride(model_context(ctx.model, ctx.lm.context), ctx.lm.window_stride)
         ds = None
         if run.retrieval == "on":
             ds = open_retrieval_store(ctx, check=False)
