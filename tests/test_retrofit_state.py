@@ -119,7 +119,7 @@ def _rewrite_tensors(path, edit) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from ralm.methods.retro.checkpoint import _digest
+    from ralm.tuning.state import digest as _digest
 
     with safe_open(str(path), "pt") as f:
         head, tensors = json.loads(f.metadata()["ralm"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118

@@ -325,6 +325,17 @@ class RetroFit(nn.Module):
                                     f"expected {tuple(p.shape)}")
                 p.copy_(state[name])
 
+    def no_weight_decay(self) -> set[str]:
+        """The matrices the training loop must not decay: the relative-position biases (a bias of 0 means
+        uniform attention, which decay would pull back to)."""
+        return {n for n in self.new_parameters() if n.endswith(".rel")}
+
+    def train(self, mode: bool = True) -> RetroFit:
+        """Train or evaluate the new layers; the frozen LM always keeps inference behaviour (no dropout)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
     def parameter_counts(self) -> dict[str, int]:
         new = sum(p.numel() for p in self.new_parameters().values())
         base = sum(p.numel() for p in self.base.parameters())
