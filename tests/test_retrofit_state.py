@@ -92,6 +92,7 @@ def test_an_old_trainer_pt_missing_a_key_is_one_line(setup, tiny_lm, copy):
     ({"step": -1}, "out of range"), ({"rng": {"cpu": [1, 2], "cuda": []}}, "'rng'"),
     ({"optimizer": {"param_groups": []}}, "'optimizer'"), ({"version": 1}, "trainer state format 1"),
     ({"format": "other"}, "not a RETRO-fit trainer state"),
+    ({"format": "ralm-retrofit-trainer", "version": 2}, "trainer state format 2"),  # before the shared loop
     ({"scheduler": {"last_epoch": 2}}, "scheduler is missing or of the wrong type"),
 ])
 def test_a_state_with_a_missing_or_ill_typed_key_is_one_line(setup, tiny_lm, copy, changes, needle):
