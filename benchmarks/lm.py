@@ -91,8 +91,9 @@ def evaluate(method: str, data: Path, **kw) -> dict:
 
     store = {"knn-lm": CACHE / "knn", "in-context": CACHE / "ds", "replug": CACHE / "ds"}.get(method)
     cfg = EvalLMConfig(model=MODEL, data=[str(data)], method=method, datastore=str(store) if store else None,
-                       lm=LMEvalConfig(context=CONTEXT), in_context=InContextConfig(docs=kw.pop("docs", 1)),
-                       knn=KNNLMConfig(), **kw)
+                       lm=LMEvalConfig(context=CONTEXT),
+                       options={"in_context": InContextConfig(docs=kw.pop("docs", 1)),
+                                "knn": KNNLMConfig(validation=kw.pop("validation", None))}, **kw)
     t0 = time.perf_counter()
     r = run_eval_lm(cfg, loaded=_lm())
     keep = ("ppl", "bpb", "tokens", "bytes", "seconds", "tokens_per_second", "retrieval_seconds", "retrieval_share",

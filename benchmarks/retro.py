@@ -67,15 +67,17 @@ def train(paths: dict[str, Path], args: argparse.Namespace) -> dict:
 def evaluate(method: str, data: Path, **kw) -> dict:
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig, run_eval_lm
+    from ralm.methods.retro.method import RetroRunConfig
 
     store = None if method == "none" or kw.get("retrieval") == "off" else str(LM_CACHE / "ds")
-    if method == "retro":
-        kw["checkpoint"] = str(CKPT)
+    retrieval = kw.pop("retrieval", "on")
+    options = {"retro": RetroRunConfig(checkpoint=str(CKPT), retrieval=retrieval)} if method == "retro" else {}
     cfg = EvalLMConfig(model=MODEL, data=[str(data)], method=method, datastore=store, lm=LMEvalConfig(context=CONTEXT),
-                       **kw)
+                       options=options, **kw)
     r = run_eval_lm(cfg, loaded=_lm())
     keep = ("ppl", "bpb", "tokens", "bytes", "tokens_per_second", "retrieval_share", "leakage")
-    log(f"{method} {kw.get('retrieval', '')}: ppl {r['ppl']:.3f} bpb {r['bpb']:.4f} {r['tokens_per_second']} tok/s")
+    tag = retrieval if method == "retro" else ""
+    log(f"{method} {tag}: ppl {r['ppl']:.3f} bpb {r['bpb']:.4f} {r['tokens_per_second']} tok/s")
     return {k: r[k] for k in keep if k in r}
 
 

@@ -249,11 +249,15 @@ def _evaluator(files: dict[str, Path], args: argparse.Namespace, lm: Any) -> Cal
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig, run_eval_lm
     from ralm.methods.in_context import InContextConfig
+    from ralm.methods.knnlm import KNNLMConfig
 
     def ev(method: str, store: Path | None, data: Path = files["eval"], **kw: Any) -> dict:
+        # each method's own options only: another method's are refused
+        options = {"in-context": {"in_context": InContextConfig(stride=args.stride)},
+                   "knn-lm": {"knn": KNNLMConfig(validation=kw.pop("validation", None))}}.get(method, {})
         cfg = EvalLMConfig(model=MODEL, data=[str(data)], method=method,
                            datastore=str(store) if store else None, lm=LMEvalConfig(context=args.context),
-                           in_context=InContextConfig(stride=args.stride), **kw)
+                           options=options, **kw)
         r = run_eval_lm(cfg, progress=False, loaded=lm)
         log(f"{method} on {data.name} {kw or ''}: ppl {r['ppl']:.2f} ({r['tokens']} tokens, {r['tokens_per_second']} tok/s)")
         return r

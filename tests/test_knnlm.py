@@ -98,9 +98,10 @@ def test_same_document_exclusion_and_leakage(knn_setup, tiny_lm):
     base = dict(model=tiny_lm, data=[str(corpus)], datastore=str(out), lm=LMEvalConfig(CTX, STRIDE, max_docs=2))
     none = run_eval_lm(EvalLMConfig(method="none", **{k: v for k, v in base.items() if k != "datastore"}),
                        progress=False)
-    leak = run_eval_lm(EvalLMConfig(method="knn-lm", knn=KNNLMConfig(k=8, lmbda=0.5), exclude_same_doc=False,
-                                    **base), progress=False)
-    clean = run_eval_lm(EvalLMConfig(method="knn-lm", knn=KNNLMConfig(k=8, lmbda=0.5), **base), progress=False)
+    leak = run_eval_lm(EvalLMConfig(method="knn-lm", options={"knn": KNNLMConfig(k=8, lmbda=0.5)},
+                                    exclude_same_doc=False, **base), progress=False)
+    clean = run_eval_lm(EvalLMConfig(method="knn-lm", options={"knn": KNNLMConfig(k=8, lmbda=0.5)}, **base),
+                        progress=False)
     assert leak["ppl"] < 0.6 * none["ppl"]  # its own states are in the store: a near copy
     assert clean["ppl"] > leak["ppl"] * 1.5
     assert leak["tokens"] == clean["tokens"] == none["tokens"]
@@ -109,7 +110,8 @@ def test_same_document_exclusion_and_leakage(knn_setup, tiny_lm):
 def test_decontamination_drops_overlapping_neighbours(knn_setup, tiny_lm):
     corpus, _, out, _ = knn_setup
     base = dict(model=tiny_lm, data=[str(corpus)], datastore=str(out), method="knn-lm",
-                lm=LMEvalConfig(CTX, STRIDE, max_docs=1), knn=KNNLMConfig(k=8, lmbda=0.5), exclude_same_doc=False)
+                lm=LMEvalConfig(CTX, STRIDE, max_docs=1), options={"knn": KNNLMConfig(k=8, lmbda=0.5)},
+                exclude_same_doc=False)
     leak = run_eval_lm(EvalLMConfig(**base), progress=False)
     decont = run_eval_lm(EvalLMConfig(decontaminate=8, **base), progress=False)
     assert decont["ppl"] > leak["ppl"] * 1.5
@@ -118,8 +120,9 @@ def test_decontamination_drops_overlapping_neighbours(knn_setup, tiny_lm):
 def test_lambda_sweep_on_validation_picks_the_best_lambda(knn_setup, tiny_lm):
     corpus, held, out, _ = knn_setup
     r = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], datastore=str(out), method="knn-lm",
-                                 validation=[str(corpus)], lm=LMEvalConfig(CTX, STRIDE, max_docs=2),
-                                 knn=KNNLMConfig(k=8), exclude_same_doc=False, lmbda_grid=(0.0, 0.3, 0.9)),
+                                 lm=LMEvalConfig(CTX, STRIDE, max_docs=2), exclude_same_doc=False,
+                                 options={"knn": KNNLMConfig(k=8, validation=[str(corpus)],
+                                                             lmbda_grid=(0.0, 0.3, 0.9))}),
                     progress=False)
     sweep = {float(k): v for k, v in r["lmbda_sweep_validation"].items()}
     assert r["lmbda"] == min(sweep, key=sweep.get) and r["lmbda"] > 0  # leaked validation: retrieval wins
@@ -132,14 +135,16 @@ def test_lambda_sweep_on_validation_picks_the_best_lambda(knn_setup, tiny_lm):
 def test_temperature_sweep_equals_scoring_at_that_temperature(knn_setup, tiny_lm):
     corpus, held, out, _ = knn_setup
     base = dict(model=tiny_lm, data=[str(held)], datastore=str(out), method="knn-lm",
-                lm=LMEvalConfig(CTX, STRIDE, max_docs=1), exclude_same_doc=False, lmbda_grid=(0.5,))
-    swept = run_eval_lm(EvalLMConfig(validation=[str(held)], temperature_grid=(1.0, 7.0), knn=KNNLMConfig(k=8),
-                                     **base), progress=False)
+                lm=LMEvalConfig(CTX, STRIDE, max_docs=1), exclude_same_doc=False)
+    swept = run_eval_lm(EvalLMConfig(options={"knn": KNNLMConfig(k=8, validation=[str(held)], lmbda_grid=(0.5,),
+                                                                 temperature_grid=(1.0, 7.0))}, **base),
+                        progress=False)
     for temp in (1.0, 7.0):
-        direct = run_eval_lm(EvalLMConfig(knn=KNNLMConfig(k=8, lmbda=0.5, temperature=temp), **base), progress=False)
+        direct = run_eval_lm(EvalLMConfig(options={"knn": KNNLMConfig(k=8, lmbda=0.5, temperature=temp,
+                                                                      lmbda_grid=(0.5,))}, **base), progress=False)
         assert swept["temperature_sweep_validation"][str(temp)] == pytest.approx(direct["ppl"], rel=1e-4)
     with pytest.raises(RalmError, match="--temperature-grid"):
-        EvalLMConfig(temperature_grid=(0.0,), **base)
+        EvalLMConfig(options={"knn": KNNLMConfig(temperature_grid=(0.0,), lmbda_grid=(0.5,))}, **base)
 
 
 def test_subset_view_searches_only_its_rows(knn_setup):

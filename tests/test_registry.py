@@ -26,6 +26,7 @@ from ralm.eval.runner import EvalLMConfig, run_eval_lm
 from ralm.methods.in_context import InContextConfig
 from ralm.methods.knnlm import KNNLMConfig
 from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
+from ralm.methods.retro.method import RetroRunConfig
 from ralm.methods.retro.model import RetroConfig
 from ralm.tuning.retrofit import RetrofitConfig, retrofit
 
@@ -67,13 +68,16 @@ def settings(name: str, stores) -> tuple[dict, dict, float]:
     table = {
         "none": ({}, {}, 0.0),
         # no passage: a block is scored from the last CTX tokens, the plain window of stride STRIDE
-        "in-context": (dict(datastore=str(ds), in_context=ic), dict(datastore=str(ds), in_context=ic), 0.0),
-        "replug": (dict(datastore=str(ds), in_context=ic), dict(datastore=str(ds), in_context=ic), 0.0),
+        "in-context": (dict(datastore=str(ds), options={"in_context": ic}),
+                       dict(datastore=str(ds), options={"in_context": ic}), 0.0),
+        "replug": (dict(datastore=str(ds), options={"in_context": ic}),
+                   dict(datastore=str(ds), options={"in_context": ic}), 0.0),
         # an empty store leaves p = (1 - λ) p_LM: NLL + (-log(1 - λ)), exactly (λ = 0 would be p_LM itself)
-        "knn-lm": (dict(datastore=str(knn), knn=KNNLMConfig(k=8, lmbda=LMBDA)),
-                   dict(datastore=str(knn), knn=KNNLMConfig(k=8, lmbda=LMBDA)), -math.log1p(-LMBDA)),
+        "knn-lm": (dict(datastore=str(knn), options={"knn": KNNLMConfig(k=8, lmbda=LMBDA)}),
+                   dict(datastore=str(knn), options={"knn": KNNLMConfig(k=8, lmbda=LMBDA)}), -math.log1p(-LMBDA)),
         # retrieval off: no hook runs, the frozen model bit for bit
-        "retro": (dict(checkpoint=str(ckpt), datastore=str(ds)), dict(checkpoint=str(ckpt), retrieval="off"), 0.0),
+        "retro": (dict(options={"retro": RetroRunConfig(str(ckpt))}, datastore=str(ds)),
+                  dict(options={"retro": RetroRunConfig(str(ckpt), retrieval="off")}), 0.0),
     }
     assert name in table, f"method {name!r}: say here how its retrieval is switched off"
     return table[name]
@@ -155,9 +159,10 @@ def test_unknown_method_lists_the_registered_names(stores, tiny_lm):
 def test_foreign_options_are_refused(stores, tiny_lm):
     held, ds, knn, ckpt = stores
     with pytest.raises(RalmError, match="--checkpoint is for --method retro"):
-        EvalLMConfig(model=tiny_lm, data=[str(held)], checkpoint=str(ckpt))
+        EvalLMConfig(model=tiny_lm, data=[str(held)], options={"retro": RetroRunConfig(str(ckpt))})
     with pytest.raises(RalmError, match="--validation is for --method knn-lm"):
-        EvalLMConfig(model=tiny_lm, data=[str(held)], method="in-context", datastore=str(ds), validation=[str(held)])
+        EvalLMConfig(model=tiny_lm, data=[str(held)], method="in-context", datastore=str(ds),
+                     options={"knn": KNNLMConfig(validation=[str(held)])})
 
 
 def test_scale_runs_retro_with_its_checkpoint_store(stores, tiny_lm, tmp_path):

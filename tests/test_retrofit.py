@@ -17,6 +17,7 @@ from ralm.errors import IncompatibleError, RalmError
 from ralm.eval.lm import LMEvalConfig
 from ralm.eval.runner import EvalLMConfig, run_eval_lm
 from ralm.methods.retro.checkpoint import load_retrofit
+from ralm.methods.retro.method import RetroRunConfig
 from ralm.methods.retro.model import RetroConfig
 from ralm.tuning.retrofit import RetrofitConfig, retrofit
 
@@ -145,18 +146,20 @@ def test_eval_lm_retro_off_and_untrained_equal_the_plain_lm(setup, tiny_lm, tmp_
     root, corpus, held, ds = setup
     lmcfg = LMEvalConfig(context=64, window_stride=24)
     none = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], lm=lmcfg), progress=False)
-    off = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro", checkpoint=str(trained[0]),
-                                   retrieval="off", lm=lmcfg), progress=False)
+    off = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro", lm=lmcfg,
+                                   options={"retro": RetroRunConfig(str(trained[0]), retrieval="off")}), progress=False)
     assert off["ppl"] == none["ppl"] and off["tokens"] == none["tokens"]
-    on = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro", checkpoint=str(trained[0]),
-                                  lm=lmcfg, leakage_report=True), progress=False)
+    on = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro",
+                                  options={"retro": RetroRunConfig(str(trained[0]))}, lm=lmcfg, leakage_report=True),
+                     progress=False)
     assert on["datastore"] == str(ds.resolve()) and on["tokens"] == none["tokens"] and on["ppl"] != none["ppl"]
     assert on["leakage"]["buckets"]
     # a checkpoint saved before any step is the untrained model: retrieval on equals the plain LM
     untrained = tmp_path / "untrained"
     _save_untrained(untrained, tiny_lm)
-    zero = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro", checkpoint=str(untrained),
-                                    datastore=str(ds), lm=lmcfg), progress=False)
+    zero = run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro",
+                                    options={"retro": RetroRunConfig(str(untrained))}, datastore=str(ds), lm=lmcfg),
+                       progress=False)
     assert zero["ppl"] == none["ppl"]
 
 

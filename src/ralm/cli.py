@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from ralm import cli_retro
-from ralm.cli_options import (
-    Context,
-    Decontaminate,
-    Docs,
-    DocTokens,
-    ExcludeSameDoc,
-    K,
-    Lmbda,
-    MaxDocs,
-    Model,
-    Quiet,
-    Stride,
-    Validation,
-    WindowStride,
-    fail,
-    floats,
-)
+from ralm.cli_config import Spec, config_command
+from ralm.cli_options import Inputs, Quiet, fail, method_options
 from ralm.data import registry
-from ralm.data.corpus import CorpusConfig
-from ralm.datastore.chunking import ChunkingConfig
-from ralm.datastore.encoders import EncoderConfig
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
 from ralm.utils.atomic import disk_error
 
-# Each command imports its API inside the function: those modules load torch (~6 s on 2 cores), faiss
-# or transformers, which `ralm --help`, `ralm data get` and `ralm info` must not wait for.
+# Each command imports its API inside the function, and the commands whose flags come from a config
+# (cli_config.config_command) import it only when they run or show their help: those modules load torch
+# (~6 s on 2 cores), faiss or transformers, which `ralm --help`, `ralm data get` and `ralm info` must not wait for.
 
 app = typer.Typer(help="Retrieval-augmented language models: build a datastore once, use it every way.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -44,9 +28,6 @@ data_app = typer.Typer(help="Named real data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 knnlm_app = typer.Typer(help="kNN-LM stores: the LM's hidden states at every corpus position.", no_args_is_help=True)
 app.add_typer(knnlm_app, name="knnlm")
-
-
-
 
 
 @data_app.command("get")
@@ -62,51 +43,25 @@ def data_get(
     typer.echo(str(path))
 
 
-@app.command()
+def _build_spec() -> Spec:
+    from ralm.datastore.build import BuildConfig
+
+    return Spec(BuildConfig, skip=("inputs",))
+
+
+@config_command(app, "build", _build_spec)
 def build(
-    inputs: Annotated[list[str], typer.Argument(help="JSONL, .txt or Parquet files, or folders of them")],
-    out: Annotated[str, typer.Option("--out", "-o", help="datastore directory to create")],
-    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field with the text")] = "text",
-    id_field: Annotated[str, typer.Option(help="field with the document id (default: file:line)")] = "id",
-    domain: Annotated[str | None, typer.Option(help="domain tag for every document of these inputs")] = None,
-    tokenizer: Annotated[str, typer.Option(help="tokenizer of the LM the store serves (preset, folder, GGUF, hub id)")] = "smollm2-135m",
-    chunk_tokens: Annotated[int, typer.Option(help="LM tokens per chunk (RETRO 64; passages e.g. 256)")] = 64,
-    continuation: Annotated[bool, typer.Option(help="store each chunk's next chunk as its continuation")] = True,
-    encoder: Annotated[str, typer.Option(help="'minilm', 'bm25', or a Hugging Face encoder id/folder")] = "minilm",
-    pooling: Annotated[str, typer.Option(help="mean, cls, or auto")] = "auto",
-    encoder_dtype: Annotated[str, typer.Option(help="auto (bf16 only if faster and cosine >= 0.99), fp32, bf16")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="texts per encoder forward pass")] = 128,
-    index: Annotated[str, typer.Option(help="auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string")] = "auto",
-    memory_budget: Annotated[str, typer.Option(help="RAM the index may use at search time (e.g. 4GB)")] = "4GB",
-    target_recall: Annotated[float, typer.Option(help="recall@10 vs exact search that tuning must reach")] = 0.95,
-    shard_docs: Annotated[int, typer.Option(help="documents per shard; memory is bounded by one shard")] = 1000,
-    max_doc_mb: Annotated[float, typer.Option(help="skip (and count) documents larger than this")] = 16.0,
-    invalid_utf8: Annotated[str, typer.Option(help="'replace' bad bytes or 'skip' the document")] = "replace",
-    duplicate_ids: Annotated[str, typer.Option(help="repeated document ids: 'warn' (and keep) or 'error'")] = "warn",
-    dedup: Annotated[bool, typer.Option("--dedup", help="drop exact-duplicate chunks")] = False,
-    near_dup: Annotated[bool, typer.Option("--near-dup", help="drop near-duplicate documents (13-gram Jaccard >= 0.8)")] = False,
-    executor: Annotated[str, typer.Option(help="'local' or 'ray'")] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. 127.0.0.1:6379")] = None,
-    add: Annotated[bool, typer.Option("--add", help="append these inputs to an existing store")] = False,
-    force: Annotated[bool, typer.Option("--force", help="delete an existing or unfinished store and start over")] = False,
+    inputs: Inputs,
+    config: Callable[..., Any],
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Build a datastore: chunk, encode and index a corpus (resumable; safe to kill and rerun)."""
-    from ralm.datastore.build import BuildConfig
     from ralm.datastore.build import build as run_build
-    from ralm.datastore.index import IndexConfig
 
     try:
-        cfg = BuildConfig(
-            inputs=list(inputs), out=out,
-            corpus=CorpusConfig(text_field, id_field, domain, max_doc_mb, invalid_utf8, duplicate_ids),
-            chunking=ChunkingConfig(chunk_tokens, continuation),
-            encoder=EncoderConfig(encoder, pooling, encoder_dtype, batch_size),
-            index=IndexConfig(index, memory_budget, target_recall),
-            tokenizer=tokenizer, shard_docs=shard_docs, dedup=dedup, near_dup=near_dup,
-            executor=executor, ray_address=ray_address, force=force, add=add,
-        )
+        cfg = config(inputs=list(inputs))
+        out = cfg.out
         summary = run_build(cfg, progress=not quiet)
     except RalmError as e:
         fail(e)
@@ -193,56 +148,23 @@ def info(
             typer.echo(f"{key:>15}: {value}")
 
 
-@app.command("eval-lm")
+def _eval_lm_spec() -> Spec:
+    from ralm.eval.runner import EvalLMConfig
+
+    return Spec(EvalLMConfig, dicts={"options": method_options()})
+
+
+@config_command(app, "eval-lm", _eval_lm_spec)
 def eval_lm(
-    model: Model = "smollm2-135m",
-    data: Annotated[list[str] | None, typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")] = None,
-    method: Annotated[str, typer.Option(help="scoring method (`ralm methods` lists them)")] = "none",
-    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug, retro; retro defaults "
-                                                       "to its checkpoint's) or kNN-LM store (knn-lm)")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder (from `ralm retrofit`)")] = None,
-    retrieval: Annotated[str, typer.Option(help="retro: on (neighbours from the store) or off (the frozen model)")] = "on",
-    context: Context = None,
-    window_stride: WindowStride = None,
-    max_docs: MaxDocs = None,
-    stride: Stride = 16,
-    query_len: Annotated[int, typer.Option(help="retrieval methods: last tokens used as the query")] = 32,
-    docs: Docs = 1,
-    doc_tokens: DocTokens = 256,
-    exclude_same_doc: ExcludeSameDoc = True,
-    decontaminate: Decontaminate = None,
-    k: K = 1024,
-    lmbda: Lmbda = 0.25,
-    temperature: Annotated[float, typer.Option(help="knn-lm: softmax temperature over -distance")] = 1.0,
-    validation: Validation = None,
-    lmbda_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated λ values of the sweep")] = None,
-    temperature_grid: Annotated[str | None, typer.Option(help="knn-lm: comma-separated temperatures swept with λ "
-                                                              "on --validation (default 1,3,10,30,100)")] = None,
-    subset: Annotated[float | None, typer.Option(help="search only this random fraction of the store")] = None,
-    subset_seed: Annotated[int, typer.Option(help="seed of the nested random subset")] = 0,
-    leakage_report: Annotated[bool, typer.Option("--leakage-report", help="ppl/bpb by overlap of each 64-token chunk with its neighbours")] = False,
+    config: Callable[..., Any],
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Perplexity and bits per byte of a causal LM on held-out documents, with or without retrieval."""
-    from ralm.eval.lm import LMEvalConfig
-    from ralm.eval.runner import LMBDA_GRID, TEMPERATURE_GRID, EvalLMConfig, run_eval_lm
-    from ralm.methods.in_context import InContextConfig
-    from ralm.methods.knnlm import KNNLMConfig
+    from ralm.eval.runner import run_eval_lm
 
     try:
-        if not data:
-            raise RalmError("--data: give at least one file of held-out documents")
-        cfg = EvalLMConfig(model=model, data=list(data), method=method, datastore=datastore,
-                           checkpoint=checkpoint, retrieval=retrieval,
-                           lm=LMEvalConfig(context, window_stride, max_docs),
-                           in_context=InContextConfig(stride, query_len, docs, doc_tokens),
-                           knn=KNNLMConfig(k, lmbda, temperature), validation=list(validation or []) or None,
-                           lmbda_grid=floats(lmbda_grid, "--lmbda-grid") if lmbda_grid else LMBDA_GRID,
-                           temperature_grid=(floats(temperature_grid, "--temperature-grid") if temperature_grid
-                                             else TEMPERATURE_GRID),
-                           exclude_same_doc=exclude_same_doc, decontaminate=decontaminate,
-                           subset=subset, subset_seed=subset_seed, leakage_report=leakage_report)
+        cfg = config()
         result = run_eval_lm(cfg, progress=not quiet)
     except RalmError as e:
         fail(e)
@@ -261,29 +183,23 @@ def eval_lm(
             typer.echo(leakage_markdown(result["leakage"]))
 
 
-@app.command("eval-qa")
+def _eval_qa_spec() -> Spec:
+    from ralm.eval.qa import EvalQAConfig
+
+    return Spec(EvalQAConfig)
+
+
+@config_command(app, "eval-qa", _eval_qa_spec)
 def eval_qa(
-    data: Annotated[str, typer.Option(help="SQuAD-format JSON file (questions, gold answers, paragraphs)")],
-    model: Annotated[str, typer.Option(help="preset (smollm2-135m, ...), model folder, GGUF file or hub id")] = "smollm2-135m",
-    datastore: Annotated[str | None, typer.Option(help="store to retrieve passages from (open book); none: closed book only")] = None,
-    docs: Annotated[int, typer.Option(help="K: passages retrieved per question, put in the prompt, and recall@K depth")] = 1,
-    doc_tokens: Annotated[int, typer.Option(help="each passage truncated to this many LM tokens")] = 256,
-    limit: Annotated[int | None, typer.Option(help="evaluate a random sample of this many questions (fixed by --seed)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the --limit sample")] = 0,
-    max_new_tokens: Annotated[int, typer.Option(help="longest answer generated, in tokens")] = 16,
-    batch_size: Annotated[int, typer.Option(help="prompts per generation batch")] = 8,
-    demos: Annotated[bool, typer.Option(help="three hand-written question/answer demonstrations before the question")] = True,
-    closed_book: Annotated[bool, typer.Option(help="with --datastore, also run the closed-book baseline")] = True,
+    config: Callable[..., Any],
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """SQuAD EM and F1 of a causal LM answering closed book, or open book with retrieved passages (+ recall@K)."""
-    from ralm.eval.qa import EvalQAConfig, run_eval_qa
+    from ralm.eval.qa import run_eval_qa
 
     try:
-        cfg = EvalQAConfig(data=data, model=model, datastore=datastore, docs=docs, doc_tokens=doc_tokens,
-                           limit=limit, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                           demos=demos, closed_book=closed_book)
+        cfg = config()
         result = run_eval_qa(cfg, progress=not quiet)
     except RalmError as e:
         fail(e)
@@ -301,49 +217,28 @@ def eval_qa(
     typer.echo(f"{line}; {result['questions_per_second']} questions/s")
 
 
-@app.command()
+# set per point by ScaleConfig (the method, its store, the subset) or by scale's own flags (the method options)
+SCALE_SETS = ("eval.method", "eval.datastore", "eval.options", "eval.subset", "eval.subset_seed", "eval.leakage_report")
+
+
+def _scale_spec() -> Spec:
+    from ralm.eval.scaling import ScaleConfig
+
+    return Spec(ScaleConfig, skip=SCALE_SETS, dicts={"options": method_options()})
+
+
+@config_command(app, "scale", _scale_spec)
 def scale(
-    data: Annotated[list[str], typer.Option(help="held-out documents (JSONL/.txt/Parquet/folder); repeatable")],
-    out: Annotated[str, typer.Option("--out", "-o", help="folder for scale.json, scale.md and scale.png")],
-    model: Model = "smollm2-135m",
-    methods: Annotated[str, typer.Option(help="comma-separated methods that read a store (`ralm methods`; "
-                                              "default: in-context)")] = "",
-    datastore: Annotated[str | None, typer.Option(help="retrieval store (in-context, replug)")] = None,
-    knn_store: Annotated[str | None, typer.Option(help="kNN-LM store (knn-lm)")] = None,
-    checkpoint: Annotated[str | None, typer.Option(help="retro: RETRO-fit checkpoint folder (its store is the "
-                                                        "default --datastore)")] = None,
-    fractions: Annotated[str, typer.Option(help="comma-separated nested subset sizes in (0, 1]")] = "0.01,0.1,0.3,1",
-    seed: Annotated[int, typer.Option(help="seed of the nested subsets")] = 0,
-    metric: Annotated[str, typer.Option(help="plotted metric: ppl or bpb")] = "ppl",
-    context: Context = None,
-    window_stride: WindowStride = None,
-    max_docs: MaxDocs = None,
-    stride: Stride = 16,
-    docs: Docs = 1,
-    doc_tokens: DocTokens = 256,
-    k: K = 1024,
-    lmbda: Lmbda = 0.25,
-    validation: Validation = None,
-    exclude_same_doc: ExcludeSameDoc = True,
-    decontaminate: Decontaminate = None,
+    config: Callable[..., Any],
     json_out: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Metric vs datastore size: evaluate on nested random subsets of the store; JSON, markdown and a PNG plot."""
-    from ralm.eval.lm import LMEvalConfig
-    from ralm.eval.runner import EvalLMConfig
-    from ralm.eval.scaling import ScaleConfig, run_scale, scale_markdown
-    from ralm.methods.in_context import InContextConfig
-    from ralm.methods.knnlm import KNNLMConfig
+    from ralm.eval.scaling import run_scale, scale_markdown
 
     try:
-        base = EvalLMConfig(model=model, data=list(data), lm=LMEvalConfig(context, window_stride, max_docs),
-                            in_context=InContextConfig(stride, 32, docs, doc_tokens), knn=KNNLMConfig(k, lmbda),
-                            exclude_same_doc=exclude_same_doc, decontaminate=decontaminate)
-        cfg = ScaleConfig(eval=base, out=out, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                          datastore=datastore, knn_store=knn_store, validation=list(validation or []) or None,
-                          checkpoint=checkpoint,
-                          fractions=floats(fractions, "--fractions"), seed=seed, metric=metric)
+        cfg = config()
+        out = cfg.out
         result = run_scale(cfg, progress=not quiet, log=(lambda m: None) if quiet else None)
     except RalmError as e:
         fail(e)
@@ -361,37 +256,29 @@ def methods_cmd() -> None:
         typer.echo(f"{name:>12}  store: {m.store:<9}  {m.help}")
 
 
-app.command()(cli_retro.retrofit)
-app.command()(cli_retro.generate)
+config_command(app, "retrofit", cli_retro.retrofit_spec)(cli_retro.retrofit)
+config_command(app, "generate", cli_retro.generate_spec)(cli_retro.generate)
 
 
-@knnlm_app.command("build")
+def _knnlm_build_spec() -> Spec:
+    from ralm.methods.knnlm_store import KNNBuildConfig
+
+    return Spec(KNNBuildConfig, skip=("inputs",))
+
+
+@config_command(knnlm_app, "build", _knnlm_build_spec)
 def knnlm_build(
-    inputs: Annotated[list[str], typer.Argument(help="JSONL, .txt or Parquet files, or folders of them")],
-    out: Annotated[str, typer.Option("--out", "-o", help="kNN-LM store directory to create")],
-    model: Annotated[str, typer.Option(help="the LM whose hidden states are stored (preset, folder, GGUF, hub id)")] = "smollm2-135m",
-    text_field: Annotated[str, typer.Option(help="JSONL/Parquet field with the text")] = "text",
-    id_field: Annotated[str, typer.Option(help="field with the document id (default: file:line)")] = "id",
-    context: Annotated[int | None, typer.Option(help="tokens per window (default: as eval-lm, model max capped at 2048)")] = None,
-    window_stride: Annotated[int | None, typer.Option(help="new positions per window (default context/2)")] = None,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 4,
-    shard_tokens: Annotated[int, typer.Option(help="positions per part: the unit of resumption and of build memory")] = 50_000,
-    index: Annotated[str, typer.Option(help="auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string")] = "auto",
-    memory_budget: Annotated[str, typer.Option(help="RAM the index may use at search time (e.g. 4GB)")] = "4GB",
-    target_recall: Annotated[float, typer.Option(help="recall@10 vs exact search that tuning must reach")] = 0.9,
-    force: Annotated[bool, typer.Option("--force", help="delete an existing or unfinished store and start over")] = False,
+    inputs: Inputs,
+    config: Callable[..., Any],
     json_out: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Store the LM's final hidden state at every corpus position with the next token (resumable)."""
-    from ralm.datastore.index import IndexConfig
-    from ralm.methods.knnlm_store import KNNBuildConfig, build_knn_store
+    from ralm.methods.knnlm_store import build_knn_store
 
     try:
-        cfg = KNNBuildConfig(inputs=list(inputs), out=out, model=model, corpus=CorpusConfig(text_field, id_field),
-                             index=IndexConfig(index, memory_budget, target_recall, metric="l2"),
-                             context=context, window_stride=window_stride, batch_size=batch_size,
-                             shard_tokens=shard_tokens, force=force)
+        cfg = config(inputs=list(inputs))
+        out = cfg.out
         summary = build_knn_store(cfg, progress=not quiet)
     except RalmError as e:
         fail(e)

@@ -21,7 +21,7 @@ from ralm.errors import RalmError
 
 @dataclass
 class GenerateConfig:
-    method: str = field(default="none", metadata={"help": "a registered method that generates"})
+    method: str = field(default="none", metadata={"help": "a method that generates (`ralm methods`)"})
     max_new_tokens: int = field(default=64, metadata={"help": "tokens to generate"})
     temperature: float = field(default=0.0, metadata={"help": "0: greedy; otherwise sample at this temperature"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
@@ -31,7 +31,8 @@ class GenerateConfig:
     docs: int = field(default=1, metadata={"help": "in-context: passages prepended"})
     doc_tokens: int = field(default=256, metadata={"help": "in-context: each passage truncated to this"})
     checkpoint: str | None = field(default=None, metadata={"help": "retro: the RETRO-fit checkpoint folder"})
-    datastore: str | None = field(default=None, metadata={"help": "the retrieval store (the CLI opens it)"})
+    datastore: str | None = field(default=None, metadata={"help": "retrieval store (retro defaults to its "
+                                                                  "checkpoint's)"})
 
     def __post_init__(self) -> None:
         get_method(self.method, generates=True)

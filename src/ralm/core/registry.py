@@ -5,7 +5,12 @@ A method is one module under ``ralm.methods`` that ends with ``register_method(M
 themselves, so a new method is one new module (plus its line in ``ralm/methods/__init__.py``). Importing
 ``ralm.methods`` registers the built-in ones (this module sits below them and cannot import them).
 
-Life of a method in ``ralm eval-lm``: ``resolve(run config)`` (fill defaults, refuse what it cannot use;
+A method's options are its ``config`` dataclass, declared once with their help: ``ralm eval-lm`` and ``ralm
+scale`` build their flags by walking the registry (``option_configs``), so a new method's options reach the
+command line by registering it. A run config keeps them in ``options[Method.options]``; ``check_options``
+refuses the options of a method that does not run.
+
+Life of a method in ``ralm eval-lm``: ``resolve(run config, its options)`` (fill defaults, refuse what it cannot use;
 before any model is loaded) -> ``open(MethodContext) -> Session`` -> the evaluator calls ``session.scorer``
 on every document -> ``session.extras()`` -> ``session.close()`` (always, in ``finally``: removes hooks, so
 a reused model is left as it came; knn-transformers' break_into / break_out).
@@ -13,7 +18,8 @@ a reused model is left as it came; knn-transformers' break_into / break_out).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +39,14 @@ class MethodContext:
     store: str | None  # the store folder (kind given by ``Method.store``), None for none / retrieval off
     options: Any  # the method's own options (an instance of ``Method.config``), or None
     lm: Any  # the ``LMEvalConfig`` (context, window stride, max docs)
-    run: Any = None  # the whole run config, for run-level options a method owns (checkpoint, validation, grids)
+    run: Any = None  # the whole run config
     docs: list[Any] = field(default_factory=list)  # the evaluated documents (decontamination reads their tokens)
     exclude_same_doc: bool = True
     decontaminate: int | None = None
     subset: float | None = None
     subset_seed: int = 0
     leakage: bool = False  # record NeighbourLogs for the leakage report
-    validation: list[Any] | None = None  # validation documents (e.g. the kNN-LM's λ choice), already read
+    validation: list[Any] | None = None  # the documents of the options' ``validation`` files, already read
     progress: bool = True
     wrap_store: Callable[[Any], Any] | None = None  # applied to the store a method opened (ralm.core.retriever)
 
@@ -82,12 +88,13 @@ class Method:
     """One scoring method.
 
     ``config``: its options dataclass (help in ``field(metadata={"help": ...})``, validated in its own
-    ``__post_init__``); ``options``: the run-config attribute holding that instance (methods may share one, as
-    in-context and REPLUG do); ``owns``: run-config fields only this method reads (e.g. ``checkpoint``), refused
-    for any other method; ``resolve(run)``: fills defaults / refuses bad combinations before a model is loaded
-    (default: a method with a store needs ``--datastore``); ``generate(model, tok, cfg, ds, state)``: a
-    step function for ``ralm generate`` (None: the method cannot generate); ``report``: result keys that
-    ``ralm scale`` keeps per point.
+    ``__post_init__``; a ``validation`` field of files is read by the runner into ``MethodContext.validation``);
+    ``options``: its key in the run config's ``options`` dict (methods may share one, as in-context and REPLUG
+    do); ``owns``: fields of a flat run config (``GenerateConfig``) only this method reads (e.g.
+    ``checkpoint``), refused for any other method; ``resolve(run, options)``: fills defaults / refuses bad
+    combinations before a model is loaded (default: a method with a store needs ``--datastore``);
+    ``generate(model, tok, cfg, ds, state)``: a step function for ``ralm generate`` (None: the method cannot
+    generate); ``report``: result keys that ``ralm scale`` keeps per point.
     """
 
     name: str
@@ -105,18 +112,26 @@ class Method:
     def __post_init__(self) -> None:
         if self.store not in STORE_KINDS:
             raise ValueError(f"method {self.name!r}: store kind {self.store!r} is not one of {STORE_KINDS}")
+        if (self.options is None) != (self.config is None):
+            raise ValueError(f"method {self.name!r}: config and options go together")
 
     def options_of(self, run: Any) -> Any:
-        return getattr(run, self.options) if self.options else None
+        """This method's options in a run config's ``options`` dict (None for a method without options)."""
+        return run.options[self.options] if self.options else None
 
 
 _METHODS: dict[str, Method] = {}
 
 
 def register_method(method: Method) -> Method:
-    """Add ``method``; a second method of the same name is refused (two modules claiming one name is a bug)."""
+    """Add ``method``; a second method of the same name is refused (two modules claiming one name is a bug), and
+    so is an options key another method holds with another config."""
     if method.name in _METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
+    for other in _METHODS.values():
+        if method.options and other.options == method.options and other.config is not method.config:
+            raise ValueError(f"method {method.name!r}: options {method.options!r} are {other.name!r}'s "
+                             f"{other.config.__name__}, not {method.config.__name__}")
     _METHODS[method.name] = method
     return method
 
@@ -141,6 +156,42 @@ def get_method(name: str, flag: str = "--method", generates: bool = False) -> Me
         raise RalmError(f"{flag} {name!r}: expected one of {', '.join(names)}")
     return _METHODS[name]
 
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: ``metadata["flag"]`` or ``--field-name``."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option_configs() -> dict[str, tuple[type, tuple[str, ...]]]:
+    """Options key -> (its config dataclass, the methods reading it), in registration order."""
+    out: dict[str, tuple[type, tuple[str, ...]]] = {}
+    for name, m in _METHODS.items():
+        if m.options:
+            cfg, names = out.get(m.options, (m.config, ()))
+            out[m.options] = (cfg, (*names, name))
+    return out
+
+
+def check_options(options: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``options`` with every registered key filled with its default; an option that differs from its default
+    but belongs to none of the methods ``names`` is refused naming its flag (``--k is for --method knn-lm,
+    not none``); an unknown key or an instance of the wrong config is a programming error."""
+    known = option_configs()
+    if unknown := sorted(set(options) - set(known)):
+        raise ValueError(f"options {unknown}: no registered method reads them (known: {', '.join(known)})")
+    full: dict[str, Any] = {}
+    for key, (cfg, owners) in known.items():
+        default = cfg()
+        value = options.get(key, default)
+        if not isinstance(value, cfg):
+            raise TypeError(f"options[{key!r}]: expected a {cfg.__name__}, got {type(value).__name__}")
+        if not set(owners) & set(names):
+            for f in dataclasses.fields(cfg):
+                if f.init and getattr(value, f.name) != getattr(default, f.name):
+                    raise RalmError(f"{flag_of(f)} is for --method {' or '.join(owners)}, not {', '.join(names)}")
+        full[key] = value
+    return full
 
 
 def refuse_foreign(cfg: Any, name: str) -> None:

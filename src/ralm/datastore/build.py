@@ -41,19 +41,20 @@ from ralm.utils.outdir import OutDir, open_out, remove_owned
 @dataclass
 class BuildConfig:
     inputs: list[str]
-    out: str
+    out: str = field(metadata={"help": "datastore directory to create", "short": "-o"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
-    tokenizer: str = field(default=DEFAULT_LM, metadata={"help": "tokenizer of the LM the store serves"})
+    tokenizer: str = field(default=DEFAULT_LM, metadata={"help": "tokenizer of the LM the store serves (preset, "
+                                                                 "folder, GGUF, hub id)"})
     shard_docs: int = field(default=1000, metadata={"help": "documents per shard (memory is bounded by a shard)"})
     dedup: bool = field(default=False, metadata={"help": "drop exact-duplicate chunks from the index"})
     near_dup: bool = field(default=False, metadata={"help": "drop near-duplicate documents (13-gram Jaccard >= 0.8)"})
     executor: str = field(default="local", metadata={"help": "'local' or 'ray'"})
-    ray_address: str | None = None
-    force: bool = False
-    add: bool = False
+    ray_address: str | None = field(default=None, metadata={"help": "Ray cluster address, e.g. 127.0.0.1:6379"})
+    force: bool = field(default=False, metadata={"help": "delete an existing or unfinished store and start over"})
+    add: bool = field(default=False, metadata={"help": "append these inputs to an existing store"})
 
     def __post_init__(self) -> None:
         if self.shard_docs < 1:

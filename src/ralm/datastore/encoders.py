@@ -36,12 +36,13 @@ _PROBE = [
 
 @dataclass
 class EncoderConfig:
-    name: str = field(default=MINILM, metadata={"help": "'minilm', 'bm25', or a Hugging Face encoder id/folder"})
+    name: str = field(default=MINILM, metadata={"help": "'minilm', 'bm25', or a Hugging Face encoder id/folder",
+                                                "flag": "--encoder"})
     pooling: str = field(default="auto", metadata={"help": "'mean', 'cls', or 'auto' (model's own config, else mean)"})
     dtype: str = field(
         default="auto",
         metadata={"help": "'fp32', 'bf16' (autocast), or 'auto': bf16 only where it is faster and keeps "
-                  "cosine >= 0.99 to fp32 on a probe"},
+                  "cosine >= 0.99 to fp32 on a probe", "flag": "--encoder-dtype"},
     )
     batch_size: int = field(default=128, metadata={"help": "texts per forward pass"})
     max_length: int = field(default=256, metadata={"help": "encoder tokens per text (longer are truncated)"})

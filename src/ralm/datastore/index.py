@@ -44,12 +44,16 @@ def parse_bytes(text: str) -> int:
 
 @dataclass
 class IndexConfig:
-    kind: str = field(default="auto", metadata={"help": "auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string"})
-    memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may use at search time"})
+    kind: str = field(default="auto", metadata={"help": "auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string",
+                                                "flag": "--index"})
+    memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may use at search time (e.g. 4GB)"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact search to tune for"})
     n_queries: int = field(default=500, metadata={"help": "held-out keys used to measure recall"})
-    metric: str = field(default="ip", metadata={"help": "'ip' (inner product) or 'l2' (squared distance)"})
-    seed: int = 0
+    # the kind of store fixes the metric (the builder sets it), so it is no command-line option
+    metric: str = field(default="ip", metadata={"help": "'ip' (inner product) or 'l2' (squared distance)",
+                                                "cli": False})
+    seed: int = field(default=0, metadata={"help": "seed of the recall probe and index training sample",
+                                           "cli": False})
 
     def __post_init__(self) -> None:
         if self.kind not in NAMED and "," not in self.kind and not re.match(r"^(Flat|HNSW|IVF|PQ|IDMap)", self.kind):

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import ralm.methods  # noqa: F401  registers the built-in methods
-from ralm.core.registry import MethodContext, get_method, method_names, refuse_foreign
+from ralm.core.registry import MethodContext, check_options, get_method, method_names
 from ralm.core.targets import default_stride, make_targets
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
 from ralm.data.document import Document
@@ -22,55 +22,45 @@ from ralm.errors import RalmError
 from ralm.eval.leakage import DocScores, leakage_report, target_bytes
 from ralm.eval.lm import LMEvalConfig, evaluate_lm
 from ralm.lm.models import load
-from ralm.methods.in_context import InContextConfig
-from ralm.methods.knnlm import LMBDA_GRID, TEMPERATURE_GRID, KNNLMConfig
+from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.plain import token_nll
 
-__all__ = ["LMBDA_GRID", "TEMPERATURE_GRID", "EvalLMConfig", "run_eval_lm"]
+__all__ = ["EvalLMConfig", "run_eval_lm"]
 
 
 @dataclass
 class EvalLMConfig:
-    model: str
-    data: list[str]
-    method: str = field(default="none", metadata={"help": "a registered method (ralm.core.registry)"})
-    datastore: str | None = field(default=None, metadata={"help": "the method's store: a retrieval store or a "
-                                                                  "kNN-LM store (its Method.store kind)"})
-    checkpoint: str | None = field(default=None, metadata={"help": "retro: the RETRO-fit checkpoint folder"})
-    retrieval: str = field(default="on", metadata={"help": "retro: on (neighbours from the store) or off "
-                                                           "(the frozen model)"})
+    model: str = field(default=DEFAULT_LM, metadata={"help": "preset (smollm2-135m, ...), model folder, GGUF file "
+                                                             "or hub id"})
+    data: list[str] = field(default_factory=list, metadata={"help": "held-out documents (JSONL/.txt/Parquet/"
+                                                                    "folder); repeatable"})
+    method: str = field(default="none", metadata={"help": "scoring method (`ralm methods` lists them)"})
+    datastore: str | None = field(default=None, metadata={"help": "the method's store: a retrieval store (in-context, "
+                                                                  "replug, retro; retro defaults to its "
+                                                                  "checkpoint's) or a kNN-LM store (knn-lm)"})
     lm: LMEvalConfig = field(default_factory=LMEvalConfig)
-    in_context: InContextConfig = field(default_factory=InContextConfig)
-    knn: KNNLMConfig = field(default_factory=KNNLMConfig)
-    validation: list[str] | None = field(default=None, metadata={"help": "knn-lm: documents on which λ is chosen "
-                                                                          "from the grid (overrides --lmbda)"})
-    lmbda_grid: tuple[float, ...] = field(default=LMBDA_GRID, metadata={"help": "λ values of the sweep"})
-    temperature_grid: tuple[float, ...] = field(default=TEMPERATURE_GRID, metadata={
-        "help": "temperatures swept with λ on --validation (the pair with the lowest perplexity is used)"})
+    # every registered method's options by Method.options key (defaults filled in from the registry); only the
+    # chosen method's may differ from their defaults
+    options: dict[str, Any] = field(default_factory=dict)
     exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the evaluated document"})
-    decontaminate: int | None = field(default=None, metadata={"help": "drop neighbours sharing an N-token span"})
+    decontaminate: int | None = field(default=None, metadata={"help": "drop neighbours sharing an N-token span with "
+                                                                      "the text"})
     subset: float | None = field(default=None, metadata={"help": "search only this random fraction of the store"})
     subset_seed: int = field(default=0, metadata={"help": "seed of the (nested) random subset"})
-    leakage_report: bool = field(default=False, metadata={"help": "bucket 64-token chunks by their longest common "
-                                                                 "token run with the neighbours; ppl/bpb per bucket"})
+    leakage_report: bool = field(default=False, metadata={"help": "ppl/bpb by the longest common token run of each "
+                                                                 "64-token chunk with its neighbours"})
 
     def __post_init__(self) -> None:
         method = get_method(self.method)
-        if self.retrieval not in ("on", "off"):
-            raise RalmError(f"--retrieval {self.retrieval!r}: expected on or off")
-        refuse_foreign(self, self.method)
+        if not self.data:
+            raise RalmError("--data: give at least one file of held-out documents")
+        self.options = check_options(self.options, [self.method])
         if method.resolve is not None:
-            method.resolve(self)
+            method.resolve(self, method.options_of(self))
         elif method.store != "none" and not self.datastore:
             raise RalmError(f"--method {self.method} needs --datastore")
         if self.decontaminate is not None and self.decontaminate < 1:
             raise RalmError(f"--decontaminate {self.decontaminate}: must be >= 1")
-        bad = [x for x in self.lmbda_grid if not 0.0 <= x <= 1.0]
-        if bad or not self.lmbda_grid:
-            raise RalmError(f"--lmbda-grid {bad or 'empty'}: every λ must be in [0, 1]")
-        bad = [x for x in self.temperature_grid if not x > 0]
-        if bad or not self.temperature_grid:
-            raise RalmError(f"--temperature-grid {bad or 'empty'}: every temperature must be > 0")
         if self.leakage_report and method.store == "none":
             raise RalmError(f"--leakage-report needs a retrieval method ({', '.join(method_names(store='any'))})")
         if self.subset is not None and not 0 < self.subset <= 1:
@@ -95,12 +85,14 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
     ``wrap_store``: wraps the store the method opens (e.g. ``ralm.core.retriever.EmptyRetriever``).
     """
     method = get_method(cfg.method)
+    options = method.options_of(cfg)
     docs = _documents(cfg.data, cfg.lm.max_docs)
-    validation = _documents(cfg.validation, cfg.lm.max_docs, "--validation") if cfg.validation else None
+    val_files = getattr(options, "validation", None)  # documents the method tunes on (the kNN-LM's λ and T)
+    validation = _documents(val_files, cfg.lm.max_docs, "--validation") if val_files else None
     lm = loaded or load(cfg.model)
     model, tok = lm.model, lm.tokenizer
     ctx = MethodContext(model=model, tokenizer=tok, model_name=cfg.model, store=cfg.datastore,
-                        options=method.options_of(cfg), lm=cfg.lm, run=cfg, docs=docs,
+                        options=options, lm=cfg.lm, run=cfg, docs=docs,
                         exclude_same_doc=cfg.exclude_same_doc, decontaminate=cfg.decontaminate, subset=cfg.subset,
                         subset_seed=cfg.subset_seed, leakage=cfg.leakage_report, validation=validation,
                         progress=progress, wrap_store=wrap_store)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import ralm.methods  # noqa: F401  registers the built-in methods
-from ralm.core.registry import get_method, method_names
+from ralm.core.registry import check_options, get_method, method_names
 from ralm.datastore import layout
 from ralm.datastore.knn_store import read_knn_manifest
 from ralm.datastore.store import read_manifest
@@ -34,18 +34,18 @@ STORE_FLAGS = {"retrieval": "datastore", "knn": "knn_store"}
 
 @dataclass
 class ScaleConfig:
-    eval: EvalLMConfig  # model, data, windows and method settings; method, store and validation set per point
-    out: str = field(metadata={"help": "folder for scale.json, scale.md and scale.png"})
-    methods: tuple[str, ...] = field(default=(), metadata={"help": "methods to scale (default: the first "
-                                                                   "registered retrieval method)"})
+    eval: EvalLMConfig  # model, data and windows; method, store, subset and method options set per point
+    out: str = field(metadata={"help": "folder for scale.json, scale.md and scale.png", "short": "-o"})
+    methods: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated methods that read a store "
+                                                                   "(`ralm methods`; default: the first registered "
+                                                                   "retrieval method, in-context)"})
     datastore: str | None = field(default=None, metadata={"help": "retrieval store (methods of store kind "
-                                                                  "retrieval)"})
+                                                                  "retrieval: in-context, replug, retro)"})
     knn_store: str | None = field(default=None, metadata={"help": "kNN-LM store (methods of store kind knn)"})
-    validation: list[str] | None = field(default=None, metadata={"help": "documents on which a method that owns "
-                                                                          "validation (the kNN-LM's λ) tunes at each "
-                                                                          "store size"})
-    checkpoint: str | None = field(default=None, metadata={"help": "retro: the RETRO-fit checkpoint folder"})
-    fractions: tuple[float, ...] = field(default=(0.01, 0.1, 0.3, 1.0), metadata={"help": "nested subset sizes"})
+    # every registered method's options (as EvalLMConfig.options); those of any scaled method may be set
+    options: dict[str, Any] = field(default_factory=dict)
+    fractions: tuple[float, ...] = field(default=(0.01, 0.1, 0.3, 1.0), metadata={"help": "comma-separated nested "
+                                                                                          "subset sizes in (0, 1]"})
     seed: int = field(default=0, metadata={"help": "seed of the nested subsets"})
     metric: str = field(default="ppl", metadata={"help": "plotted metric: ppl or bpb"})
     points: dict[str, EvalLMConfig] = field(default_factory=dict, init=False, repr=False)  # per method, resolved
@@ -58,6 +58,7 @@ class ScaleConfig:
                 raise RalmError(f"--methods {m!r}: expected one of {', '.join(scalable)}")
         if not self.methods:
             raise RalmError("--methods: give at least one method")
+        self.options = check_options(self.options, self.methods)  # the union: every scaled method's own
         self.points = {m: self._point(m) for m in self.methods}  # every method's settings checked before loading
         bad = [f for f in self.fractions if not 0 < f <= 1]
         if bad or not self.fractions:
@@ -69,15 +70,15 @@ class ScaleConfig:
             raise RalmError(f"--out {out}: exists and is not a directory")
 
     def _point(self, name: str) -> EvalLMConfig:
-        """``eval`` for method ``name`` on its store (by store kind), the whole store; resolved by the method."""
+        """``eval`` for method ``name`` on its store (by store kind), the whole store, with its own options alone
+        (the other methods' at their defaults); resolved by the method."""
         method = get_method(name)
         flag = STORE_FLAGS[method.store]
         store = getattr(self, flag)
+        own = {method.options: self.options[method.options]} if method.options else {}
         try:
-            # run options only some methods read (Method.owns: validation, checkpoint) go to those alone
-            owned = {f: getattr(self, f, None) for f in method.owns}
             return dataclasses.replace(self.eval, method=name, datastore=store, subset=None, subset_seed=self.seed,
-                                       **{"validation": None, "checkpoint": None, **owned})
+                                       options=own)
         except RalmError:
             if store is None:  # the flag this command takes for that kind of store
                 raise RalmError(f"--{flag.replace('_', '-')} is required for {name}") from None
@@ -101,7 +102,7 @@ def run_scale(cfg: ScaleConfig, progress: bool = True, log=None) -> dict:
     log = log or (lambda m: print(m, file=sys.stderr))
     loaded = load(cfg.eval.model)
     plain = method_names(store="none")[0]  # the reference line
-    base = dataclasses.replace(cfg.eval, method=plain, datastore=None, subset=None, validation=None)
+    base = dataclasses.replace(cfg.eval, method=plain, datastore=None, subset=None, options={})
     none = run_eval_lm(base, progress=progress, loaded=loaded)
     log(f"{plain}: ppl {none['ppl']:.3f} bpb {none['bpb']:.4f}")
     points = []

@@ -9,6 +9,7 @@ k = 1024, λ = 0.25, T = 1, d = squared L2 distance.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,14 @@ class KNNLMConfig:
     k: int = field(default=1024, metadata={"help": "neighbours per position"})
     lmbda: float = field(default=0.25, metadata={"help": "weight of p_kNN in the interpolation, in [0, 1]"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature over -distance"})
+    validation: list[str] | None = field(default=None, metadata={
+        "help": "documents on which λ and T are chosen from the grids (overrides --lmbda and --temperature); "
+                "repeatable"})
+    lmbda_grid: tuple[float, ...] = field(default=LMBDA_GRID, metadata={"help": "comma-separated λ values of the "
+                                                                                "sweep"})
+    temperature_grid: tuple[float, ...] = field(default=TEMPERATURE_GRID, metadata={
+        "help": "comma-separated temperatures swept with λ on --validation (the pair with the lowest perplexity "
+                "is used)"})
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -43,6 +52,12 @@ class KNNLMConfig:
             raise RalmError(f"--lmbda {self.lmbda}: must be in [0, 1]")
         if not self.temperature > 0:
             raise RalmError(f"--temperature {self.temperature}: must be > 0")
+        bad = [x for x in self.lmbda_grid if not 0.0 <= x <= 1.0]
+        if bad or not self.lmbda_grid:
+            raise RalmError(f"--lmbda-grid {bad or 'empty'}: every λ must be in [0, 1]")
+        bad = [x for x in self.temperature_grid if not x > 0]
+        if bad or not self.temperature_grid:
+            raise RalmError(f"--temperature-grid {bad or 'empty'}: every temperature must be > 0")
 
 
 def knn_log_probs(distances: torch.Tensor, values: torch.Tensor, vocab_size: int, temperature: float = 1.0,
@@ -215,7 +230,6 @@ def sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None 
 def _open(ctx: MethodContext) -> Session:
     """kNN-LM on the plain LM's windows; with validation documents, λ and T are chosen on them first (the LM and
     kNN parts do not depend on λ, so one pass prices the whole grid)."""
-    run = ctx.run
     store = ctx.wrapped(open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer))
     store = restrict(store, len(store.values), ctx)
     context = model_context(ctx.model, ctx.lm.context)
@@ -224,25 +238,25 @@ def _open(ctx: MethodContext) -> Session:
     info: dict[str, Any] = {}
     if ctx.validation:
         val = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
-                        temperatures=run.temperature_grid)
+                        temperatures=knn_cfg.temperature_grid)
         for d in ctx.validation:
             val(make_targets(d, ctx.tokenizer), context)
-        sweeps = {temp: sweep(val, run.lmbda_grid, temp) for temp in run.temperature_grid}
+        sweeps = {temp: sweep(val, knn_cfg.lmbda_grid, temp) for temp in knn_cfg.temperature_grid}
         temp, best = min(((t, lam) for t, sw in sweeps.items() for lam in sw), key=lambda tl: sweeps[tl[0]][tl[1]])
-        knn_cfg = KNNLMConfig(k=knn_cfg.k, lmbda=best, temperature=temp)
+        knn_cfg = dataclasses.replace(knn_cfg, lmbda=best, temperature=temp)
         info.update(lmbda_sweep_validation={str(lam): round(p, 4) for lam, p in sweeps[temp].items()},
                     temperature_sweep_validation={str(t): round(min(sw.values()), 4) for t, sw in sweeps.items()},
-                    validation=run.validation)
+                    validation=knn_cfg.validation)
     session = Session(info=info)
     scorer = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
                        log_factory=(lambda t: session.log_for(t.doc_id, True)) if ctx.leakage else None)
     session.scorer = scorer
     info.update(k=knn_cfg.k, lmbda=knn_cfg.lmbda, temperature=knn_cfg.temperature, store_keys=len(store))
     session.after = lambda: {"lmbda_sweep_test": {str(lam): round(p, 4)
-                                                  for lam, p in sweep(scorer, run.lmbda_grid).items()}}
+                                                  for lam, p in sweep(scorer, knn_cfg.lmbda_grid).items()}}
     return session
 
 
 register_method(Method(name="knn-lm", help="kNN-LM: p_LM mixed with p_kNN over the nearest stored LM states",
-                       store="knn", open=_open, config=KNNLMConfig, options="knn", owns=("validation",),
+                       store="knn", open=_open, config=KNNLMConfig, options="knn",
                        report=("lmbda",)))

@@ -57,16 +57,18 @@ KIND = Kind("knnlm", "ralm kNN-LM store", {
 @dataclass
 class KNNBuildConfig:
     inputs: list[str]
-    out: str
-    model: str = field(default=DEFAULT_LM, metadata={"help": "the LM whose hidden states are stored"})
+    out: str = field(metadata={"help": "kNN-LM store directory to create", "short": "-o"})
+    model: str = field(default=DEFAULT_LM, metadata={"help": "the LM whose hidden states are stored "
+                                                              "(preset, folder, GGUF, hub id)"})
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    index: IndexConfig = field(default_factory=lambda: IndexConfig(metric="l2"))
-    context: int | None = field(default=None, metadata={"help": "tokens per window (default: as eval-lm)"})
+    index: IndexConfig = field(default_factory=lambda: IndexConfig(target_recall=0.9, metric="l2"))
+    context: int | None = field(default=None, metadata={"help": "tokens per window (default: as eval-lm, "
+                                                                          "model max capped at 2048)"})
     window_stride: int | None = field(default=None, metadata={"help": "new positions per window (default context/2)"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})
     shard_tokens: int = field(default=50_000, metadata={"help": "positions per part: the unit of resumption "
                                                                        "and of build memory"})
-    force: bool = False
+    force: bool = field(default=False, metadata={"help": "delete an existing or unfinished store and start over"})
 
     def __post_init__(self) -> None:
         if self.index.metric != "l2":

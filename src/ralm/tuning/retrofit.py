@@ -47,17 +47,20 @@ LABEL = "RETRO-fit"
 class RetrofitConfig(TrainConfig):
     """RETRO-fit's settings; the loop's (steps, lr, warmup, ...) come from ``TrainConfig``."""
 
-    datastore: str
-    train: list[str]
-    out: str
-    model: str = field(default=DEFAULT_LM, metadata={"help": "the frozen base LM"})
-    eval: list[str] | None = field(default=None, metadata={"help": "held-out documents for the periodic evaluation"})
+    datastore: str = field(metadata={"help": "retrieval store with chunk-size chunks and continuations"})
+    train: list[str] = field(metadata={"help": "training documents (JSONL/.txt/Parquet/folder); repeatable"})
+    out: str = field(metadata={"help": "checkpoint folder (a rerun with the same settings resumes)"})
+    model: str = field(default=DEFAULT_LM, metadata={"help": "the frozen base LM: preset, model folder, GGUF "
+                                                                 "file or hub id"})
+    eval: list[str] | None = field(default=None, metadata={"help": "held-out documents evaluated every "
+                                                                    "--eval-every steps; repeatable"})
     retro: RetroConfig = field(default_factory=RetroConfig)
     batch_size: int = field(default=4, metadata={"help": "windows per step"})
     seq_len: int = field(default=512, metadata={"help": "tokens per training window (a multiple of the chunk size)"})
     eval_windows: int = field(default=32, metadata={"help": "evaluation windows used each time"})
     neighbours: str | None = field(default=None, metadata={"help": "a precomputed neighbours cache to read "
-                                                                   "(default: computed into OUT/neighbours)"})
+                                                                   "(default: computed into OUT/neighbours)",
+                                                           "flag": "--neighbours-cache"})
     exclude_same_doc: bool = field(default=True, metadata={"help": "drop neighbours from the training document"})
     same_doc_fraction: float = field(default=0.0, metadata={
         "help": "fraction of training documents (seeded choice) whose chunks may retrieve from their own "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,20 +21,34 @@ from ralm.methods.stores import open_retrieval_store, restrict, store_hits, with
 NAME = "retro"
 
 
-def _resolve(run: Any) -> None:
+@dataclass
+class RetroRunConfig:
+    """What ``retro`` reads when it evaluates: the trained checkpoint, and whether it retrieves."""
+
+    checkpoint: str | None = field(default=None, metadata={"help": "the RETRO-fit checkpoint folder (from `ralm "
+                                                                   "retrofit`; its store is the default --datastore)"})
+    retrieval: str = field(default="on", metadata={"help": "on (neighbours from the store) or off (the frozen "
+                                                           "model)"})
+
+    def __post_init__(self) -> None:
+        if self.retrieval not in ("on", "off"):
+            raise RalmError(f"--retrieval {self.retrieval!r}: expected on or off")
+
+
+def _resolve(run: Any, options: Any) -> None:
     """Needs ``--checkpoint``; the store is the one the checkpoint was trained with unless another is named
-    (none needed with ``--retrieval off``)."""
-    if not getattr(run, "checkpoint", None):
+    (none needed with ``--retrieval off``). ``options``: a RetroRunConfig, or generate's flat config."""
+    if not getattr(options, "checkpoint", None):
         raise RalmError(f"--method {NAME} needs --checkpoint")
-    run.datastore = run.datastore or read_checkpoint_config(run.checkpoint).get("datastore")
-    if not run.datastore and getattr(run, "retrieval", "on") == "on":
+    run.datastore = run.datastore or read_checkpoint_config(options.checkpoint).get("datastore")
+    if not run.datastore and getattr(options, "retrieval", "on") == "on":
         raise RalmError(f"--method {NAME} needs --datastore")
 
 
 def _open(ctx: MethodContext) -> Session:
     """A RETRO-fit checkpoint on the plain LM's windows; with retrieval on, each document's chunk neighbours
     are retrieved in one batch (same-document exclusion and decontamination as for the other methods)."""
-    run = ctx.run
+    run: RetroRunConfig = ctx.options
     retro, _ = load_retrofit(run.checkpoint, ctx.model, ctx.tokenizer, ctx.model_name)
     try:
         stride = default_stride(model_context(ctx.model, ctx.lm.context), ctx.lm.window_stride)
@@ -97,5 +112,6 @@ def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, retro: Any) -> Any:
 
 
 register_method(Method(name=NAME, help="a RETRO-fit checkpoint (--checkpoint): CCA reads each chunk's neighbours",
-                       store="retrieval", open=_open, owns=("checkpoint",), resolve=_resolve,
+                       store="retrieval", open=_open, config=RetroRunConfig, options=NAME, owns=("checkpoint",),
+                       resolve=_resolve,
                        generate=_generate, load_generation=load_generation))

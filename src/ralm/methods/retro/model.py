@@ -41,9 +41,10 @@ GATE_SCALE = 30.0  # match gate logit multiplier (see ChunkedCrossAttention)
 class RetroConfig:
     chunk_size: int = field(default=64, metadata={"help": "tokens per chunk m (RETRO: 64); must match the store"})
     neighbours: int = field(default=2, metadata={"help": "neighbours read per chunk (RETRO: 2)"})
-    neighbour_len: int = field(default=128, metadata={"help": "tokens per neighbour: chunk + continuation"})
+    neighbour_len: int | None = field(default=None, metadata={"help": "tokens per neighbour: chunk + continuation "
+                                                                      "(default: twice --chunk-size)"})
     cca_layers: list[int] | None = field(default=None, metadata={
-        "help": "0-based decoder layers followed by CCA (default: RETRO's every 3rd layer from the 6th)"})
+        "help": "comma-separated 0-based decoder layers followed by CCA (default: RETRO's every 3rd layer from the 6th)"})
     enc_dim: int = field(default=256, metadata={"help": "retrieval encoder width"})
     enc_layers: int = field(default=2, metadata={"help": "retrieval encoder depth"})
     enc_heads: int = field(default=4, metadata={"help": "retrieval encoder attention heads"})
@@ -65,6 +66,8 @@ class RetroConfig:
                 "to close on poor ones, so the new layers can leave unrelated neighbours alone"})
 
     def __post_init__(self) -> None:
+        if self.neighbour_len is None:  # RETRO: a neighbour is its chunk and that chunk's continuation
+            self.neighbour_len = 2 * self.chunk_size
         for name in ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
                      "cca_dim", "cca_heads", "ffn_mult"):
             if getattr(self, name) < 1:
