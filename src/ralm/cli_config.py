@@ -217,10 +217,10 @@ def command_function(body: Callable[..., Any], spec: Spec) -> Callable[..., Any]
     hand = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in hand]
     owners: dict[str, str] = {}
     for p in hand:
-        for name in [p.name, *_hand_flags(p)]:
+        for name in [*_hand_flags(p), p.name]:
             owners[name] = f"{body.__name__}({p.name})"
     for o in opts:
-        for name in [o.param, *o.flags]:
+        for name in [*o.flags, o.param]:
             if name in owners:
                 raise ValueError(f"{name} is declared twice: by {owners[name]} and by {o.owner}")
             owners[name] = o.owner

@@ -39,8 +39,8 @@ Retriever = Callable[[list[str], str], list[list[Passage]]]
 class InContextConfig:
     stride: int = field(default=16, metadata={"help": "tokens scored between two retrievals (paper: 4-32)"})
     query_len: int = field(default=32, metadata={"help": "last tokens used as the retrieval query"})
-    docs: int = field(default=1, metadata={"help": "passages retrieved: prepended together (in-context) or "
-                                                   "one per pass, mixed (replug)"})
+    docs: int = field(default=1, metadata={"help": "passages per retrieval, prepended together (in-context) "
+                                                   "or scored one per pass and mixed (replug)"})
     doc_tokens: int = field(default=256, metadata={"help": "each passage is truncated to this many tokens"})
 
     def __post_init__(self) -> None:
