@@ -1,4 +1,5 @@
-"""The ``ralm`` command line: each command parses its flags and calls one API function."""
+"""The ``ralm`` command line: each command calls one API function; its flags come from that function's config
+(``cli_config``), only positional arguments and CLI-only flags (``--json``, ``--quiet``) are declared here."""
 
 from __future__ import annotations
 
