@@ -16,7 +16,7 @@ from badinput import fails, runner
 from conftest import write_corpus
 from ralm.cli import app
 from ralm.core.registry import Method, Session, get_method, method_names, register_method, unregister_method
-from ralm.core.retriever import EmptyRetriever
+from ralm.core.retriever import EmptyRetriever, KNNRetriever, StoreRetriever
 from ralm.datastore.build import build
 from ralm.datastore.chunking import ChunkingConfig
 from ralm.datastore.index import IndexConfig
@@ -108,7 +108,7 @@ def test_method_scores_nones_targets_and_gives_its_nll_without_retrieval(stores,
     assert (r["tokens"], r["bytes"], r["documents"]) == (none["tokens"], none["bytes"], none["documents"])
     if get_method(name).store != "none":  # retrieval on does change the scores (the check below is not vacuous)
         assert r["ppl"] != none["ppl"]
-    empty = _eval(tiny_lm, held, stride, {"wrap_store": EmptyRetriever}, method=name, **off)
+    empty = _eval(tiny_lm, held, stride, {"wrap_retriever": EmptyRetriever}, method=name, **off)
     assert (empty["tokens"], empty["bytes"]) == (none["tokens"], none["bytes"])
     want = math.log(none["ppl"]) + offset  # mean NLL per target
     # float32 logits either way; the same windows, so only the summation order can differ
@@ -120,9 +120,10 @@ def test_empty_retriever_finds_nothing_for_either_kind_of_query(stores):
     from ralm.datastore.store import Datastore
 
     held, ds, knn, ckpt = stores
-    e = EmptyRetriever(Datastore.open(ds))
-    assert e.search(["a query", "another"], k=3) == [[], []] and len(e) == len(Datastore.open(ds))
-    d, i = EmptyRetriever(KNNStore.open(knn)).search(torch.zeros(2, 4).numpy(), 5)
+    store = Datastore.open(ds)
+    e = EmptyRetriever(StoreRetriever(store))
+    assert store.hits(*e.search(["a query", "another"], k=3)) == [[], []] and len(e) == len(Datastore.open(ds))
+    d, i = EmptyRetriever(KNNRetriever(KNNStore.open(knn))).search(torch.zeros(2, 4).numpy(), 5)
     assert d.shape == i.shape == (2, 5) and (i == -1).all()
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ralm.core.neighbours import NeighbourLog
+from ralm.core.retriever import Retriever
 from ralm.errors import RalmError
 
 STORE_KINDS = ("none", "retrieval", "knn", "examples")
@@ -48,10 +49,11 @@ class MethodContext:
     leakage: bool = False  # record NeighbourLogs for the leakage report
     validation: list[Any] | None = None  # the documents of the options' ``validation`` files, already read
     progress: bool = True
-    wrap_store: Callable[[Any], Any] | None = None  # applied to the store a method opened (ralm.core.retriever)
+    # applied by every method to the retriever it opens (ralm.core.retriever): changes what every method retrieves
+    wrap_retriever: Callable[[Retriever], Retriever] | None = None
 
-    def wrapped(self, store: Any) -> Any:
-        return self.wrap_store(store) if self.wrap_store is not None else store
+    def wrapped(self, retriever: Retriever) -> Retriever:
+        return self.wrap_retriever(retriever) if self.wrap_retriever is not None else retriever
 
 
 @dataclass

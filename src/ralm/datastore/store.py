@@ -1,4 +1,5 @@
-"""Open a finished datastore and search it: ``Datastore.open(path).search(queries, k)``."""
+"""Open a finished datastore and search it: ``Datastore.open(path).search(queries, k)`` (hits with their chunk
+records) or ``.search_rows(queries, k)`` ((D, I) rows, what ``ralm.core.retriever.StoreRetriever`` reads)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ralm.core.retriever import Exclusions, check_k, per_query_exclusions, search_excluding
 from ralm.datastore import layout
 from ralm.datastore.bm25 import load_bm25
 from ralm.datastore.encoders import EncoderConfig, load_encoder
@@ -259,28 +261,56 @@ class Datastore:
         xq = queries if isinstance(queries, np.ndarray) else self.encode(queries)
         return index.search(xq, k, allowed=self.allowed)
 
-    def search(self, queries: list[str] | np.ndarray, k: int = 10,
-               exclude_doc_ids: list[set[str] | str | None] | set[str] | None = None) -> list[list[Hit]]:
-        """Top-k hits per query. ``queries``: texts, or an (nq, dim) array of vectors from the store's encoder.
+    @property
+    def metric(self) -> str:
+        """How ``search_rows`` scores: "l2" (squared distance, smaller first) or "ip" (inner product or BM25)."""
+        return "l2" if self.manifest["index"]["meta"].get("metric") == "l2" else "ip"
 
-        ``exclude_doc_ids`` (one set per query, or one set for all) drops hits from those documents
-        (RETRO's same-document rule); the search over-fetches so each query still gets k hits where the
-        store has them.
+    def search_rows(self, queries: list[str] | np.ndarray, k: int = 10,
+                    exclude_doc_ids: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) of shape (nq, k): the scores and global rows of each query's top-k chunks, best first, -1
+        (and the worst score) where fewer are left (``ralm.core.retriever``'s contract). ``queries``: texts, or
+        an (nq, dim) array of vectors from the store's encoder.
+
+        ``exclude_doc_ids`` (one set per query, or one set for all) drops rows of those documents (RETRO's
+        same-document rule); the search over-fetches so each query still gets k rows where the store has them.
         """
         nq = self._validate_queries(queries)
         n = len(self)
-        if not isinstance(k, (int, np.integer)) or k <= 0:
-            raise RalmError(f"k={k}: must be a positive integer")
+        k = check_k(k)
         if k > n:
             raise RalmError(f"k={k}: larger than the store ({n} chunks)")
-        excl = self._per_query_exclusions(exclude_doc_ids, nq)
-        fetch = k if not any(excl) else min(n, 2 * k + 16)
-        while True:
-            D, I = self._raw_search(queries, fetch)  # noqa: E741
-            hits = [self._hits(D[q], I[q], excl[q], k) for q in range(nq)]
-            if fetch >= n or all(len(h) >= k for h in hits):
-                return hits
-            fetch = min(n, fetch * 4)
+        excl = per_query_exclusions(exclude_doc_ids, nq)
+        if not self.sparse and not isinstance(queries, np.ndarray):
+            queries = self.encode(queries)  # once, not again at each deeper fetch
+
+        def dropped(I: np.ndarray) -> np.ndarray:  # noqa: E741
+            docs = self._doc_ids(I)
+            if all(e == excl[0] for e in excl):  # one set for every query (the methods' case): one test
+                return np.isin(docs, sorted(excl[0]))
+            return np.stack([np.isin(docs[q], sorted(excl[q])) if excl[q] else np.zeros(I.shape[1], bool)
+                             for q in range(nq)])
+
+        return search_excluding(lambda fetch: self._raw_search(queries, fetch), dropped, k, n, any(excl), self.metric)
+
+    def search(self, queries: list[str] | np.ndarray, k: int = 10,
+               exclude_doc_ids: Exclusions = None) -> list[list[Hit]]:
+        """Top-k hits per query: ``search_rows`` with each row's chunk record (same arguments)."""
+        return self.hits(*self.search_rows(queries, k, exclude_doc_ids))
+
+    def hits(self, D: np.ndarray, I: np.ndarray) -> list[list[Hit]]:  # noqa: E741
+        """The chunk records of a (D, I) search result (any ``Retriever``'s over this store), -1 rows left out."""
+        out = []
+        for scores, rows in zip(D, I, strict=True):
+            hits: list[Hit] = []
+            for score, row in zip(scores, rows, strict=True):
+                if row < 0:
+                    continue
+                rec = self.chunk(int(row))
+                hits.append(Hit(len(hits) + 1, float(score), rec["chunk_id"], rec["doc_id"], rec["domain"],
+                                rec["text"], rec["continuation_text"], int(row)))
+            out.append(hits)
+        return out
 
     def _validate_queries(self, queries) -> int:
         if isinstance(queries, np.ndarray):
@@ -297,29 +327,19 @@ class Datastore:
             raise RalmError("no queries given")
         return len(queries)
 
-    @staticmethod
-    def _per_query_exclusions(exclude, nq: int) -> list[set[str]]:
-        if exclude is None:
-            return [set()] * nq
-        if isinstance(exclude, (set, frozenset)):
-            return [set(exclude)] * nq
-        if len(exclude) != nq:
-            raise RalmError(f"exclude_doc_ids has {len(exclude)} entries for {nq} queries")
-        return [{e} if isinstance(e, str) else set(e or ()) for e in exclude]
+    def _doc_ids(self, rows: np.ndarray) -> np.ndarray:
+        """The document id of every row of ``rows`` (any shape; -1 rows get ""), one numpy lookup per part."""
+        flat = rows.reshape(-1)
+        out = np.full(len(flat), "", dtype=object)
+        parts = np.searchsorted(self.offsets, flat, side="right") - 1
+        for p in np.unique(parts[flat >= 0]):
+            at = (parts == p) & (flat >= 0)
+            out[at] = self._part_doc_ids(int(p))[flat[at] - self.offsets[p]]
+        return out.reshape(rows.shape)
 
-    def _hits(self, scores: np.ndarray, rows: np.ndarray, exclude: set[str], k: int) -> list[Hit]:
-        hits: list[Hit] = []
-        for score, row in zip(scores, rows, strict=True):
-            if row < 0:
-                continue
-            rec = self.chunk(int(row))
-            if rec["doc_id"] in exclude:
-                continue
-            hits.append(Hit(len(hits) + 1, float(score), rec["chunk_id"], rec["doc_id"], rec["domain"],
-                            rec["text"], rec["continuation_text"], int(row)))
-            if len(hits) == k:
-                break
-        return hits
+    @lru_cache(maxsize=64)  # noqa: B019 (as _part_table)
+    def _part_doc_ids(self, p: int) -> np.ndarray:
+        return np.asarray(self._part_table(p)["doc_id"], dtype=object)
 
     # ---- chunk records -----------------------------------------------------------------------
     def chunk(self, row: int) -> dict[str, Any]:

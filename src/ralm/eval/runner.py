@@ -15,6 +15,7 @@ import torch
 
 import ralm.methods  # noqa: F401  registers the built-in methods
 from ralm.core.registry import MethodContext, check_options, get_method, method_names
+from ralm.core.retriever import Retriever
 from ralm.core.targets import default_stride, make_targets
 from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents
 from ralm.data.document import Document
@@ -78,11 +79,12 @@ def _documents(files: list[str], max_docs: int | None, flag: str = "--data") -> 
 
 
 def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
-                wrap_store: Callable[[Any], Any] | None = None) -> dict:
+                wrap_retriever: Callable[[Retriever], Retriever] | None = None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the metrics dict.
 
     ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve);
-    ``wrap_store``: wraps the store the method opens (e.g. ``ralm.core.retriever.EmptyRetriever``).
+    ``wrap_retriever``: wraps the retriever the method reads neighbours from (``ralm.core.retriever``: e.g.
+    ``EmptyRetriever``, or ``lambda r: RandomRetriever(r, seed)``).
     """
     method = get_method(cfg.method)
     options = method.options_of(cfg)
@@ -95,7 +97,7 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
                         options=options, lm=cfg.lm, run=cfg, docs=docs,
                         exclude_same_doc=cfg.exclude_same_doc, decontaminate=cfg.decontaminate, subset=cfg.subset,
                         subset_seed=cfg.subset_seed, leakage=cfg.leakage_report, validation=validation,
-                        progress=progress, wrap_store=wrap_store)
+                        progress=progress, wrap_retriever=wrap_retriever)
     session = method.open(ctx)
     extra: dict[str, Any] = {"model": cfg.model}
     per_target: dict[str, torch.Tensor] = {}

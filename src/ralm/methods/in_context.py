@@ -19,10 +19,11 @@ import torch
 
 from ralm.core.neighbours import NeighbourLog
 from ralm.core.registry import Method, MethodContext, Session, register_method
+from ralm.core.retriever import Retriever, StoreRetriever
 from ralm.core.start_token import start_token_id
 from ralm.core.targets import Targets, make_targets
 from ralm.errors import RalmError
-from ralm.methods.stores import open_retrieval_store, restrict, store_hits, without_tokens
+from ralm.methods.stores import method_retriever, open_retrieval_store, restrict, store_hits, without_tokens
 
 
 @dataclass
@@ -31,8 +32,8 @@ class Passage:
     score: float  # retrieval score (inner product, or BM25)
 
 
-# (queries, doc_id) -> the passages of each query, best first
-Retriever = Callable[[list[str], str], list[list[Passage]]]
+# (queries, doc_id) -> the passages of each query, best first (``store_retriever``: read through a Retriever)
+PassageSource = Callable[[list[str], str], list[list[Passage]]]
 
 
 @dataclass
@@ -67,7 +68,7 @@ def block_input(ids: torch.Tensor, start: int, end: int, passage: list[int], con
     return torch.cat([torch.tensor(head, dtype=ids.dtype), ids[lo:end]])
 
 
-def _retrieve_blocks(tokenizer: Any, t: Targets, starts: list[int], retrieve: Retriever | None,
+def _retrieve_blocks(tokenizer: Any, t: Targets, starts: list[int], retrieve: PassageSource | None,
                      query_len: int) -> tuple[list[list[Passage]], float]:
     """Passages for every block, from one batched retrieval; the first block has no query text yet."""
     found: list[list[Passage]] = [[] for _ in starts]
@@ -92,7 +93,7 @@ def _block_logprobs(model: Any, t: Targets, start: int, end: int, passage: list[
 
 
 @torch.inference_mode()
-def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
+def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: PassageSource | None, cfg: InContextConfig,
                    context: int, log: NeighbourLog | None = None) -> tuple[torch.Tensor, float]:
     """(n_targets,) NLL in nats with the top ``docs`` passages in context, and the seconds spent retrieving.
 
@@ -113,7 +114,7 @@ def in_context_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever |
 
 
 @torch.inference_mode()
-def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | None, cfg: InContextConfig,
+def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: PassageSource | None, cfg: InContextConfig,
                context: int, log: NeighbourLog | None = None) -> tuple[torch.Tensor, float]:
     """REPLUG: one forward pass per top-``docs`` passage; each target's probability is the mixture
     Σ_j softmax(scores)_j · p(target | passage_j, text), computed in log space. ``log`` as in
@@ -137,26 +138,36 @@ def replug_nll(model: Any, tokenizer: Any, t: Targets, retrieve: Retriever | Non
     return torch.cat(out), seconds
 
 
-def store_retriever(ds: Any, k: int, exclude_same_doc: bool = True,
-                    decontaminate: int | None = None, doc_tokens: dict[str, torch.Tensor] | None = None) -> Retriever:
-    """A ``Retriever`` over a ralm ``Datastore``: passage = chunk text (+ continuation) in LM tokens.
+def store_retriever(ds: Any, k: int, exclude_same_doc: bool = True, decontaminate: int | None = None,
+                    doc_tokens: dict[str, torch.Tensor] | None = None,
+                    retriever: Retriever | None = None) -> PassageSource:
+    """Passages from a ralm ``Datastore``, rows found by ``retriever`` (default: the store's own search),
+    payload read from the store: passage = chunk text (+ continuation) in LM tokens.
 
-    ``exclude_same_doc`` drops neighbours from the evaluated document (RETRO's rule); ``decontaminate``
+    ``exclude_same_doc`` drops neighbours from the evaluated document (RETRO's rule): asked of the search,
+    and checked again on what comes back, so a wrapper's rows (random, fixed) obey it too; ``decontaminate``
     drops neighbours sharing an N-token span with the evaluated document (``doc_tokens`` by doc id).
     """
+    retriever = StoreRetriever(ds) if retriever is None else retriever
+
     def retrieve(queries: list[str], doc_id: str) -> list[list[Passage]]:
-        fetch = min(len(ds), k * (4 if decontaminate else 1))
-        hits = ds.search(queries, k=fetch, exclude_doc_ids=[{doc_id}] * len(queries) if exclude_same_doc else None)
+        fetch = min(len(retriever), k * (4 if decontaminate else 1))
+        D, I = retriever.search(queries, fetch, exclude_doc_ids=[{doc_id}] * len(queries)  # noqa: E741
+                                if exclude_same_doc else None)
         grams = _ngrams(doc_tokens[doc_id].tolist(), decontaminate) if decontaminate and doc_tokens else None
         out = []
-        for per_query in hits:
+        for scores, rows in zip(D, I, strict=True):
             kept = []
-            for h in per_query:
-                rec = ds.chunk(h.row)
+            for score, row in zip(scores, rows, strict=True):
+                if row < 0:
+                    continue
+                rec = ds.chunk(int(row))
+                if exclude_same_doc and rec["doc_id"] == doc_id:
+                    continue
                 toks = list(rec["tokens"]) + list(rec["continuation"])
                 if grams is not None and _ngrams(toks, decontaminate) & grams:
                     continue
-                kept.append(Passage(toks, h.score))
+                kept.append(Passage(toks, float(score)))
                 if len(kept) == k:
                     break
             out.append(kept)
@@ -176,7 +187,8 @@ def _opener(fn: Callable[..., tuple[torch.Tensor, float]]) -> Callable[[MethodCo
         ds = open_retrieval_store(ctx)
         ds = restrict(ds, ds.manifest["counts"]["chunks"], ctx)
         doc_tokens = {d.id: make_targets(d, ctx.tokenizer).ids for d in ctx.docs} if ctx.decontaminate else None
-        retrieve = store_retriever(ds, cfg.docs, ctx.exclude_same_doc, ctx.decontaminate, doc_tokens)
+        retrieve = store_retriever(ds, cfg.docs, ctx.exclude_same_doc, ctx.decontaminate, doc_tokens,
+                                   retriever=method_retriever(ds, ctx))
         # its blocks of --stride tokens, not the plain LM's windows
         session = Session(window_stride=cfg.stride, info=dict(stride=cfg.stride, query_len=cfg.query_len,
                                                               docs=cfg.docs, doc_tokens=cfg.doc_tokens))
@@ -196,6 +208,7 @@ def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, state: Any) -> Any:
     device = next(model.parameters()).device
     bos = start_token_id(tokenizer)
     special = set(tokenizer.all_special_ids)
+    retriever = StoreRetriever(ds)
     passage: list[int] = []
 
     def step(ids: list[int], n_prompt: int, retrievals: list[dict[str, Any]]) -> torch.Tensor:
@@ -203,7 +216,7 @@ def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, state: Any) -> Any:
         n = len(ids)
         if (n - n_prompt) % cfg.stride == 0:
             query = tokenizer.decode([i for i in ids[max(0, n - cfg.query_len):] if i not in special])
-            hits = store_hits(ds, query, cfg.docs)
+            hits = store_hits(ds, query, cfg.docs, retriever)
             passage = [tok for h in hits for tok in h["tokens"][: cfg.doc_tokens]]
             retrievals.append({"position": n, "query": query, "neighbours": without_tokens(hits)})
         inp = block_input(torch.tensor(ids, dtype=torch.long), n - 1, n, passage, cfg.context, bos)

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
+from ralm.core.retriever import KNNRetriever, Retriever
 from ralm.core.targets import default_stride, make_targets, model_context, window_plan
 from ralm.datastore.knn_store import KNNStore
 from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.hidden import head_inputs, model_fingerprints
 from ralm.lm.presets import start_token_change, tokenizer_fingerprint
-from ralm.methods.stores import restrict
+from ralm.methods.stores import method_retriever, restrict
 
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # distances between final hidden states run in the hundreds: T = 1 makes p_kNN the nearest neighbour's token
@@ -144,9 +145,11 @@ class KNNScorer:
 
     def __init__(self, model: Any, store: Any, cfg: KNNLMConfig, window_stride: int, exclude_same_doc: bool = True,
                  decontaminate: int | None = None, log_factory: Any = None, log_neighbours: int = 4,
-                 temperatures: tuple[float, ...] = ()):
+                 temperatures: tuple[float, ...] = (), retriever: Retriever | None = None):
         # log_factory(targets) -> a NeighbourLog for that document (leakage report), or None for no log
+        # retriever: finds the neighbours (default: the store's own search); values and documents come from store
         self.model, self.store, self.cfg, self.window_stride = model, store, cfg, window_stride
+        self.retriever = KNNRetriever(store) if retriever is None else retriever
         self.exclude_same_doc, self.decontaminate = exclude_same_doc, decontaminate
         self.log_factory, self.log_neighbours = log_factory, log_neighbours
         self.query_block = 1024
@@ -168,13 +171,14 @@ class KNNScorer:
         lp_lm_doc = torch.cat(lp_lm)
         xq = torch.cat(states).numpy()  # (n_targets, d)
         target_ids = t.ids[t.first:].numpy()
-        k = min(self.cfg.k, max(1, len(self.store)))
+        k = min(self.cfg.k, max(1, len(self.retriever)))
         own = self.store.ordinal(t.doc_id) if self.exclude_same_doc else -1
         lp_knn, seconds = [], 0.0
         log = self.log_factory(t) if self.log_factory is not None else None
         for s in range(0, len(xq), self.query_block):  # bounded memory: (block, k) neighbours at a time
             t0 = time.perf_counter()
-            D, I = self.store.search(xq[s:s + self.query_block], k)  # noqa: E741
+            # the kNN-LM's rule: same-document neighbours are masked among the k nearest, not refilled
+            D, I = self.retriever.search(xq[s:s + self.query_block], k)  # noqa: E741
             seconds += time.perf_counter() - t0
             valid = I >= 0
             safe = np.where(valid, I, 0)
@@ -230,15 +234,16 @@ def sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None 
 def _open(ctx: MethodContext) -> Session:
     """kNN-LM on the plain LM's windows; with validation documents, λ and T are chosen on them first (the LM and
     kNN parts do not depend on λ, so one pass prices the whole grid)."""
-    store = ctx.wrapped(open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer))
+    store = open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer)
     store = restrict(store, len(store.values), ctx)
+    retriever = method_retriever(store, ctx)
     context = model_context(ctx.model, ctx.lm.context)
     stride = default_stride(context, ctx.lm.window_stride)
     knn_cfg: KNNLMConfig = ctx.options
     info: dict[str, Any] = {}
     if ctx.validation:
         val = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
-                        temperatures=knn_cfg.temperature_grid)
+                       temperatures=knn_cfg.temperature_grid, retriever=retriever)
         for d in ctx.validation:
             val(make_targets(d, ctx.tokenizer), context)
         sweeps = {temp: sweep(val, knn_cfg.lmbda_grid, temp) for temp in knn_cfg.temperature_grid}
@@ -249,7 +254,8 @@ def _open(ctx: MethodContext) -> Session:
                     validation=knn_cfg.validation)
     session = Session(info=info)
     scorer = KNNScorer(ctx.model, store, knn_cfg, stride, ctx.exclude_same_doc, ctx.decontaminate,
-                       log_factory=(lambda t: session.log_for(t.doc_id, True)) if ctx.leakage else None)
+                       log_factory=(lambda t: session.log_for(t.doc_id, True)) if ctx.leakage else None,
+                       retriever=retriever)
     session.scorer = scorer
     info.update(k=knn_cfg.k, lmbda=knn_cfg.lmbda, temperature=knn_cfg.temperature, store_keys=len(store))
     session.after = lambda: {"lmbda_sweep_test": {str(lam): round(p, 4)

@@ -1,10 +1,13 @@
-"""What the retrieval methods share: opening the store a run names, its random subset, and top-k hits."""
+"""What the retrieval methods share: opening the store a run names, its random subset, the retriever every
+method reads neighbours through, and top-k hits."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ralm.core.registry import MethodContext
+from ralm.core.retriever import KNNRetriever, Retriever, StoreRetriever
+from ralm.datastore.knn_store import KNNStore
 from ralm.datastore.store import Datastore
 from ralm.datastore.subset import nested_rows
 from ralm.lm.presets import tokenizer_fingerprint
@@ -19,19 +22,31 @@ def restrict(store: Any, n_rows: int, ctx: MethodContext) -> Any:
 
 def open_retrieval_store(ctx: MethodContext, check: bool = True) -> Datastore:
     """The run's retrieval store; ``check``: its passages are the store's own token ids, so they must be the
-    model's tokens. ``ctx.wrap_store`` (if any) wraps it: the one place every retrieval method's store passes."""
+    model's tokens."""
     ds = Datastore.open(ctx.store)
     if check:
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(ctx.tokenizer), tokenizer_name=ctx.model_name)
-    return ctx.wrapped(ds)
+    return ds
 
 
-def store_hits(ds: Any, query: str, k: int) -> list[dict[str, Any]]:
-    """Top-k chunks for one query: LM tokens (chunk + continuation), doc id, score, text (``ralm generate``)."""
+def method_retriever(store: Datastore | KNNStore, ctx: MethodContext) -> Retriever:
+    """The retriever a method reads its neighbours from: the store's adapter (of its subset, if restricted),
+    wrapped by ``ctx.wrap_retriever``: the one place every method's retrieval passes."""
+    return ctx.wrapped(KNNRetriever(store) if isinstance(store, KNNStore) else StoreRetriever(store))
+
+
+def store_hits(ds: Any, query: str, k: int, retriever: Retriever | None = None) -> list[dict[str, Any]]:
+    """Top-k chunks for one query, read through ``retriever`` (default: the store's own): LM tokens (chunk +
+    continuation), doc id, score, text (``ralm generate``)."""
+    retriever = StoreRetriever(ds) if retriever is None else retriever
+    D, I = retriever.search([query], min(k, len(retriever)))  # noqa: E741
     out = []
-    for h in ds.search([query], k=min(k, len(ds)))[0]:
-        rec = ds.chunk(h.row)
-        out.append({"doc_id": h.doc_id, "score": round(h.score, 4), "text": h.text + h.continuation,
+    for score, row in zip(D[0], I[0], strict=True):
+        if row < 0:
+            continue
+        rec = ds.chunk(int(row))
+        out.append({"doc_id": rec["doc_id"], "score": round(float(score), 4),
+                    "text": rec["text"] + rec["continuation_text"],
                     "tokens": list(rec["tokens"]) + list(rec["continuation"])})
     return out
 

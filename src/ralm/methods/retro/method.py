@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
+from ralm.core.retriever import StoreRetriever
 from ralm.core.targets import Targets, default_stride, model_context
 from ralm.errors import RalmError
 from ralm.lm.presets import tokenizer_fingerprint
@@ -16,7 +17,7 @@ from ralm.methods.retro.checkpoint import load_retrofit, read_checkpoint_config
 from ralm.methods.retro.model import PAD, pad_neighbours
 from ralm.methods.retro.neighbours import check_store_fits, document_neighbours, window_neighbours
 from ralm.methods.retro.scoring import retro_nll
-from ralm.methods.stores import open_retrieval_store, restrict, store_hits, without_tokens
+from ralm.methods.stores import method_retriever, open_retrieval_store, restrict, store_hits, without_tokens
 
 NAME = "retro"
 
@@ -52,11 +53,12 @@ def _open(ctx: MethodContext) -> Session:
     retro, _ = load_retrofit(run.checkpoint, ctx.model, ctx.tokenizer, ctx.model_name)
     try:
         stride = default_stride(model_context(ctx.model, ctx.lm.context), ctx.lm.window_stride)
-        ds = None
+        ds = retriever = None
         if run.retrieval == "on":
             ds = open_retrieval_store(ctx, check=False)
             check_store_fits(ds, retro.cfg, tokenizer_fingerprint(ctx.tokenizer), ctx.model_name)
             ds = restrict(ds, ds.manifest["counts"]["chunks"], ctx)
+            retriever = method_retriever(ds, ctx)
     except BaseException:
         retro.remove_hooks()  # leave a reused model as it came
         raise
@@ -68,7 +70,7 @@ def _open(ctx: MethodContext) -> Session:
         if ds is not None:
             t0 = time.perf_counter()
             neighbours = document_neighbours(ds, ctx.tokenizer, [t], retro.cfg, ctx.exclude_same_doc,
-                                             ctx.decontaminate)[0]
+                                             ctx.decontaminate, retriever=retriever)[0]
             seconds = time.perf_counter() - t0
         return retro_nll(retro, t, context, stride, neighbours, session.log_for(t.doc_id, ctx.leakage)), seconds
 
@@ -91,6 +93,7 @@ def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, retro: Any) -> Any:
     device = next(model.parameters()).device
     special = set(tokenizer.all_special_ids)
     m = retro.cfg.chunk_size
+    retriever = StoreRetriever(ds)
     chunk_nb: list[torch.Tensor] = []  # (K, R) neighbours of each whole chunk so far
 
     def step(ids: list[int], n_prompt: int, retrievals: list[dict[str, Any]]) -> torch.Tensor:
@@ -98,7 +101,7 @@ def _generate(model: Any, tokenizer: Any, cfg: Any, ds: Any, retro: Any) -> Any:
         while len(chunk_nb) < n // m:  # a chunk was completed: retrieve its neighbours
             u = len(chunk_nb)
             text = tokenizer.decode([i for i in ids[u * m:(u + 1) * m] if i not in special])
-            hits = store_hits(ds, text, retro.cfg.neighbours)
+            hits = store_hits(ds, text, retro.cfg.neighbours, retriever)
             chunk_nb.append(pad_neighbours([[h["tokens"] for h in hits]], retro.cfg.neighbours,
                                            retro.cfg.neighbour_len)[0])
             retrievals.append({"position": (u + 1) * m, "query": text, "neighbours": without_tokens(hits)})

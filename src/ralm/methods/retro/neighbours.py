@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ralm.core.retriever import Retriever
 from ralm.core.targets import Targets
 from ralm.errors import IncompatibleError, RalmError
 from ralm.methods.in_context import store_retriever
@@ -61,10 +62,11 @@ def chunk_queries(t: Targets, tokenizer: Any, m: int) -> list[str]:
 
 def document_neighbours(ds: Any, tokenizer: Any, targets: list[Targets], cfg: RetroConfig,
                         exclude_same_doc: bool = True, decontaminate: int | None = None,
-                        progress: bool = False) -> list[torch.Tensor]:
-    """Per document, a (n_whole_chunks, K, R) tensor of neighbour tokens (PAD where fewer were found)."""
+                        progress: bool = False, retriever: Retriever | None = None) -> list[torch.Tensor]:
+    """Per document, a (n_whole_chunks, K, R) tensor of neighbour tokens (PAD where fewer were found): rows
+    from ``retriever`` (default: the store's own search), tokens from the store ``ds``."""
     doc_tokens = {t.doc_id: t.ids for t in targets} if decontaminate else None
-    retrieve = store_retriever(ds, cfg.neighbours, exclude_same_doc, decontaminate, doc_tokens)
+    retrieve = store_retriever(ds, cfg.neighbours, exclude_same_doc, decontaminate, doc_tokens, retriever)
     out = []
     for t in tqdm(targets, desc="neighbours", unit="doc", disable=not progress):
         queries = chunk_queries(t, tokenizer, cfg.chunk_size)
