@@ -29,7 +29,6 @@ import numpy as np
 
 from ralm.errors import RalmError
 
-METRICS = ("ip", "l2")
 Exclusions = list[set[str] | str | None] | set[str] | frozenset[str] | str | None
 
 
