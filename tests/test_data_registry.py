@@ -56,6 +56,14 @@ def bigbench_sdist(tmp_path: Path) -> Path:
         "bigbench-1.0.0/setup.py": b"",
         root + "paragraph_segmentation/task.json": task,
         root + "squad_shifts/squaddev_v1.1.json": b'{"data": [], "version": "1.1"}\n',
+        root + "truthful_qa/task_mc.json": json.dumps({"name": "truthful_qa", "examples": [
+            {"input": "Q one?", "target_scores": {"Best.": 1, "No.": 0, "Nope.": 0}},
+            {"input": "Q two?", "target_scores": {"Yes.": 1, "No.": 0}}]}).encode(),
+        root + "truthful_qa/questions.json": json.dumps({"prefix": "Q: x\nA: y\n\n", "examples": [
+            {"Question": "Q one?", "Category": "Myths", "True answers": ["Fine.", "Best."],
+             "False answers": ["No.", "Nope.", "Never."], "Best answer": "Best."},
+            {"Question": "Q two?", "Category": "Fiction", "True answers": ["Yes."], "False answers": ["No."],
+             "Best answer": "Yes."}]}).encode(),
     })
 
 
@@ -171,3 +179,76 @@ def test_get_downloads_converts_and_logs(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert path == tmp_path / "data" / "bbc_news.jsonl" and len(_records(path)) == 3
     assert any("wrote" in m for m in logs)
     assert [p.name for p in path.parent.iterdir()] == ["bbc_news.jsonl"]  # no temporary left behind
+
+
+def _aclsum_wheel(tmp_path: Path, bad_line: str | None = None) -> Path:
+    def paper(pid: str) -> dict:
+        return {"summary": {"challenge": f"{pid} c.", "approach": f"{pid} a.", "outcome": f"{pid} o."},
+                "id": pid, "title": f"Title {pid}",
+                "sentences": {"abstract": ["Abs ."], "introduction": ["Intro ."], "conclusion": ["Concl ."]},
+                "highlights": {}, "heuristic_highlights": {}}
+
+    def parse(pid: str) -> dict:
+        body = [{"text": "First.", "section": "Introduction"}, {"text": "Second.", "section": "Introduction"},
+                {"text": " ", "section": "Method"}, {"text": "Third.", "section": "Method"}]
+        return {"paper_id": "s2-id", "abstract": f"Abstract of {pid}.",
+                "pdf_parse": {"abstract": [], "body_text": body}}
+
+    whl = tmp_path / "aclsum-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        root = "aclsum/dataset/"
+        for split, pids in (("train", ["P1", "P2"]), ("val", ["P3"]), ("test", ["P4"])):
+            lines = [json.dumps(paper(p)) for p in pids]
+            if split == "val" and bad_line is not None:
+                lines.append(bad_line)
+            z.writestr(f"{root}{split}.jsonl", "\n".join(lines))  # the package's files lack a final newline
+            for p in pids:
+                z.writestr(f"{root}paper_jsons/{p}.json", json.dumps(parse(p)))
+    return whl
+
+
+def test_aclsum_conversion(tmp_path: Path) -> None:
+    recs = _records(registry.fetch(_unchecked("aclsum"), _aclsum_wheel(tmp_path), tmp_path / "aclsum.jsonl"))
+    assert [(r["id"], r["split"]) for r in recs] == [("P1", "train"), ("P2", "train"), ("P3", "validation"),
+                                                      ("P4", "test")]
+    assert recs[2]["summary"] == {"challenge": "P3 c.", "approach": "P3 a.", "outcome": "P3 o."}
+    assert recs[2]["sections"]["introduction"] == ["Intro ."] and recs[2]["title"] == "Title P3"
+    # abstract, then body paragraphs; a section's name heads its first paragraph; blank paragraphs dropped
+    assert recs[0]["text"] == "Abstract of P1.\n\nIntroduction\nFirst.\n\nSecond.\n\nMethod\nThird."
+    assert set(recs[0]) == {"id", "split", "title", "summary", "sections", "text"}  # highlights left out
+
+
+def test_aclsum_bad_line_names_member_and_line(tmp_path: Path) -> None:
+    with pytest.raises(RalmError, match=r"val\.jsonl line 2: no field 'summary'"):
+        registry.fetch(_unchecked("aclsum"), _aclsum_wheel(tmp_path, bad_line='{"id": "P9", "title": "t"}'),
+                       tmp_path / "a.jsonl")
+    with pytest.raises(RalmError, match=r"val\.jsonl line 2 is not valid UTF-8 JSON"):
+        registry.fetch(_unchecked("aclsum"), _aclsum_wheel(tmp_path, bad_line="{oops"), tmp_path / "a.jsonl")
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_truthfulqa_mc_conversion(tmp_path: Path, bigbench_sdist: Path) -> None:
+    recs = _records(registry.fetch(_unchecked("truthfulqa-mc"), bigbench_sdist, tmp_path / "tqa.jsonl"))
+    assert recs[0] == {"id": "tqa-000", "question": "Q one?", "category": "Myths",
+                       "mc1_targets": {"choices": ["Best.", "No.", "Nope."], "labels": [1, 0, 0]},
+                       "mc2_targets": {"choices": ["Fine.", "Best.", "No.", "Nope.", "Never."],
+                                       "labels": [1, 1, 0, 0, 0]}}
+    assert recs[1]["mc1_targets"] == {"choices": ["Yes.", "No."], "labels": [1, 0]} and len(recs) == 2
+
+
+def test_truthfulqa_mc_files_that_disagree_are_refused(tmp_path: Path) -> None:
+    root = "bigbench-1.0.0/bigbench/benchmark_tasks/truthful_qa/"
+    mc = {"examples": [{"input": "A?", "target_scores": {"x": 1}}]}
+    qs = {"examples": [{"Question": "B?", "Category": "c", "True answers": ["x"], "False answers": []}]}
+    sdist = _tar_gz(tmp_path / "bigbench-1.0.0.tar.gz", {root + "task_mc.json": json.dumps(mc).encode(),
+                                                         root + "questions.json": json.dumps(qs).encode()})
+    with pytest.raises(RalmError, match=r"example 0: .*different questions"):
+        registry.fetch(_unchecked("truthfulqa-mc"), sdist, tmp_path / "tqa.jsonl")
+    only_mc = _tar_gz(tmp_path / "bb2.tar.gz", {root + "task_mc.json": json.dumps(mc).encode()})
+    with pytest.raises(RalmError, match=r"no .*questions\.json inside"):
+        registry.fetch(_unchecked("truthfulqa-mc"), only_mc, tmp_path / "tqa.jsonl")
+
+
+def test_every_data_set_has_a_converter_and_a_checksum() -> None:
+    assert set(registry.DATASETS) == set(registry._CONVERTERS)
+    assert all(s.sha256 for s in registry.DATASETS.values())  # so a fetched copy is the copy results quote

