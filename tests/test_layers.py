@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 # low to high: a module may import only from its own layer or lower ones (the longest matching prefix decides)
 LAYERS: dict[str, int] = {
     "ralm.errors": 0, "ralm.utils": 0,
-    "ralm.data": 1,  # corpus readers, named data sets, task readers
+    "ralm.data": 1, "ralm.data.tasks": 1,  # corpus readers, named data sets; task readers (issue 13)
     "ralm.core": 2,  # targets, windows, start token, neighbour logs: no model code
     "ralm.lm": 3,  # loading an LM, its tokenizer, its final states
     "ralm.datastore": 4,  # chunking, encoders, indexes, stores, build steps; the kNN-LM store reader
