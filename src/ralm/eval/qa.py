@@ -14,7 +14,8 @@ and recall@K of the gold paragraph.
   surrounding quotes, a trailing period or a leading restatement of the question ("The capital of
   France is Paris" -> "Paris"), the same for both modes. An open-book user message puts the question
   before the passages and again after them.
-- Metrics (``squad_em`` / ``squad_f1``): the SQuAD v1.1 definitions, in points (0-100). Both sides are
+- Metrics (``squad_em`` / ``squad_f1``, in ``eval/task_metrics.py`` with the other task metrics and
+  importable from here): the SQuAD v1.1 definitions, in points (0-100). Both sides are
   normalised (lower case, punctuation removed, articles a/an/the removed, whitespace collapsed); EM is
   exact equality, F1 the harmonic mean of bag-of-token precision and recall; each question takes the
   maximum over its gold answers. An empty normalised prediction scores 0 (1 only if the gold answer also
@@ -29,10 +30,8 @@ from __future__ import annotations
 import copy
 import random
 import re
-import string
 import sys
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,55 +43,16 @@ from ralm.core.start_token import start_token_id
 from ralm.data.squad import load_squad, parse_squad
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.eval.task_metrics import (  # noqa: F401 (squad_em, squad_f1: imported from here too)
+    normalize_answer,
+    squad_em,
+    squad_f1,
+    squad_scores,
+)
 from ralm.lm.models import load
 from ralm.lm.presets import tokenizer_fingerprint
 
-# ---- SQuAD metrics -------------------------------------------------------------------------------
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(s: str) -> str:
-    """Lower case, drop punctuation, drop the articles a/an/the, collapse whitespace (SQuAD v1.1)."""
-    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", s).split())
-
-
-def _f1_one(pred: str, gold: str) -> float:
-    p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
-    if not p or not g:
-        return float(p == g)
-    same = sum((Counter(p) & Counter(g)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(p), same / len(g)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad_em(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals one normalised gold answer, else 0.0."""
-    if not answers:
-        raise ValueError("no gold answers")
-    pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(a) for a in answers))
-
-
-def squad_f1(prediction: str, answers: Sequence[str]) -> float:
-    """Token-level F1 (0..1) of the prediction against the best-matching gold answer."""
-    if not answers:
-        raise ValueError("no gold answers")
-    return max(_f1_one(prediction, a) for a in answers)
-
-
-def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean EM and F1 in points (0-100) over paired predictions and gold-answer lists."""
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} questions")
-    if not predictions:
-        raise ValueError("no predictions")
-    n = len(predictions)
-    return {"em": 100 * sum(squad_em(p, a) for p, a in zip(predictions, answers, strict=True)) / n,
-            "f1": 100 * sum(squad_f1(p, a) for p, a in zip(predictions, answers, strict=True)) / n}
+# ---- retrieval metric ---------------------------------------------------------------------------
 
 
 def recall_at_k(gold_ids: Sequence[str], hit_ids: Sequence[Sequence[str]], k: int) -> float:
