@@ -1,4 +1,4 @@
-"""Task metrics (ralm.eval.task_metrics): SQuAD EM/F1 as eval-qa computes them, ROUGE on known strings,
+"""Task metrics (ralm.core.task_metrics): SQuAD EM/F1 as eval-qa computes them, ROUGE on known strings,
 multiple-choice accuracy under each normalisation on hand-made numbers where they disagree, MC2."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ralm.eval import qa
-from ralm.eval.task_metrics import (
+from ralm.core.task_metrics import (
     DEFAULT_NORMALISATION,
     choice_accuracy,
     choice_scores,
@@ -23,6 +22,7 @@ from ralm.eval.task_metrics import (
     squad_f1,
     squad_scores,
 )
+from ralm.eval import qa
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 PREDS = ["the Broncos.", "Denver Broncos", "y x y", "", "an", "Paris, France"]
@@ -132,6 +132,6 @@ def test_mc2_is_the_normalised_mass_on_true_answers() -> None:
 
 def test_importing_the_metrics_does_not_load_rouge_score() -> None:
     # eval-qa imports the SQuAD metrics from this module; rouge_score (nltk, absl: ~2.5 s) loads on first use
-    code = "import sys, ralm.eval.task_metrics as m; assert 'rouge_score' not in sys.modules; m.rouge('a', 'a'); " \
+    code = "import sys, ralm.core.task_metrics as m; assert 'rouge_score' not in sys.modules; m.rouge('a', 'a'); " \
            "assert 'rouge_score' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(SRC)})

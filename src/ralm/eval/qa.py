@@ -40,15 +40,15 @@ import torch
 from tqdm import tqdm
 
 from ralm.core.start_token import start_token_id
-from ralm.data.squad import load_squad, parse_squad
-from ralm.datastore.store import Datastore
-from ralm.errors import RalmError
-from ralm.eval.task_metrics import (  # noqa: F401 (squad_em, squad_f1: imported from here too)
+from ralm.core.task_metrics import (  # noqa: F401 (squad_em, squad_f1: imported from here too)
     normalize_answer,
     squad_em,
     squad_f1,
     squad_scores,
 )
+from ralm.data.squad import load_squad, parse_squad
+from ralm.datastore.store import Datastore
+from ralm.errors import RalmError
 from ralm.lm.models import load
 from ralm.lm.presets import tokenizer_fingerprint
 
