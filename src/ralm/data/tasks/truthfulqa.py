@@ -11,7 +11,7 @@ multiple-choice release)::
      "mc2_targets": {"choices": [str], "labels": [1, ..., 0, ...]}}  # optional
 
 MC1 (2-5 choices, one true) is what accuracy is computed on; MC2 (every true and false reference answer)
-is kept for the MC2 score (``ralm.eval.task_metrics.mc2_score``).
+is kept for the MC2 score (``ralm.core.task_metrics.mc2_score``).
 """
 
 from __future__ import annotations
