@@ -383,21 +383,28 @@ class RetroFit(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, neighbours: torch.Tensor | None = None, offset: int = 0,
                 **kwargs: Any) -> Any:
+        # with ``inputs_embeds`` (prompt tuning) the base reads those, and ``input_ids`` only give the window's
+        # shape and the tokens the match gate compares (PAD at the virtual positions: they match nothing)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            kwargs["input_ids"] = input_ids
+        else:
+            kwargs["inputs_embeds"] = embeds
         if neighbours is None:
-            return self.base(input_ids=input_ids, **kwargs)
+            return self.base(**kwargs)
         B, L = input_ids.shape
         first, _, U = window_chunks(offset, L, self.cfg.chunk_size)
         if neighbours.dim() != 4 or neighbours.shape[:2] != (B, U) or neighbours.shape[3] > self.cfg.neighbour_len:
             raise RalmError(f"neighbours of shape {tuple(neighbours.shape)}: expected ({B}, {U}, K, "
                             f"<={self.cfg.neighbour_len}) for a {L}-token window at offset {offset}")
         if U == 0:
-            return self.base(input_ids=input_ids, **kwargs)
+            return self.base(**kwargs)
         neighbours = neighbours.to(input_ids.device)
         match = None
         if self.cfg.match_gate:  # only the gate reads it; every forward pass would pay for it otherwise
             match = trigram_match(input_ids[:, first:first + U * self.cfg.chunk_size].reshape(B, U, -1), neighbours)
         with self._with(_Pass(neighbours, first, match)):
-            return self.base(input_ids=input_ids, **kwargs)
+            return self.base(**kwargs)
 
 
 def pad_neighbours(seqs: list[list[list[int]]], k: int, r: int) -> torch.Tensor:
