@@ -13,6 +13,8 @@ from ralm.methods.peft import WEIGHTS, PeftConfig, apply_peft, read_peft_header
 from ralm.methods.peft.config import METHODS
 from ralm.methods.peft.registry import peft_method_names
 from ralm.methods.retro.model import RetroFit, window_chunks
+from ralm.tuning.loop import STATE, Task, TrainConfig, train
+from ralm.tuning.state import read_trainer_state
 from test_retro import V, _scramble, random_neighbours, small_cfg, tiny_base
 
 ARCHS = ("gpt", "retro")
@@ -184,6 +186,27 @@ def test_loading_weights_of_other_settings_or_files_is_refused(tmp_path):
         h.load(tmp_path / "junk.safetensors")
     with pytest.raises(RalmError, match="no PEFT weights file"):
         read_peft_header(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("arch,method", [("gpt", "prompt"), ("retro", "lora")])
+def test_the_shared_loop_trains_and_saves_only_the_peft_parameters(arch, method, tmp_path):
+    ids, nb = window(arch)
+    h = apply_peft(model_for(arch), cfg(method), arch)
+    before = {n: p.detach().clone() for n, p in h.model.named_parameters() if not p.requires_grad}
+
+    def loss(model, batch):
+        out = model(**h.inputs(batch, labels=batch, neighbours=nb))
+        return out.loss, batch.numel()
+
+    task = Task(name="PEFT", batch=lambda step: ids, loss=loss, resume_key={"peft": method},
+                save=lambda out, step: h.save(out / WEIGHTS))
+    train(h.model, TrainConfig(steps=2, warmup=0, bf16=False, lr=1e-2), task, tmp_path, state=None, progress=False)
+    state = read_trainer_state(tmp_path / STATE, "PEFT")
+    assert {k.removeprefix("weights.") for k in state.tensors if k.startswith("weights.")} == set(h.trainable_names())
+    assert all(torch.equal(p, before[n]) for n, p in h.model.named_parameters() if n in before)
+    fresh = apply_peft(model_for(arch), cfg(method), arch)
+    fresh.load(tmp_path / WEIGHTS)
+    assert torch.equal(peft_logits(fresh, ids, nb), peft_logits(h, ids, nb))
 
 
 # ---- LoRA merge --------------------------------------------------------------------------------------
