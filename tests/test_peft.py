@@ -22,6 +22,15 @@ L = 24  # tokens per test window: 3 chunks of 8
 MARK = {"lora": "lora_", "adapter": "ralm_adapter.", "prompt": "ralm_prompt.", "ptuning": "ralm_prompt."}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on a busy 2-core machine they cost 8x (102 s vs 12.5 s)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def model_for(arch: str, base: str = "llama"):
     """The plain LM, or a RETRO-fit model on it with random encoder and CCA weights, as a trained one has
     (its zero-initialised outputs would otherwise hide the neighbours, and starve adapters behind them)."""
