@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ralm.cli_config import Spec, options
 from ralm.errors import RalmError
 from ralm.methods.peft import WEIGHTS, PeftConfig, apply_peft, read_peft_header
 from ralm.methods.peft.config import METHODS
@@ -79,8 +80,10 @@ def cfg(method: str, **kw) -> PeftConfig:
                          **kw})
 
 
-def test_every_method_is_registered():
+def test_every_method_is_registered_and_every_field_is_a_flag():
     assert peft_method_names() == list(METHODS)
+    flags = [o.decls[0].split("/")[0] for o in options(Spec(PeftConfig))]
+    assert flags[:2] == ["--peft", "--lora-rank"] and "--peft-encoder" in flags and len(flags) == 14
 
 
 # ---- off = baseline ----------------------------------------------------------------------------------
