@@ -13,6 +13,7 @@ from __future__ import annotations
 from peft import LoraConfig
 from peft.tuners.lora import LoraModel
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from ralm.errors import RalmError
 from ralm.methods.peft.config import PeftConfig
@@ -27,8 +28,12 @@ def apply_lora(model: nn.Module, cfg: PeftConfig, parts: list[Part]) -> Injectio
     if not targets:
         where = ", ".join(p.name for p in parts)
         raise RalmError(f"--lora-targets {cfg.target_modules}: match no linear layer in the {where}")
+    # GPT-2's projections are Conv1D (weights stored in x out): peft needs fan_in_fan_out for them (it would
+    # switch it on itself, with a warning on every run)
+    modules = dict(model.named_modules())
+    conv1d = any(isinstance(modules[n], Conv1D) for n in targets)
     conf = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, bias="none")
+                      target_modules=targets, bias="none", fan_in_fan_out=conv1d)
     tuner = LoraModel(model, conf, ADAPTER)  # injects in place; only the lora_A / lora_B weights train
 
     def merge() -> nn.Module:
