@@ -1,0 +1,79 @@
+"""PEFT tuning on document QA for both archs (tiny random Llama, a tiny store of generated SQuAD paragraphs):
+the same retrieved chunks, ``ralm tune`` trains only PEFT weights, its run folder reproduces its score through
+``ralm eval-task --run``, exact resume, zero-shot, and bad input as one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ralm.data.tasks import load_task
+from ralm.datastore.build import BuildConfig, build
+from ralm.datastore.chunking import ChunkingConfig
+from ralm.datastore.encoders import EncoderConfig
+from ralm.datastore.store import Datastore
+from ralm.lm.hidden import model_fingerprint
+from ralm.lm.presets import tokenizer_fingerprint
+from ralm.methods.retro.checkpoint import save_checkpoint
+from ralm.methods.retro.model import PAD, RetroConfig, RetroFit
+from ralm.methods.task_inputs import IGNORE, TaskEncoder, TaskRetrieval
+from squad_data import write_squad
+
+M = 16  # the store's chunk size = the RETRO-fit chunk size
+torch.set_num_threads(1)  # tiny models: threads cost more than they give on the shared machine
+
+
+def small_retro() -> RetroConfig:
+    return RetroConfig(chunk_size=M, neighbour_len=2 * M, enc_dim=16, enc_layers=1, enc_heads=2, cca_dim=16,
+                       cca_heads=2, cca_layers=[1])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_lm, tiny_tokenizer, tiny_encoder):
+    root = tmp_path_factory.mktemp("tune")
+    squad = write_squad(root / "squad.json", n_articles=10, n_paras=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RALM_CACHE_DIR", str(root / "cache"))
+        build(BuildConfig(inputs=[str(squad)], out=str(root / "ds"), tokenizer=tiny_tokenizer,
+                          chunking=ChunkingConfig(M), encoder=EncoderConfig(name=tiny_encoder, dtype="fp32")),
+              progress=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    retro = RetroFit(base, small_retro())
+    with torch.no_grad():  # a RETRO-fit that reads its neighbours: CCA outputs off zero
+        for n, p in retro.new_parameters().items():
+            if n.endswith("out.weight"):
+                p.normal_(0, 0.05)
+    save_checkpoint(root / "retro", retro, {
+        "model": tiny_lm, "model_fingerprint": model_fingerprint(base), "step": 0,
+        "tokenizer_fingerprint": tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_lm))})
+    return root, squad, root / "ds", root / "retro"
+
+
+def test_gpt_and_retro_see_the_same_chunk_ids(setup, tiny_lm):
+    root, squad, ds_path, _ = setup
+    ds = Datastore.open(ds_path)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    examples = list(load_task("squad", "train", squad))[:4]
+    rows = TaskRetrieval(ds, docs=3).rows(examples)
+    assert all(len(r) == 3 for r in rows) and len({tuple(r) for r in rows}) > 1
+    gpt = TaskEncoder(tok, "gpt", ds, doc_tokens=8, max_len=120)
+    retro = TaskEncoder(tok, "retro", ds, max_len=120, chunk_size=M, neighbour_len=2 * M)
+    for ex, r in zip(examples, rows, strict=True):
+        g, t = gpt.encode(ex, r, ex.answers[0]), retro.encode(ex, r, ex.answers[0])
+        assert g.target == t.target and g.neighbours is None
+        for j, row in enumerate(r):  # gpt's prompt holds each chunk's first tokens; retro's neighbours the chunk
+            rec = ds.chunk(row)
+            head = tok(rec["text"], add_special_tokens=False)["input_ids"][:8]
+            assert any(g.prompt[i:i + 8] == head for i in range(len(g.prompt)))
+            nb = t.neighbours[j]
+            assert nb[nb != PAD].tolist() == (list(rec["tokens"]) + list(rec["continuation"]))[:2 * M]
+        assert len(t.prompt) < len(g.prompt)  # retro's prompt carries no passages
+    batch = retro.collate([retro.encode(ex, r, ex.answers[0]) for ex, r in zip(examples, rows, strict=True)])
+    P = batch["prompt_end"]
+    assert P % M == 0 and P >= M
+    lab = batch["labels"]
+    assert (lab[:, :P] == IGNORE).all() and (lab[:, P] != IGNORE).all()
+    B, U, K, R = batch["neighbours"].shape
+    assert (B, U, K, R) == (4, batch["input_ids"].shape[1] // M, 3, 2 * M)
