@@ -77,3 +77,86 @@ def test_gpt_and_retro_see_the_same_chunk_ids(setup, tiny_lm):
     assert (lab[:, :P] == IGNORE).all() and (lab[:, P] != IGNORE).all()
     B, U, K, R = batch["neighbours"].shape
     assert (B, U, K, R) == (4, batch["input_ids"].shape[1] // M, 3, 2 * M)
+
+
+# ---- ralm tune / ralm eval-task ------------------------------------------------------------------
+def tune_args(setup, tiny_lm, out, arch="gpt", peft="lora", *extra) -> list[str]:
+    root, squad, ds, ckpt = setup
+    args = ["tune", "--task", "squad", "--task-file", str(squad), "--datastore", str(ds), "--model", tiny_lm,
+            "--arch", arch, "--peft", peft, "--out", str(out), "--steps", "4", "--batch-size", "2", "--warmup", "1",
+            "--lr", "0.05", "--eval-every", "0", "--save-every", "2", "--docs", "2", "--doc-tokens", "8",
+            "--max-len", "96", "--max-new-tokens", "4", "--max-target", "8", "--eval-examples", "3", "--no-bf16",
+            "--lora-rank", "2", "--adapter-dim", "4", "--n-virtual", "3", "--json", "--quiet"]
+    if arch == "retro":
+        args += ["--checkpoint", str(ckpt)]
+    return args + list(extra)
+
+
+def cli(args: list[str]) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from ralm.cli import app
+
+    r = CliRunner().invoke(app, args)
+    return r.exit_code, r.output
+
+
+def base_state(arch, tiny_lm, ckpt) -> dict[str, torch.Tensor]:
+    from ralm.methods.retro.checkpoint import load_retrofit
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    model = load_retrofit(ckpt, base, AutoTokenizer.from_pretrained(tiny_lm))[0] if arch == "retro" else base
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tiny_lm, tmp_path_factory):
+    import json
+
+    out = {}
+    for arch, peft in (("gpt", "lora"), ("gpt", "prompt"), ("retro", "adapter"), ("retro", "ptuning")):
+        path = tmp_path_factory.mktemp("runs") / f"{arch}-{peft}"
+        code, text = cli(tune_args(setup, tiny_lm, path, arch, peft))
+        assert code == 0, text
+        out[arch, peft] = path, json.loads(text.strip().splitlines()[-1])
+    return out
+
+
+@pytest.mark.parametrize("key", [("gpt", "lora"), ("gpt", "prompt"), ("retro", "adapter"), ("retro", "ptuning")])
+def test_tune_trains_only_peft_weights_and_the_run_reproduces_its_score(setup, tiny_lm, runs, key):
+    import json
+
+    from safetensors import safe_open
+
+    path, summary = runs[key]
+    arch, peft = key
+    meta = json.loads((path / "run.json").read_text())
+    assert meta["arch"] == arch and meta["peft"]["method"] == peft and meta["step"] == 4
+    assert summary["trainable"] < summary["total"] / 4
+    with safe_open(str(path / "peft.safetensors"), "pt") as f:
+        names = list(f.keys())
+        assert names and all(torch.isfinite(f.get_tensor(n)).all() for n in names)
+        if peft in ("lora", "adapter"):  # the zero-initialised half has moved: trained
+            assert any(f.get_tensor(n).abs().sum() > 0 for n in names if "lora_B" in n or ".up." in n or "up" in n)
+    code, text = cli(["eval-task", "--run", str(path), "--split", "validation", "--limit", "3", "--json"])
+    assert code == 0, text
+    result = json.loads(text.strip().splitlines()[-1])
+    val = meta["validation"]
+    for k in ("loss", "em", "f1"):
+        assert result[k] == val[k], k
+    assert result["predictions"] == val["predictions"]
+    assert meta["validation"]["loss"] != pytest.approx(meta_zero_shot_loss(setup, tiny_lm, arch), abs=1e-6)
+
+
+def meta_zero_shot_loss(setup, tiny_lm, arch) -> float:
+    import json
+
+    root, squad, ds, ckpt = setup
+    args = ["eval-task", "--zero-shot", "--arch", arch, "--task", "squad", "--task-file", str(squad),
+            "--datastore", str(ds), "--model", tiny_lm, "--split", "validation", "--limit", "3", "--docs", "2",
+            "--doc-tokens", "8", "--max-len", "96", "--max-new-tokens", "4", "--max-target", "8", "--json"]
+    if arch == "retro":
+        args += ["--checkpoint", str(ckpt)]
+    code, text = cli(args)
+    assert code == 0, text
+    return json.loads(text.strip().splitlines()[-1])["loss"]

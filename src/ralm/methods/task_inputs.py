@@ -148,15 +148,16 @@ class TaskEncoder:
             out[j, : len(toks)] = torch.tensor(toks, dtype=torch.long)
         return out
 
-    def target(self, text: str) -> list[int]:
+    def target(self, text: str, eos: bool = True) -> list[int]:
         ids = self._ids(" " + text.strip())[: self.max_target]
-        return ids + ([self.eos] if self.eos is not None else [])
+        return ids + ([self.eos] if eos and self.eos is not None else [])
 
     def encode(self, ex: Example, rows: Sequence[int], target: str | None) -> Encoded:
-        """One row; ``target`` None: the prompt alone (generation). Over ``max_len``: the prompt's left is cut
-        (after the start token), the target kept."""
+        """One row; ``target`` None: the prompt alone (generation). Generated targets end in EOS, choices do
+        not (a choice is scored as the continuation alone). Over ``max_len``: the prompt's left is cut (after
+        the start token), the target kept."""
         p = self.prompt(ex, rows)
-        t = self.target(target) if target is not None else []
+        t = self.target(target, eos=not isinstance(ex, ChoiceExample)) if target is not None else []
         room = self.max_len - len(t)
         if len(p) > room:
             keep = 1 if self.start is not None else 0

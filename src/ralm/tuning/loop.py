@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -33,9 +33,11 @@ from tqdm import tqdm
 
 from ralm.errors import RalmError
 from ralm.tuning.state import Params, TrainerState, read_trainer_state, save_trainer_state
+from ralm.utils import outdir
 from ralm.utils.atomic import atomic_open
 
 LOG, STATE = "train_log.jsonl", "trainer.safetensors"
+T = TypeVar("T")
 BETAS = (0.9, 0.95)  # AdamW's, as RETRO-fitting used them; a resumed run keeps them through its state
 
 
@@ -89,6 +91,14 @@ class Task:
     save: Callable[[Path, int], None] | None = None  # (out, step): the user-facing checkpoint, after the state
     base_fingerprints: tuple[str, ...] = ()  # the frozen weights': [0] is recorded, any is accepted on resume
     base_name: str = "the base model"
+
+
+def in_run_folder(out: str | Path, kind: outdir.Kind, force: bool, body: Callable[[], T]) -> T:
+    """``body()`` inside ``out`` made writable, locked against a second writer and claimed as ``kind``'s
+    (``--force`` empties it first): before any loading, so a refusal costs nothing."""
+    with outdir.open_out(out, kind, force=force) as run:
+        run.claim()
+        return body()
 
 
 def run_key(cfg: TrainConfig, task_key: dict[str, Any]) -> dict[str, Any]:

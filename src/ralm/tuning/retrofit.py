@@ -144,10 +144,7 @@ KIND = outdir.Kind("retrofit", "RETRO-fit run", {
 
 def retrofit(cfg: RetrofitConfig, progress: bool = True) -> dict[str, Any]:
     """Train (or resume training) and return a summary: losses, tokens/s, parameter share, checkpoint path."""
-    # writable, locked against a second writer, and ralm's own (--force empties it): before any loading
-    with outdir.open_out(cfg.out, KIND, force=cfg.force) as run:
-        run.claim()
-        return _train(cfg, progress)
+    return loop.in_run_folder(cfg.out, KIND, cfg.force, lambda: _train(cfg, progress))
 
 
 def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
