@@ -160,3 +160,73 @@ def meta_zero_shot_loss(setup, tiny_lm, arch) -> float:
     code, text = cli(args)
     assert code == 0, text
     return json.loads(text.strip().splitlines()[-1])["loss"]
+
+
+def config_from(args: list[str]):
+    """The TuneConfig the CLI would build from ``args`` (through the same generated flags)."""
+    from typer.testing import CliRunner
+
+    import ralm.cli_task as ct
+    from ralm.cli import app
+
+    seen = {}
+
+    def fake(cfg, progress=True):
+        seen["cfg"] = cfg
+        return {}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ralm.tuning.tune.tune", fake)
+        CliRunner().invoke(app, [a for a in args if a != "--json"])
+    del ct
+    return seen["cfg"]
+
+
+@pytest.mark.parametrize("arch,peft", [("gpt", "adapter"), ("retro", "lora")])
+def test_only_peft_parameters_change(setup, tiny_lm, tmp_path, monkeypatch, arch, peft):
+    import ralm.tuning.tune as tune_mod
+
+    handles = []
+    real = tune_mod.apply_peft
+
+    def spy(model, cfg, a):
+        handles.append(real(model, cfg, a))
+        return handles[-1]
+
+    monkeypatch.setattr(tune_mod, "apply_peft", spy)
+    cfg = config_from(tune_args(setup, tiny_lm, tmp_path / "run", arch, peft))
+    before = base_state(arch, tiny_lm, setup[3])
+    tune_mod.tune(cfg, progress=False)
+    h = handles[0]
+    trained = set(h.trainable_names())
+    after = h.model.state_dict()
+    for name, t in before.items():  # every base (and RetroFit) weight, under its name with PEFT in place
+        cand = [n for n in after if n == name or n.replace("base_layer.", "") == name]
+        assert cand and all(n not in trained for n in cand), name
+        assert torch.equal(after[cand[0]], t), name
+    assert any(not torch.equal(p, 0 * p) for n, p in h.state_dict().items() if "lora_B" in n or "up" in n)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_weights(setup, tiny_lm, runs, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import ralm.tuning.tune as tune_mod
+
+    cfg = config_from(tune_args(setup, tiny_lm, tmp_path / "run", "gpt", "lora"))
+    real, calls = tune_mod.target_loss, {"n": 0}
+
+    def crash_at_step_3(handle, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(handle, batch)
+
+    monkeypatch.setattr(tune_mod, "target_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        tune_mod.tune(cfg, progress=False)
+    monkeypatch.setattr(tune_mod, "target_loss", real)
+    summary = tune_mod.tune(cfg, progress=False)
+    assert summary["resumed_at_step"] == 2
+    want = load_file(str(runs["gpt", "lora"][0] / "peft.safetensors"))
+    got = load_file(str(tmp_path / "run" / "peft.safetensors"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
