@@ -230,3 +230,73 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(setup, tiny_lm, runs, t
     want = load_file(str(runs["gpt", "lora"][0] / "peft.safetensors"))
     got = load_file(str(tmp_path / "run" / "peft.safetensors"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+# ---- bad input: one-line errors ------------------------------------------------------------------
+def invoke(args: list[str]):
+    from typer.testing import CliRunner
+
+    from ralm.cli import app
+
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (["--peft", "bitfit"], "--peft 'bitfit': unknown method"),
+    (["--arch", "t5"], "--arch 't5': unknown"),
+    (["--task", "wikiqa"], "unknown task 'wikiqa'"),
+    (["--lora-rank", "0"], "--lora-rank 0: must be >= 1"),
+    (["--docs", "-1"], "--docs -1"),
+])
+def test_bad_flags_are_one_line_errors(setup, tiny_lm, tmp_path, change, needle):
+    from badinput import fails
+
+    args = tune_args(setup, tiny_lm, tmp_path / "run")
+    i = args.index(change[0])
+    args[i + 1] = change[1]
+    fails(invoke(args), needle)
+    assert not (tmp_path / "run").exists()  # refused before the folder is made
+
+
+def test_retro_without_checkpoint(setup, tiny_lm, tmp_path):
+    from badinput import fails
+
+    fails(invoke(tune_args(setup, tiny_lm, tmp_path / "run", "gpt", "lora", "--arch", "retro")),
+          "--arch retro needs --checkpoint")
+    root, squad, ds, _ = setup
+    fails(invoke(["eval-task", "--zero-shot", "--arch", "retro", "--task", "squad", "--task-file", str(squad),
+                  "--datastore", str(ds), "--model", tiny_lm]), "--arch retro needs --checkpoint")
+    fails(invoke(["eval-task", "--split", "test"]), "give --run RUN or --zero-shot")
+
+
+def test_more_virtual_tokens_than_the_context(setup, tiny_lm, tmp_path):
+    from badinput import fails
+
+    fails(invoke(tune_args(setup, tiny_lm, tmp_path / "a", "gpt", "prompt", "--n-virtual", "500")),
+          "--n-virtual 500", only=False)
+    fails(invoke(tune_args(setup, tiny_lm, tmp_path / "b", "gpt", "prompt", "--n-virtual", "40")),
+          "--max-len 96 with --n-virtual 40 needs 136 positions; the model's context holds 128", only=False)
+
+
+def test_retro_checkpoint_for_another_base_model(setup, tiny_lm, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from badinput import fails
+
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(AutoModelForCausalLM.from_pretrained(tiny_lm).config)
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(tmp_path / "other")
+    args = tune_args(setup, tiny_lm, tmp_path / "run", "retro", "lora")
+    args[args.index("--model") + 1] = str(tmp_path / "other")
+    fails(invoke(args), "trained on base model", only=False)
+
+
+def test_malformed_task_file(setup, tiny_lm, tmp_path):
+    from badinput import fails
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": "1.1", "data": [{"title": "A"', encoding="utf-8")
+    args = tune_args(setup, tiny_lm, tmp_path / "run")
+    args[args.index("--task-file") + 1] = str(bad)
+    fails(invoke(args), str(bad), only=False)

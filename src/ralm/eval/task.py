@@ -20,7 +20,7 @@ from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.peft import WEIGHTS, apply_peft, read_peft_header
 from ralm.methods.peft.config import ARCHS
 from ralm.methods.task_inputs import TaskRetrieval
-from ralm.methods.task_model import PlainHandle, TaskSettings, build_base, device, encoder_for, score
+from ralm.methods.task_model import PlainHandle, TaskSettings, build_base, check_room, device, encoder_for, score
 
 RUN = "run.json"  # tuning/tune.py writes it (eval never imports tuning)
 
@@ -99,6 +99,7 @@ def run_eval_task(cfg: EvalTaskConfig) -> dict[str, Any]:
         method: str = peft_cfg.method
     else:
         handle, method = PlainHandle(net), "zero-shot"
+    check_room(net, handle.n_virtual, s)
     result = score(handle, encoder_for(net, tok, arch, ds, s), TaskRetrieval(ds, s.docs), examples, s)
     return {"task": task, "split": cfg.split, "arch": arch, "method": method, "model": model, **result}
 

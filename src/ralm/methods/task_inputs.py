@@ -112,7 +112,8 @@ class TaskEncoder:
     """Examples + their rows -> ``Encoded`` rows -> padded batches, for ``arch`` gpt or retro."""
 
     def __init__(self, tokenizer: Any, arch: str, ds: Any | None, doc_tokens: int = 128, max_len: int = 512,
-                 max_target: int = 128, chunk_size: int | None = None, neighbour_len: int | None = None):
+                 max_target: int = 128, chunk_size: int | None = None, neighbour_len: int | None = None,
+                 max_new: int = 32):
         if arch not in ("gpt", "retro"):
             raise RalmError(f"--arch {arch!r}: choose gpt or retro")
         if arch == "retro" and (chunk_size is None or neighbour_len is None):
@@ -121,7 +122,7 @@ class TaskEncoder:
             if v < 1:
                 raise RalmError(f"--{name.replace('_', '-')} {v}: must be >= 1")
         self.tok, self.arch, self.ds = tokenizer, arch, ds
-        self.doc_tokens, self.max_len, self.max_target = doc_tokens, max_len, max_target
+        self.doc_tokens, self.max_len, self.max_target, self.max_new = doc_tokens, max_len, max_target, max_new
         self.m, self.r = chunk_size, neighbour_len
         self.start = start_token_id(tokenizer)
         self.eos = tokenizer.eos_token_id
@@ -154,11 +155,12 @@ class TaskEncoder:
 
     def encode(self, ex: Example, rows: Sequence[int], target: str | None) -> Encoded:
         """One row; ``target`` None: the prompt alone (generation). Generated targets end in EOS, choices do
-        not (a choice is scored as the continuation alone). Over ``max_len``: the prompt's left is cut (after
-        the start token), the target kept."""
+        not (a choice is scored as the continuation alone). Over ``max_len`` (with the tokens to generate): the
+        prompt's left is cut (after the start token), the target kept."""
         p = self.prompt(ex, rows)
         t = self.target(target, eos=not isinstance(ex, ChoiceExample)) if target is not None else []
-        room = self.max_len - len(t)
+        gen = self.max_target if isinstance(ex, SummaryExample) else self.max_new
+        room = self.max_len - (len(t) if target is not None else gen)
         if len(p) > room:
             keep = 1 if self.start is not None else 0
             if room <= keep:

@@ -83,7 +83,20 @@ def build_base(arch: str, model: str, checkpoint: str | None, datastore: str | N
 def encoder_for(model: Any, tokenizer: Any, arch: str, ds: Datastore | None, s: TaskSettings) -> TaskEncoder:
     r = model.cfg if isinstance(model, RetroFit) else None
     return TaskEncoder(tokenizer, arch, ds, s.doc_tokens, s.max_len, s.max_target,
-                       r.chunk_size if r else None, r.neighbour_len if r else None)
+                       r.chunk_size if r else None, r.neighbour_len if r else None, s.max_new_tokens)
+
+
+def check_room(model: Any, n_virtual: int, s: TaskSettings) -> None:
+    """``--max-len`` tokens (retro: up to a chunk more, the prompt padded to the grid) after ``n_virtual``
+    virtual tokens must fit the model's context."""
+    retro = isinstance(model, RetroFit)
+    base = model.base if retro else model
+    context = getattr(base.config.get_text_config(), "max_position_embeddings", None)
+    need = n_virtual + s.max_len + (model.cfg.chunk_size - 1 if retro else 0)
+    if context and need > context:
+        raise RalmError(f"--max-len {s.max_len}" + (f" with --n-virtual {n_virtual}" if n_virtual else "")
+                        + (" and the chunk grid" if retro else "")
+                        + f" needs {need} positions; the model's context holds {context}")
 
 
 def kind_of(ex: Example) -> str:

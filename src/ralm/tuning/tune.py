@@ -25,7 +25,7 @@ from ralm.methods.peft import WEIGHTS, PeftConfig, apply_peft
 from ralm.methods.peft.config import ARCHS
 from ralm.methods.task_forward import target_loss
 from ralm.methods.task_inputs import TaskRetrieval, gold_target
-from ralm.methods.task_model import TaskSettings, build_base, device, encoder_for, score
+from ralm.methods.task_model import TaskSettings, build_base, check_room, device, encoder_for, score
 from ralm.tuning import loop
 from ralm.tuning.loop import LOG, STATE, TrainConfig
 from ralm.tuning.retrofit import _batch as step_indices
@@ -105,6 +105,7 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
     handle = apply_peft(model, cfg.peft, cfg.arch)
     model.to(device())
     s = cfg.settings()
+    check_room(model, handle.n_virtual, s)
     enc = encoder_for(model, tok, cfg.arch, ds, s)
     retrieval = TaskRetrieval(ds, cfg.docs)
     rows = retrieval.rows(train_ex)  # once: (n_train, <= docs) store rows
