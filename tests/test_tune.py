@@ -300,3 +300,76 @@ def test_malformed_task_file(setup, tiny_lm, tmp_path):
     args = tune_args(setup, tiny_lm, tmp_path / "run")
     args[args.index("--task-file") + 1] = str(bad)
     fails(invoke(args), str(bad), only=False)
+
+
+# ---- summaries and multiple choice -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_tasks(setup, tmp_path_factory, tiny_tokenizer, tiny_encoder):
+    import json
+    import random
+
+    from conftest import make_text
+    from test_tasks import write_tqa
+
+    root = tmp_path_factory.mktemp("tasks")
+    rng = random.Random(3)
+    papers = [(p, s) for p, s in zip("ABCDEF", ["train"] * 3 + ["validation"] * 2 + ["test"], strict=True)]
+    with open(root / "aclsum.jsonl", "w", encoding="utf-8") as f:
+        for pid, split in papers:
+            f.write(json.dumps({"id": pid, "split": split, "title": f"Paper {pid}",
+                                "summary": {a: make_text(rng, 6) for a in ("challenge", "approach", "outcome")},
+                                "sections": {s: [make_text(rng, 5)] for s in ("abstract", "introduction",
+                                                                                 "conclusion")},
+                                "text": make_text(rng, 60)}) + "\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RALM_CACHE_DIR", str(root / "cache"))
+        build(BuildConfig(inputs=[str(root / "aclsum.jsonl")], out=str(root / "ds"), tokenizer=tiny_tokenizer,
+                          chunking=ChunkingConfig(M), encoder=EncoderConfig(name=tiny_encoder, dtype="fp32")),
+              progress=False)
+    return root / "aclsum.jsonl", root / "ds", write_tqa(root / "tqa.jsonl", n=12)
+
+
+def test_aclsum_retrieves_only_the_papers_own_chunks_and_reproduces_rouge(setup, tiny_lm, other_tasks, tmp_path):
+    import json
+
+    acl, ds_path, _ = other_tasks
+    ds = Datastore.open(ds_path)
+    examples = list(load_task("aclsum", "validation", acl))
+    for ex, rows in zip(examples, TaskRetrieval(ds, docs=3).rows(examples), strict=True):
+        assert len(rows) == 3 and {ds.chunk(r)["doc_id"] for r in rows} == {ex.paper_id}
+    args = tune_args(setup, tiny_lm, tmp_path / "run", "retro", "lora")
+    for flag, value in (("--task", "aclsum"), ("--task-file", str(acl)), ("--datastore", str(ds_path))):
+        args[args.index(flag) + 1] = value
+    code, text = cli(args)
+    assert code == 0, text
+    val = json.loads((tmp_path / "run" / "run.json").read_text())["validation"]
+    assert {"rouge1", "rouge2", "rougeL", "loss"} <= set(val)
+    code, text = cli(["eval-task", "--run", str(tmp_path / "run"), "--split", "validation", "--limit", "3", "--json"])
+    assert code == 0, text
+    result = json.loads(text.strip().splitlines()[-1])
+    assert all(result[k] == val[k] for k in ("rouge1", "rouge2", "rougeL", "loss"))
+
+
+@pytest.mark.parametrize("arch", ["gpt", "retro"])
+def test_multiple_choice_zero_shot_and_tuned(setup, tiny_lm, other_tasks, tmp_path, arch):
+    import json
+
+    root, squad, ds, ckpt = setup
+    _, _, tqa = other_tasks
+    store = ["--datastore", str(ds)] if arch == "retro" else []  # gpt: no store, no chunks
+    ck = ["--checkpoint", str(ckpt)] if arch == "retro" else []
+    code, text = cli(["eval-task", "--zero-shot", "--arch", arch, "--task", "truthfulqa-mc", "--task-file", str(tqa),
+                      "--model", tiny_lm, "--split", "validation", "--docs", "2", "--max-len", "96", *store, *ck,
+                      "--json"])
+    assert code == 0, text
+    zs = json.loads(text.strip().splitlines()[-1])
+    assert {"acc", "acc_sum", "acc_per_token", "acc_per_byte"} <= set(zs) and zs["acc"] == zs["acc_per_byte"]
+    args = tune_args(setup, tiny_lm, tmp_path / "run", arch, "adapter")
+    args[args.index("--task") + 1], args[args.index("--task-file") + 1] = "truthfulqa-mc", str(tqa)
+    if arch == "gpt":
+        i = args.index("--datastore")
+        del args[i:i + 2]
+    code, text = cli(args)
+    assert code == 0, text
+    code, text = cli(["eval-task", "--run", str(tmp_path / "run"), "--split", "validation", "--limit", "3"])
+    assert code == 0 and text.startswith("truthfulqa-mc validation (3 examples)") and "acc" in text, text
