@@ -373,3 +373,18 @@ def test_multiple_choice_zero_shot_and_tuned(setup, tiny_lm, other_tasks, tmp_pa
     assert code == 0, text
     code, text = cli(["eval-task", "--run", str(tmp_path / "run"), "--split", "validation", "--limit", "3"])
     assert code == 0 and text.startswith("truthfulqa-mc validation (3 examples)") and "acc" in text, text
+
+
+@pytest.mark.parametrize("arch", ["gpt", "retro"])
+def test_a_rows_score_does_not_depend_on_its_batch(setup, tiny_lm, arch):
+    from ralm.methods.task_model import PlainHandle, TaskSettings, build_base, encoder_for, score
+
+    root, squad, ds_path, ckpt = setup
+    net, tok, ds, _ = build_base(arch, tiny_lm, str(ckpt) if arch == "retro" else None, str(ds_path))
+    examples = list(load_task("squad", "train", squad))[:5]
+    out = []
+    for b in (1, 5):
+        s = TaskSettings(docs=2, doc_tokens=8, max_len=96, max_target=8, max_new_tokens=3, batch_size=b)
+        out.append(score(PlainHandle(net), encoder_for(net, tok, arch, ds, s), TaskRetrieval(ds, 2), examples, s))
+    assert out[0]["loss"] == pytest.approx(out[1]["loss"], abs=1e-4)
+    assert out[0]["predictions"] == out[1]["predictions"]

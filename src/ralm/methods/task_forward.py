@@ -30,6 +30,9 @@ def logits(handle: PeftHandle, batch: dict[str, Any], keep: int | None = None) -
     kw = handle.inputs(batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
                        neighbours=None if nb is None else nb.to(dev), offset=0)
     kw = {k: v for k, v in kw.items() if v is not None or k == "neighbours"}
+    # positions count from each row's first real token, so left padding (and so the batch a row is in)
+    # changes nothing (RETRO-fit's chunk grid is the window's, not these)
+    kw["position_ids"] = (kw["attention_mask"].cumsum(1) - 1).clamp(min=0)
     if keep is not None:
         kw["logits_to_keep"] = keep
     out = handle.model(**kw).logits
