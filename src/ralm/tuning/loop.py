@@ -21,7 +21,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -99,6 +99,17 @@ def in_run_folder(out: str | Path, kind: outdir.Kind, force: bool, body: Callabl
     with outdir.open_out(out, kind, force=force) as run:
         run.claim()
         return body()
+
+
+def step_items(items: Sequence[T], step: int, size: int, seed: int) -> list[T]:
+    """The items of a step: position step·size onwards in a per-epoch seeded permutation (a function of the
+    step alone, so a resumed run draws what the original would have)."""
+    out = []
+    for j in range(step * size, (step + 1) * size):
+        epoch, pos = divmod(j, len(items))
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        out.append(items[int(torch.randperm(len(items), generator=g)[pos])])
+    return out
 
 
 def run_key(cfg: TrainConfig, task_key: dict[str, Any]) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
     off_loss = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=False) if eval_w else 0.0
 
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return collate(_batch(train_w, step, cfg.batch_size, cfg.seed), ids, nbs, m, pad_id)
+        return collate(loop.step_items(train_w, step, cfg.batch_size, cfg.seed), ids, nbs, m, pad_id)
 
     def loss(model: RetroFit, b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, int]:
         inp, labels, nb = b
@@ -194,16 +194,6 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
                      base_name=cfg.model)
     summary = loop.train(model, cfg, task, out, state=state, progress=progress)
     return {"checkpoint": str(out), **summary, **counts}
-
-
-def _batch(ws: list[Window], step: int, size: int, seed: int) -> list[Window]:
-    """The windows of a step: position step·size onwards in a per-epoch seeded permutation."""
-    out = []
-    for j in range(step * size, (step + 1) * size):
-        epoch, pos = divmod(j, len(ws))
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        out.append(ws[int(torch.randperm(len(ws), generator=g)[pos])])
-    return out
 
 
 @torch.no_grad()

@@ -28,7 +28,6 @@ from ralm.methods.task_inputs import TaskRetrieval, gold_target
 from ralm.methods.task_model import TaskSettings, build_base, check_room, device, encoder_for, score
 from ralm.tuning import loop
 from ralm.tuning.loop import LOG, STATE, TrainConfig
-from ralm.tuning.retrofit import _batch as step_indices
 from ralm.utils import outdir
 from ralm.utils.atomic import write_json
 
@@ -112,7 +111,7 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
     order = list(range(len(train_ex)))
 
     def batch(step: int) -> dict[str, Any]:
-        idx = step_indices(order, step, cfg.batch_size, cfg.seed)
+        idx = loop.step_items(order, step, cfg.batch_size, cfg.seed)
         return enc.collate([enc.encode(train_ex[i], rows[i], gold_target(train_ex[i])) for i in idx])
 
     def evaluate(_: Any) -> dict[str, Any]:
