@@ -388,3 +388,17 @@ def test_a_rows_score_does_not_depend_on_its_batch(setup, tiny_lm, arch):
         out.append(score(PlainHandle(net), encoder_for(net, tok, arch, ds, s), TaskRetrieval(ds, 2), examples, s))
     assert out[0]["loss"] == pytest.approx(out[1]["loss"], abs=1e-4)
     assert out[0]["predictions"] == out[1]["predictions"]
+
+
+def test_a_run_refuses_a_changed_base_model(setup, tiny_lm, runs, tmp_path):
+    import json
+    import shutil
+
+    from badinput import fails
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["gpt", "lora"][0], run)
+    meta = json.loads((run / "run.json").read_text())
+    meta["model_fingerprint"] = "0" * 16
+    (run / "run.json").write_text(json.dumps(meta))
+    fails(invoke(["eval-task", "--run", str(run), "--split", "validation"]), "tuned on other weights", only=False)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ralm.data.tasks import SPLITS, get_task, load_splits, task_names
-from ralm.errors import RalmError
+from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.peft import WEIGHTS, apply_peft, read_peft_header
 from ralm.methods.peft.config import ARCHS
@@ -90,8 +90,11 @@ def run_eval_task(cfg: EvalTaskConfig) -> dict[str, Any]:
                                                              cfg.datastore, cfg.task_file, cfg.seed)
         s = TaskSettings(cfg.docs, cfg.doc_tokens, cfg.max_len, cfg.max_target, cfg.max_new_tokens, cfg.batch_size)
     examples = load_splits(task, task_file, seed=seed)[cfg.split][: cfg.limit]
-    net, tok, ds, _ = build_base(arch, model, ckpt, ds_path)
+    net, tok, ds, fps = build_base(arch, model, ckpt, ds_path)
     if cfg.run is not None:
+        if meta.get("model_fingerprint") not in fps:
+            raise IncompatibleError(f"--run {cfg.run}: tuned on other weights of base model {model!r} than it "
+                                    "has now; its PEFT weights do not fit them")
         peft_cfg, peft_arch = read_peft_header(Path(cfg.run) / WEIGHTS)
         handle: Any = apply_peft(net, peft_cfg, peft_arch)
         net.to(device())

@@ -21,6 +21,7 @@ from ralm.core.task_metrics import choice_scores, rouge_scores, squad_scores
 from ralm.data.tasks import ChoiceExample, QAExample, SummaryExample
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import tokenizer_fingerprint
 from ralm.methods.retro.checkpoint import load_retrofit
@@ -65,19 +66,19 @@ def device() -> torch.device:
 
 
 def build_base(arch: str, model: str, checkpoint: str | None, datastore: str | None
-               ) -> tuple[Any, Any, Datastore | None, dict[str, Any]]:
-    """(model, tokenizer, store or None, checkpoint config or {}) on ``device()``, in eval mode."""
+               ) -> tuple[Any, Any, Datastore | None, tuple[str, ...]]:
+    """(model, tokenizer, store or None, the base LM's weight fingerprints) on ``device()``, in eval mode."""
     if arch == "retro" and not checkpoint:
         raise RalmError("--arch retro needs --checkpoint (a `ralm retrofit` folder)")
     if arch == "retro" and not datastore:
         raise RalmError("--arch retro needs --datastore (its chunks are the neighbours)")
     ds = Datastore.open(datastore) if datastore else None
     lm = load(model)
-    net, meta = lm.model, {}
+    net, fps = lm.model, model_fingerprints(lm.model)
     if arch == "retro":
-        net, meta = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
+        net, _ = load_retrofit(checkpoint, lm.model, lm.tokenizer, model)
         check_store_fits(ds, net.cfg, tokenizer_fingerprint(lm.tokenizer), model)
-    return net.to(device()).eval(), lm.tokenizer, ds, meta
+    return net.to(device()).eval(), lm.tokenizer, ds, fps
 
 
 def encoder_for(model: Any, tokenizer: Any, arch: str, ds: Datastore | None, s: TaskSettings) -> TaskEncoder:

@@ -99,7 +99,7 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
     train_ex, val_ex = splits["train"], splits["validation"][: cfg.eval_examples]
     if not train_ex or not val_ex:
         raise RalmError(f"task {cfg.task}: the train and validation splits must not be empty")
-    model, tok, ds, _ = build_base(cfg.arch, cfg.model, cfg.checkpoint, cfg.datastore)
+    model, tok, ds, fps = build_base(cfg.arch, cfg.model, cfg.checkpoint, cfg.datastore)
     torch.manual_seed(cfg.seed)  # the PEFT modules' initialisation
     handle = apply_peft(model, cfg.peft, cfg.arch)
     model.to(device())
@@ -118,8 +118,9 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
         m = score(handle, enc, retrieval, val_ex, s)
         return {f"val_{k}": v for k, v in m.items() if k not in ("predictions", "examples")}
 
-    meta = {"format": FORMAT, "version": VERSION, "arch": cfg.arch, "task": cfg.task, "task_file": cfg.task_file,
-            "model": cfg.model, "checkpoint": cfg.checkpoint, "datastore": cfg.datastore,
+    meta = {"format": FORMAT, "version": VERSION, "arch": cfg.arch, "task": cfg.task,
+            "task_file": _abs(cfg.task_file), "model": _abs(cfg.model), "model_fingerprint": fps[0],
+            "checkpoint": _abs(cfg.checkpoint), "datastore": _abs(cfg.datastore),
             "peft": asdict(cfg.peft), "settings": asdict(s), "seed": cfg.seed, "parameters": handle.counts()}
 
     def save(root: Path, step: int) -> None:
@@ -127,8 +128,14 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
         write_json(root / RUN, {**meta, "step": step})
 
     task = loop.Task(name=LABEL, batch=batch, loss=lambda _m, b: target_loss(handle, b),
-                     resume_key=cfg.resume_key(), evaluate=evaluate, save=save, base_name=cfg.model)
+                     resume_key=cfg.resume_key(), evaluate=evaluate, save=save, base_fingerprints=fps,
+                     base_name=cfg.model)
     summary = loop.train(model, cfg, task, out, state=state, progress=progress)
     final = score(handle, enc, retrieval, val_ex, s)  # what `ralm eval-task --run OUT --split validation` gives
     write_json(out / RUN, {**meta, "step": summary["steps"], "validation": final})
     return {"run": str(out), **summary, **handle.counts(), "validation": final}
+
+
+def _abs(path: str | None) -> str | None:
+    """A path that exists, made absolute (so ``eval-task --run`` works from any folder); names stay names."""
+    return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
