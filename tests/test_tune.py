@@ -267,6 +267,8 @@ def test_retro_without_checkpoint(setup, tiny_lm, tmp_path):
     fails(invoke(["eval-task", "--zero-shot", "--arch", "retro", "--task", "squad", "--task-file", str(squad),
                   "--datastore", str(ds), "--model", tiny_lm]), "--arch retro needs --checkpoint")
     fails(invoke(["eval-task", "--split", "test"]), "give --run RUN or --zero-shot")
+    fails(invoke(tune_args(setup, tiny_lm, tmp_path / "run", "retro", "lora", "--docs", "0")),
+          "--docs 0: --arch retro reads the retrieved chunks")
 
 
 def test_more_virtual_tokens_than_the_context(setup, tiny_lm, tmp_path):

@@ -62,6 +62,8 @@ class EvalTaskConfig:
             get_task(self.task)
             if self.arch == "retro" and not self.checkpoint:
                 raise RalmError("--arch retro needs --checkpoint (a `ralm retrofit` folder)")
+            if self.arch == "retro" and self.docs < 1:
+                raise RalmError(f"--docs {self.docs}: --arch retro reads the retrieved chunks as neighbours, give >= 1")
 
 
 def read_run(path: str | Path) -> dict[str, Any]:

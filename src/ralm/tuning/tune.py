@@ -67,6 +67,8 @@ class TuneConfig(TrainConfig):
         get_task(self.task)
         if self.arch == "retro" and not self.checkpoint:
             raise RalmError("--arch retro needs --checkpoint (a `ralm retrofit` folder)")
+        if self.arch == "retro" and self.docs < 1:
+            raise RalmError(f"--docs {self.docs}: --arch retro reads the retrieved chunks as neighbours, give >= 1")
         if self.docs < 0:
             raise RalmError(f"--docs {self.docs}: must be >= 0")
         for name in ("doc_tokens", "max_len", "max_target", "max_new_tokens", "batch_size", "eval_examples"):
