@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from ralm.data.squad import QAExample
 from ralm.errors import RalmError
 
 SPLITS = ("train", "validation", "test")
 
-__all__ = ["SPLITS", "ChoiceExample", "QAExample", "SummaryExample", "dict_field", "jsonl_records", "keyed_records",
-           "list_field", "seeded_split", "text_field"]
+__all__ = ["SPLITS", "ChoiceExample", "LabelledData", "LabelledExample", "QAExample", "SummaryExample",
+           "check_classes", "dict_field", "jsonl_records", "keyed_records", "list_field", "seeded_split", "text_field"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,39 @@ class ChoiceExample:
     category: str = ""
     mc2_choices: tuple[str, ...] = ()  # every true and false answer (empty when the file has none)
     mc2_labels: tuple[int, ...] = ()  # 1 = true, one per mc2 choice
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: an image array has no truth value to compare by
+class LabelledExample:
+    """One example of a classification set: a text or an image, and its class name."""
+
+    id: str
+    text: str  # "" for an image
+    label: str  # a class name
+    image: np.ndarray | None = None  # (h, w) uint8 grayscale, or (h, w, 3) RGB
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    classes: tuple[str, ...]  # every class, in a fixed order (the label index order)
+    splits: dict[str, list[LabelledExample]] = field(default_factory=dict)  # train / validation / test
+
+    def __post_init__(self) -> None:
+        check_classes(self.splits.get("train", []), self.classes, "train split")
+
+    def label_ids(self, examples: Sequence[LabelledExample]) -> np.ndarray:
+        """(n,) int64 index of each example's label in ``classes``."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        return np.array([index[e.label] for e in examples], dtype=np.int64)
+
+
+def check_classes(examples: Sequence[LabelledExample], classes: Sequence[str], where: str) -> None:
+    """One-line ``RalmError`` for a label outside ``classes`` or a class with no example in ``examples``."""
+    seen = {e.label for e in examples}
+    if extra := sorted(seen - set(classes)):
+        raise RalmError(f"{where}: label {extra[0]!r} is not a class ({', '.join(classes)})")
+    if empty := [c for c in classes if c not in seen]:
+        raise RalmError(f"{where}: class {empty[0]!r} has no examples")
 
 
 def seeded_split(keys: Iterable[str], fractions: tuple[float, float, float], seed: int,
