@@ -316,3 +316,26 @@ def test_fashion_mnist_copied_from_a_local_folder(monkeypatch: pytest.MonkeyPatc
         registry.get("fashion-mnist", tmp_path / "other", source=src, log=logs.append)
     with pytest.raises(RalmError, match=r"a local source folder is only for folder data sets"):
         registry.get("bbc-news", tmp_path / "other", source=src, log=logs.append)
+
+
+def test_debian_download_tries_the_pinned_version_then_the_archive_one(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    # a fake apt-get: records its arguments; has no pinned version, makes a .deb for the bare name
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {calls}\ncase "$2" in *=*) echo "E: Version not found" >&2;'
+                                     ' exit 100;; esac\n: > "$2.deb"\n')
+    (bin_dir / "apt-get").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}")
+    spec = registry.DATASETS["fashion-mnist"]
+    (tmp_path / "dl").mkdir()
+    assert registry.download(spec, tmp_path / "dl") == tmp_path / "dl" / "dataset-fashion-mnist.deb"
+    assert calls.read_text().splitlines() == [f"download dataset-fashion-mnist={spec.version}",
+                                              "download dataset-fashion-mnist"]
+    (bin_dir / "apt-get").write_text('#!/bin/sh\necho "E: Unable to locate package" >&2\nexit 100\n')
+    (tmp_path / "dl2").mkdir()
+    with pytest.raises(RalmError, match=r"apt-get download dataset-fashion-mnist failed: E: Unable to locate package"):
+        registry.download(spec, tmp_path / "dl2")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(RalmError, match=r"needs apt-get to fetch the Debian package dataset-fashion-mnist"):
+        registry.download(spec, tmp_path / "dl2")
