@@ -80,6 +80,33 @@ def test_a_rows_output_does_not_depend_on_its_batch(lm, gpt2, arch, side):
         torch.testing.assert_close(together.reps[i], alone.reps[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_virtual_tokens_go_in_front_of_every_row(lm, gpt2, arch):
+    from peft import PromptTuningConfig, PromptTuningInit
+    from peft.tuners.prompt_tuning import PromptEmbedding
+
+    from ralm.methods.peft.prompt import VirtualTokens, extend_inputs
+
+    model, tok = lm if arch == "llama" else gpt2
+    torch.manual_seed(0)
+    enc = PromptEmbedding(PromptTuningConfig(num_virtual_tokens=3, token_dim=32, num_transformer_submodules=1,
+                                             prompt_tuning_init=PromptTuningInit.RANDOM), model.get_input_embeddings())
+    virtual = VirtualTokens(enc, 3, 128)
+    pm = PromptModel(model, tok, PromptConfig(verbalizer=VERBALIZER), virtual=virtual)
+    plain = PromptModel(model, tok, PromptConfig(verbalizer=VERBALIZER))
+    batch = texts(4, seed=2)
+    for side in ("left", "right"):
+        out = pm.forward(pm.batch(batch, padding_side=side))
+        for i, t in enumerate(batch):  # the peft module's own layout, one row (no padding)
+            embeds, _, _ = extend_inputs(virtual, model.get_input_embeddings(), torch.tensor([pm.encode(t)[0]]))
+            logits = model(inputs_embeds=embeds).logits[:, -1]
+            torch.testing.assert_close(out.class_logits[i], pm.verbalizer.class_logits(logits)[0], atol=1e-5,
+                                       rtol=1e-4)
+    assert (out.class_logits - plain.forward(plain.batch(batch)).class_logits).abs().max() > 1e-6
+    out.class_logits.sum().backward()
+    assert enc.embedding.weight.grad is not None  # the virtual tokens train through p_model
+
+
 def test_several_words_per_class_sum_in_probability(lm):
     model, tok = lm
     pm = PromptModel(model, tok, PromptConfig(verbalizer=["a=gamma|forest", "b=epsilon"]))

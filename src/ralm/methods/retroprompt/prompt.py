@@ -149,18 +149,21 @@ class PromptOutput:
 class PromptModel:
     """A causal LM + tokenizer + prompt config: batches of texts -> p_model over the classes and representations.
 
-    ``model`` may be wrapped (LoRA via peft, or a trainable prompt) as long as it takes ``inputs_embeds`` and
-    keeps its output embedding; gradients flow through ``class_logits`` only (``reps`` is detached: the store,
-    p_kNN and the demonstrations are read without gradient, as in the reference).
+    ``model`` may carry LoRA or adapters (``ralm.methods.peft.apply_peft``) as long as it takes ``inputs_embeds``
+    and keeps its output embedding. ``virtual``: prompt tuning / P-tuning's virtual tokens (a module with ``n``
+    and ``forward(batch) -> (B, N, d)``, ``ralm.methods.peft.prompt.VirtualTokens``), put before every row
+    (before its left padding) at positions 0..N-1. Gradients flow through ``class_logits`` only (``reps`` is
+    detached: the store, p_kNN and the demonstrations are read without gradient, as in the reference).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, config: PromptConfig):
-        self.model, self.tokenizer, self.config = model, tokenizer, config
+    def __init__(self, model: Any, tokenizer: Any, config: PromptConfig, virtual: Any | None = None):
+        self.model, self.tokenizer, self.config, self.virtual = model, tokenizer, config, virtual
         self.verbalizer = Verbalizer.build(config, tokenizer)
         self.start = start_token_id(tokenizer)
         self.placeholder = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         limit = getattr(model.config, "max_position_embeddings", None)
-        self.max_tokens = min(config.max_tokens, limit) if limit else config.max_tokens
+        n_virtual = virtual.n if virtual is not None else 0
+        self.max_tokens = min(config.max_tokens, limit - n_virtual) if limit else config.max_tokens
         head, tail = config.template.split("{text}")
         self._tail = tokenizer.encode(tail, add_special_tokens=False) if tail else []
 
@@ -229,12 +232,20 @@ class PromptModel:
             rows = torch.arange(B, device=device)[:, None].expand(B, C)
             embeds = embeds.index_put((rows, batch.demo_slots.to(device)),
                                       demo_vectors.to(device=device, dtype=embeds.dtype))
-        left = bool((batch.last == batch.input_ids.shape[1] - 1).all())
+        mask, positions, last = (t.to(device) for t in (batch.attention_mask, batch.position_ids, batch.last))
+        if self.virtual is not None:  # (B, N, d) in front; the real positions move up by N
+            v = self.virtual(ids.shape[0]).to(device=device, dtype=embeds.dtype)
+            n = v.shape[1]
+            embeds = torch.cat([v, embeds], 1)
+            mask = torch.cat([mask.new_ones(ids.shape[0], n), mask], 1)
+            positions = torch.cat([torch.arange(n, device=device).expand(ids.shape[0], n), positions + n], 1)
+            last = last + n
+        left = bool((last == embeds.shape[1] - 1).all())
         with head_inputs(self.model) as seen:
-            out = self.model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
-                             position_ids=batch.position_ids.to(device), logits_to_keep=1 if left else 0)
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             logits_to_keep=1 if left else 0)
         rows = torch.arange(ids.shape[0], device=device)
-        col = -1 if left else batch.last.to(device)
+        col = -1 if left else last
         logits = out.logits[rows, col]  # (B, V)
         reps = seen[-1][rows, col].float()  # (B, d)
         return PromptOutput(self.verbalizer.class_logits(logits), reps)
