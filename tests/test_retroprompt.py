@@ -356,3 +356,22 @@ def test_store_demos_and_knn_from_the_prompt_model_end_to_end(pm):
     out = pm.forward(pm.batch(train, demos=True), demos)
     p = interpolate(out.class_logits.exp(), store_knn_probs(store, out.reps, KNNConfig(k=4)), 0.2)
     torch.testing.assert_close(p.sum(-1), torch.ones(8))
+
+
+def test_the_store_loss_and_interpolation_work_on_any_representation():
+    """The vision path: frozen features (here random) through a trained head, no LM involved."""
+    torch.manual_seed(0)
+    feats = torch.randn(12, 16)
+    labels = torch.tensor([0, 1, 2] * 4)
+    head = torch.nn.Linear(16, 3)
+    store = KnowledgeStore(feats, labels.tolist(), 3)
+    cfg = KNNConfig(k=4, beta=1.0)
+    p_knn = store_knn_probs(store, feats, cfg, rows=range(12))
+    logits = head(feats)
+    loss = knn_guided_loss(logits, labels, p_knn, cfg.beta)
+    loss.backward()
+    assert head.weight.grad is not None and loss > F.cross_entropy(logits, labels)  # weights >= 1 scale it up
+    demos = neural_demos(store, feats, m=3, rows=range(12))  # (12, 3, 16): what a head could read beside x
+    assert demos.shape == (12, 3, 16)
+    p = interpolate(torch.softmax(logits, -1), p_knn, 0.2)
+    torch.testing.assert_close(p.sum(-1), torch.ones(12))

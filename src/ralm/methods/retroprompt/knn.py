@@ -87,4 +87,4 @@ def interpolate(p_model: torch.Tensor, p_knn: torch.Tensor, lmbda: float) -> tor
         raise RalmError(f"--lmbda {lmbda}: must be in [0, 1]")
     if p_model.shape != p_knn.shape:
         raise RalmError(f"kNN interpolation: p_model {tuple(p_model.shape)} and p_kNN {tuple(p_knn.shape)} differ")
-    return (1 - lmbda) * p_model + lmbda * p_knn.to(p_model.dtype)
+    return (1 - lmbda) * p_model + lmbda * p_knn.to(device=p_model.device, dtype=p_model.dtype)

@@ -164,7 +164,7 @@ class PromptModel:
         limit = getattr(model.config, "max_position_embeddings", None)
         n_virtual = virtual.n if virtual is not None else 0
         self.max_tokens = min(config.max_tokens, limit - n_virtual) if limit else config.max_tokens
-        head, tail = config.template.split("{text}")
+        self._head, tail = config.template.split("{text}")  # head + text are tokenized together (BPE merges)
         self._tail = tokenizer.encode(tail, add_special_tokens=False) if tail else []
 
     @property
@@ -189,7 +189,7 @@ class PromptModel:
         if budget < 1:
             raise RalmError(f"--max-tokens {self.max_tokens}: leaves no room for the text after the template "
                             f"and {'demonstrations' if demos else 'start token'}")
-        head = self.tokenizer.encode(self.config.template.split("{text}")[0] + text, add_special_tokens=False)
+        head = self.tokenizer.encode(self._head + text, add_special_tokens=False)
         ids = prefix + block + head[:budget] + self._tail
         return ids, [len(prefix) + s for s in slots]
 
@@ -253,8 +253,9 @@ class PromptModel:
     @torch.no_grad()
     def represent(self, texts: Sequence[str], batch_size: int = 16,
                   demo_vectors: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, d) float32 representations of ``texts`` (what the knowledge store keys on), without gradient;
-        ``demo_vectors`` (N, C, d) when the prompts carry demonstrations."""
+        """(N, d) float32 representations of ``texts`` (what the knowledge store keys on), without gradient, in
+        the model's current mode (``eval()`` first: dropout would make the keys noisy); ``demo_vectors``
+        (N, C, d) when the prompts carry demonstrations."""
         if batch_size < 1:
             raise RalmError(f"--batch-size {batch_size}: must be >= 1")
         out = []
