@@ -6,4 +6,27 @@ or features from a frozen vision backbone through a trained head):
 - ``store``: the knowledge store (normalised keys, exact FAISS inner product, refresh, leave-self-out)
 - ``knn``: p_kNN, the kNN-guided loss, the interpolation at inference
 - ``demos``: neural demonstrations (per class, a weighted sum of the top-m neighbours' representations)
+
+How a trainer composes them (train texts ``X`` with class indices ``y``; ``rows`` = the batch's own rows).
+The store keys on prompts WITHOUT demonstrations, and every search (demonstrations, p_kNN) queries with the
+same kind of representation, so keys and queries always match; with demonstrations on, that costs one
+no-grad forward per batch::
+
+    pm = PromptModel(model, tokenizer, PromptConfig(...))             # + virtual=... for prompt tuning
+    store = KnowledgeStore(pm.represent(X), y, pm.n_classes, pm.verbalizer.classes)
+    # a training step
+    q = store.raw[rows]  # == pm.represent(X[rows]) until the model moves; pm.represent(X[rows]) is exact
+    p_knn = store_knn_probs(store, q, cfg, rows=rows)                 # self left out if cfg.leave_self_out
+    d = neural_demos(store, q, cfg.demos, rows=rows)                  # (B, C, d), self left out
+    out = pm.forward(pm.batch(X[rows], demos=True), d)               # without demos: pm.batch(X[rows]), None
+    knn_guided_loss(out.class_logits, y[rows], p_knn, cfg.beta).backward()
+    # every epoch / N steps
+    store.refresh(pm.represent(X))                                     # store.last_refresh_seconds: its cost
+    # inference on a test text t (not in the store: rows=None)
+    q = pm.represent([t])
+    out = pm.forward(pm.batch([t], demos=True), neural_demos(store, q, cfg.demos))
+    p = interpolate(out.class_logits.exp(), store_knn_probs(store, q, cfg), cfg.lmbda)
+
+Without demonstrations ``out.reps`` is that same representation (no extra forward). The reference instead
+reads p_kNN from the forward that carries the demonstrations.
 """
