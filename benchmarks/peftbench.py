@@ -1,0 +1,526 @@
+#!/usr/bin/env python
+"""PEFT on GPT (retrieved chunks in the prompt) vs RETRO-fit (the same chunks through CCA), issue 13.
+
+Grid (``--quick``: a CPU-sized subset with small steps; default: the full grid, for a GPU or a long CPU run):
+- SmolLM2-135M, document QA (SQuAD, EM/F1 on the first ``--limit`` test questions, the same for every row):
+  every arch x method (gpt|retro x lora|adapter|prompt|ptuning|full), zero-shot and tuned;
+- LoRA and adapters on ACLSum (ROUGE) and TruthfulQA MC (accuracy, per-byte normalisation) for both archs;
+- Gemma-3-270M gpt and retro LoRA rows on SQuAD as the size axis (``--no-gemma-retro`` skips its RETRO-fit).
+Every row of a grid uses the same steps / batch / lr / input settings (``settings`` in the JSON). Each tuning
+run is its own subprocess (``--isolate``, default) whose peak RSS is read with ``os.wait4``, so runs do not
+pollute each other; gpt LoRA and gpt full fine-tuning train on the same batches (a batch is a function of the
+step and the seed), so their tokens/s ratio is like for like.
+
+Stores (``ralm.datastore.build``; one per base model, as the store's tokenizer is the model's): the SQuAD
+paragraphs in 64-token chunks + continuations (both archs read it), and for ACLSum the papers (retrieval is
+restricted to the paper's own chunks by ``task_inputs``). RETRO-fit: ``ralm.tuning.retrofit`` of the base model
+on the SQuAD train-split paragraphs (``--retrofit-steps``); ``benchmarks/.cache/retro/ckpt`` is reused instead
+when it exists and fits the store (the JSON says which was used).
+
+Every stage (store, RETRO-fit, zero-shot score, tuned row) is cached under benchmarks/.cache/peft/ and a rerun
+continues; ``--max-minutes`` stops starting new rows after that long (those rows read "not measured").
+Named peftbench.py, not peft.py: a module ``peft`` in benchmarks/ would shadow the ``peft`` library when run as a
+script (benchmarks/ leads sys.path) and make ruff (``src`` includes benchmarks) sort ``peft`` as first-party.
+
+Output: one JSON object on stdout and benchmarks/.cache/peft/results.{json,md,png}; the markdown states the
+measured figure for each of the paper's four claims, computed from the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RALM_DATA_DIR", ROOT.parent / "shared" / "data"))
+CACHE = ROOT / "benchmarks" / ".cache" / "peft"
+RETRO_CACHE_CKPT = ROOT / "benchmarks" / ".cache" / "retro" / "ckpt"
+METHODS = ("lora", "adapter", "prompt", "ptuning", "full")
+ARCHS = ("gpt", "retro")
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+METRIC = {"squad": "f1", "aclsum": "rougeL", "truthfulqa-mc": "acc"}  # the headline metric of each task
+CCA_LAYERS = {SMOL: [20, 23, 26, 29]}  # as benchmarks/retro.py: CCA after the top layers only (cheap backprop)
+
+
+def log(msg: str) -> None:
+    print(f"[peft-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Grid:
+    """What the benchmark runs; one instance = one grid (the same training settings for every row)."""
+
+    cache: str = str(CACHE)
+    squad: str = str(DATA / "squad_dev_v1.1.json")
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # (model, task, arch, method), in order
+    steps: int = 200
+    batch_size: int = 4
+    lr: float = 1e-3
+    warmup: int = 10
+    limit: int = 200  # test examples scored per row
+    docs: int = 5
+    doc_tokens: int = 96
+    max_len: int = 512
+    max_new_tokens: int = 16
+    max_target: int = 96
+    eval_examples: int = 16
+    lora_rank: int = 32
+    adapter_dim: int = 32
+    n_virtual: int = 16
+    retrofit_steps: int = 300
+    retrofit_batch: int = 4
+    retrofit_seq_len: int = 256
+    chunk_tokens: int = 64
+    retro: dict[str, Any] = field(default_factory=dict)  # RetroConfig overrides (cca_layers default per model)
+    encoder: str | None = None  # store encoder (None: ralm's default, MiniLM)
+    reuse_retro_ckpt: bool = True
+    isolate: bool = True  # each tuning run in a subprocess (peak RSS per run)
+    threads: int | None = None
+    max_minutes: float | None = None
+    bf16: bool | None = None
+    skipped: list[str] = field(default_factory=list)  # what the grid leaves out on purpose, said in the output
+
+    def training(self) -> dict[str, Any]:
+        keys = ("steps", "batch_size", "lr", "warmup", "limit", "docs", "doc_tokens", "max_len", "max_new_tokens",
+                "max_target", "eval_examples", "lora_rank", "adapter_dim", "n_virtual", "retrofit_steps",
+                "retrofit_batch", "retrofit_seq_len", "chunk_tokens")
+        return {k: getattr(self, k) for k in keys}
+
+
+def full_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
+    rows = [(SMOL, "squad", a, m) for m in METHODS for a in ARCHS]
+    rows += [(SMOL, t, a, m) for t in ("aclsum", "truthfulqa-mc") for m in ("lora", "adapter") for a in ARCHS]
+    rows += [(GEMMA, "squad", a, "lora") for a in (ARCHS if gemma_retro else ("gpt",))]
+    return rows
+
+
+def quick_rows() -> list[tuple[str, str, str, str]]:
+    """Most informative first: the LoRA-vs-full speed pair, then one row per method and arch."""
+    order = [("gpt", "lora"), ("gpt", "full"), ("retro", "lora"), ("gpt", "adapter"), ("retro", "adapter"),
+             ("gpt", "ptuning"), ("retro", "ptuning"), ("gpt", "prompt"), ("retro", "prompt"), ("retro", "full")]
+    return [(SMOL, "squad", a, m) for a, m in order]
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+def cached(path: Path, fn) -> Any:
+    """``fn()``'s JSON result, computed once into ``path``."""
+    if path.exists():
+        return json.loads(path.read_text())
+    value = fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
+    return value
+
+
+def tag(model: str) -> str:
+    return Path(model).name.replace("/", "_")
+
+
+def build_store(g: Grid, inputs: Path, out: Path, model: str) -> dict:
+    from ralm.datastore.build import BuildConfig, build
+    from ralm.datastore.chunking import ChunkingConfig
+    from ralm.datastore.encoders import EncoderConfig
+
+    kw = {"encoder": EncoderConfig(name=g.encoder, dtype="fp32")} if g.encoder else {}
+    s = build(BuildConfig(inputs=[str(inputs)], out=str(out), tokenizer=model,
+                          chunking=ChunkingConfig(g.chunk_tokens), **kw), log=log, progress=False)
+    return {"path": str(out), "documents": s["documents"], "chunks": s["chunks"], "chunk_tokens": g.chunk_tokens,
+            "continuation": True}
+
+
+def squad_split_file(g: Grid, split: str) -> Path:
+    """A SQuAD-format file holding only the articles of one task split (RETRO-fit's documents)."""
+    from ralm.data.tasks.squad import read_squad_task
+
+    out = Path(g.cache) / f"squad-{split}.json"
+    if not out.exists():
+        titles = {e.title for e in read_squad_task(Path(g.squad))[split]}
+        data = json.loads(Path(g.squad).read_text(encoding="utf-8"))
+        data["data"] = [a for a in data["data"] if a["title"] in titles]
+        out.write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
+def task_file(g: Grid, task: str) -> Path:
+    if task == "squad":
+        return Path(g.squad)
+    from ralm.data.registry import DATASETS, data_dir, get
+    from ralm.data.tasks import get_task
+
+    name = get_task(task).dataset
+    for folder in (data_dir(), Path(g.cache) / "data"):
+        if (folder / DATASETS[name].filename).exists():
+            return folder / DATASETS[name].filename
+    return get(name, Path(g.cache) / "data", log=log)
+
+
+def store_for(g: Grid, model: str, task: str) -> dict | None:
+    if task == "truthfulqa-mc":
+        return None  # MC without a store: the questions are not about any document here
+    src = "squad" if task == "squad" else task
+    return cached(Path(g.cache) / f"store-{src}-{tag(model)}.json",
+                  lambda: build_store(g, task_file(g, task), Path(g.cache) / f"ds-{src}-{tag(model)}", model))
+
+
+def retro_checkpoint(g: Grid, model: str, store: dict) -> dict:
+    """The RETRO-fit of ``model`` for ``store``: benchmarks/retro's if it fits, else one trained here."""
+    from ralm.datastore.store import Datastore
+    from ralm.lm.presets import tokenizer_fingerprint
+    from ralm.methods.retro.checkpoint import load_retrofit
+    from ralm.methods.retro.neighbours import check_store_fits
+
+    def fits(ckpt: Path) -> str | None:
+        from ralm.lm.models import load
+
+        try:
+            lm = load(model)
+            net, _ = load_retrofit(ckpt, lm.model, lm.tokenizer, model)
+            check_store_fits(Datastore.open(store["path"]), net.cfg, tokenizer_fingerprint(lm.tokenizer), model)
+            return None
+        except Exception as e:  # noqa: BLE001 (any reason it does not fit is reported, then we train our own)
+            return str(e).splitlines()[0]
+
+    def train() -> dict:
+        from ralm.methods.retro.model import RetroConfig
+        from ralm.tuning.retrofit import RetrofitConfig, retrofit
+
+        if g.reuse_retro_ckpt and RETRO_CACHE_CKPT.exists() and model == SMOL:
+            why = fits(RETRO_CACHE_CKPT)
+            if why is None:
+                return {"checkpoint": str(RETRO_CACHE_CKPT), "source": "reused benchmarks/.cache/retro/ckpt"}
+            log(f"benchmarks/.cache/retro/ckpt does not fit the SQuAD store ({why}); RETRO-fitting here")
+        out = Path(g.cache) / f"retrofit-{tag(model)}"
+        rc = {"chunk_size": g.chunk_tokens, "cca_layers": CCA_LAYERS.get(model), **g.retro}
+        cfg = RetrofitConfig(datastore=store["path"], train=[str(squad_split_file(g, "train"))], out=str(out),
+                             model=model, eval=[str(squad_split_file(g, "validation"))], steps=g.retrofit_steps,
+                             retro=RetroConfig(**rc), batch_size=g.retrofit_batch, seq_len=g.retrofit_seq_len,
+                             lr=2e-3, warmup=min(20, max(1, g.retrofit_steps // 10)), eval_every=0,
+                             save_every=max(1, g.retrofit_steps // 4), eval_windows=8, bf16=g.bf16)
+        t0 = time.perf_counter()
+        s = retrofit(cfg, progress=False)
+        keep = {k: s[k] for k in ("steps", "tokens_per_second", "final_loss") if k in s}
+        return {"checkpoint": str(out), "source": "RETRO-fit here on the SQuAD train-split paragraphs",
+                "retro": rc, "wall_s": round(time.perf_counter() - t0, 1), **keep}
+
+    return cached(Path(g.cache) / f"retrofit-{tag(model)}.json", train)
+
+
+def _score(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k not in ("predictions", "task", "split", "arch", "method", "model")}
+
+
+def zero_shot(g: Grid, model: str, task: str, arch: str, store: dict | None, ckpt: str | None) -> dict:
+    from ralm.eval.task import EvalTaskConfig, run_eval_task
+
+    def run() -> dict:
+        t0 = time.perf_counter()
+        r = run_eval_task(EvalTaskConfig(zero_shot=True, arch=arch, task=task, task_file=str(task_file(g, task)),
+                                         model=model, checkpoint=ckpt, datastore=store and store["path"],
+                                         split="test", limit=g.limit, **_inputs(g)))
+        log(f"zero-shot {model} {task} {arch}: {METRIC[task]} {r.get(METRIC[task])}")
+        return {**_score(r), "eval_s": round(time.perf_counter() - t0, 1)}
+
+    return cached(Path(g.cache) / "zero" / f"{tag(model)}-{task}-{arch}.json", run)
+
+
+def _inputs(g: Grid) -> dict[str, Any]:
+    return {"docs": g.docs, "doc_tokens": g.doc_tokens, "max_len": g.max_len, "max_target": g.max_target,
+            "max_new_tokens": g.max_new_tokens, "batch_size": g.batch_size}
+
+
+def tune_config(g: Grid, model: str, task: str, arch: str, method: str, store: dict | None, ckpt: str | None,
+                out: Path) -> dict[str, Any]:
+    """The ``TuneConfig`` of a row as plain JSON (what the child process rebuilds)."""
+    peft = {"method": method, "lora_rank": g.lora_rank, "lora_alpha": float(g.lora_rank), "adapter_dim": g.adapter_dim,
+            "n_virtual": g.n_virtual}
+    return {"task": task, "out": str(out), "arch": arch, "peft": peft, "task_file": str(task_file(g, task)),
+            "datastore": store and store["path"], "checkpoint": ckpt, "model": model, "steps": g.steps,
+            "lr": g.lr, "warmup": g.warmup, "eval_every": 0, "save_every": max(1, g.steps // 2), "bf16": g.bf16,
+            "eval_examples": g.eval_examples, **_inputs(g)}
+
+
+def run_tune(spec: dict[str, Any]) -> dict[str, Any]:
+    from ralm.methods.peft import PeftConfig
+    from ralm.tuning.tune import TuneConfig, tune
+
+    return tune(TuneConfig(**{**spec, "peft": PeftConfig(**spec["peft"])}), progress=False)
+
+
+def tune_isolated(spec: dict[str, Any], g: Grid) -> dict[str, Any]:
+    """``run_tune`` in a child process; its peak RSS from ``os.wait4`` (this process's own is not counted)."""
+    work = Path(spec["out"] + ".child")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "spec.json").write_text(json.dumps({"spec": spec, "threads": g.threads}))
+    proc = subprocess.Popen([sys.executable, __file__, "--child", str(work)], env=os.environ.copy())
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"tuning child for {spec['out']} exited with {proc.returncode}")
+    res = json.loads((work / "result.json").read_text())
+    res["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: kilobytes
+    return res
+
+
+def child(work: Path) -> None:
+    job = json.loads((work / "spec.json").read_text())
+    if job["threads"]:
+        import torch
+
+        torch.set_num_threads(job["threads"])
+    res = run_tune(job["spec"])
+    (work / "result.json").write_text(json.dumps(res))
+
+
+def row(g: Grid, model: str, task: str, arch: str, method: str, store: dict | None, ckpt: str | None) -> dict:
+    from ralm.eval.task import EvalTaskConfig, run_eval_task
+
+    name = f"{tag(model)}-{task}-{arch}-{method}"
+
+    def run() -> dict:
+        out = Path(g.cache) / "runs" / name
+        spec = tune_config(g, model, task, arch, method, store, ckpt, out)
+        t0 = time.perf_counter()
+        s = tune_isolated(spec, g) if g.isolate else run_tune(spec)
+        wall = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        r = run_eval_task(EvalTaskConfig(run=str(out), split="test", limit=g.limit, batch_size=g.batch_size))
+        log(f"{name}: {METRIC[task]} {r.get(METRIC[task])}, {s['tokens_per_second']} tok/s, {wall:.0f} s")
+        return {"run": str(out), "trainable": s["trainable"], "total": s["total"], "percent": round(s["percent"], 4),
+                "tokens_per_second": s["tokens_per_second"], "trained_tokens": s["trained_tokens"],
+                "train_wall_s": round(wall, 1), "peak_rss_mb": s.get("peak_rss_mb"), "final_loss": s.get("final_loss"),
+                "tuned": _score(r), "eval_s": round(time.perf_counter() - t1, 1)}
+
+    return cached(Path(g.cache) / "rows" / f"{name}.json", run)
+
+
+def run_grid(g: Grid) -> dict[str, Any]:
+    """Every stage of the grid (cached), then the results with their claims; writes results.{json,md,png}."""
+    if g.threads:
+        import torch
+
+        torch.set_num_threads(g.threads)
+    cache = Path(g.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    stores: dict[str, Any] = {}
+    retrofits: dict[str, Any] = {}
+    zero: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    skipped = list(g.skipped)
+    for model, task, arch, method in g.rows:
+        key = f"{model} {task} {arch} {method}"
+        rows_done = (cache / "rows" / f"{tag(model)}-{task}-{arch}-{method}.json").exists()
+        if not rows_done and g.max_minutes is not None and time.perf_counter() - t_start > 60 * g.max_minutes:
+            skipped.append(f"{key}: not run (--max-minutes {g.max_minutes:g} reached)")
+            continue
+        store = store_for(g, model, task)
+        if store is not None:
+            stores[f"{tag(model)} {task}"] = store
+        ckpt = None
+        if arch == "retro":
+            squad_store = store_for(g, model, "squad")
+            retrofits[tag(model)] = retro_checkpoint(g, model, squad_store)
+            ckpt = retrofits[tag(model)]["checkpoint"]
+            if store is None:  # MC: retro still needs neighbours; it reads the SQuAD paragraphs
+                store = squad_store
+        zkey = f"{tag(model)} {task} {arch}"
+        zero[zkey] = zero_shot(g, model, task, arch, store, ckpt)
+        r = row(g, model, task, arch, method, store, ckpt)
+        rows.append({"model": model, "task": task, "arch": arch, "method": method, "metric": METRIC[task],
+                     "zero_shot": zero[zkey].get(METRIC[task]), "tuned_score": r["tuned"].get(METRIC[task]), **r})
+    res = {"benchmark": "peft", "settings": g.training(), "stores": stores, "retrofit": retrofits,
+           "zero_shot": zero, "rows": rows, "speed": speed(rows), "skipped": skipped}
+    res["claims"] = claims(rows)
+    write_outputs(res, cache)
+    return res
+
+
+# ---- results -----------------------------------------------------------------------------------------
+def find(rows: list[dict], model: str, task: str, arch: str, method: str) -> dict | None:
+    return next((r for r in rows if (r["model"], r["task"], r["arch"], r["method"]) == (model, task, arch, method)),
+                None)
+
+
+def gain(r: dict | None) -> float | None:
+    if r is None or r["zero_shot"] is None or r["tuned_score"] is None:
+        return None
+    return round(r["tuned_score"] - r["zero_shot"], 4)
+
+
+def speed(rows: list[dict]) -> dict[str, Any]:
+    """gpt LoRA vs gpt full fine-tuning on SQuAD (same batches, same run): tokens/s ratio and peak RSS."""
+    lora, full = find(rows, SMOL, "squad", "gpt", "lora"), find(rows, SMOL, "squad", "gpt", "full")
+    if lora is None or full is None:
+        return {"status": "not measured"}
+    return {"lora_tokens_per_second": lora["tokens_per_second"], "full_tokens_per_second": full["tokens_per_second"],
+            "ratio_lora_over_full": round(lora["tokens_per_second"] / max(full["tokens_per_second"], 1e-9), 3),
+            "lora_peak_rss_mb": lora["peak_rss_mb"], "full_peak_rss_mb": full["peak_rss_mb"]}
+
+
+def claims(rows: list[dict]) -> dict[str, dict[str, Any]]:
+    """The paper's four claims, each with the figure measured here (``None``/"not measured" where a row is
+    missing). ``supported`` is True/False from the numbers, None when not measured."""
+    out: dict[str, dict[str, Any]] = {}
+    models = sorted({r["model"] for r in rows}, key=lambda m: (m != SMOL, m))
+    model = models[0] if models else SMOL
+    g0 = next((r for r in rows if (r["model"], r["task"], r["arch"]) == (model, "squad", "gpt")), None)
+    r0 = next((r for r in rows if (r["model"], r["task"], r["arch"]) == (model, "squad", "retro")), None)
+    if g0 and r0:
+        d = round(r0["zero_shot"] - g0["zero_shot"], 4)
+        out["retro_beats_gpt_zero_shot"] = {"figure": f"{model} SQuAD zero-shot F1: retro {r0['zero_shot']} vs gpt "
+                                            f"{g0['zero_shot']} (retro - gpt = {d:+g})", "value": d,
+                                            "supported": d > 0}
+    else:
+        out["retro_beats_gpt_zero_shot"] = _missing()
+    pairs = [(gain(find(rows, model, "squad", "gpt", m)), gain(find(rows, model, "squad", "retro", m)), m)
+             for m in METHODS]
+    pairs = [(a, b, m) for a, b, m in pairs if a is not None and b is not None]
+    if pairs:
+        ga, gb = sum(a for a, _, _ in pairs) / len(pairs), sum(b for _, b, _ in pairs) / len(pairs)
+        out["gpt_gains_more_from_peft"] = {
+            "figure": f"{model} SQuAD mean F1 gain over {', '.join(m for *_, m in pairs)}: gpt {ga:+.2f} vs retro "
+                      f"{gb:+.2f}", "value": round(ga - gb, 4), "supported": ga > gb,
+            "per_method": {m: {"gpt": a, "retro": b} for a, b, m in pairs}}
+    else:
+        out["gpt_gains_more_from_peft"] = _missing()
+    per_arch = {}
+    for arch in ARCHS:
+        p = find(rows, model, "squad", arch, "ptuning")
+        others = [find(rows, model, "squad", arch, m) for m in ("lora", "adapter")]
+        others = [o["tuned_score"] for o in others if o is not None]
+        if p is not None and others:
+            per_arch[arch] = round(p["tuned_score"] - sum(others) / len(others), 4)
+    if per_arch:
+        out["ptuning_trails_adapters_and_lora"] = {
+            "figure": f"{model} SQuAD tuned F1, P-tuning - mean(LoRA, adapter): "
+                      + ", ".join(f"{a} {v:+g}" for a, v in per_arch.items())
+                      + "; 'most at small sizes': not measured (P-tuning runs on one size only)",
+            "value": per_arch, "supported": all(v < 0 for v in per_arch.values())}
+    else:
+        out["ptuning_trails_adapters_and_lora"] = _missing()
+    sizes = {}
+    for arch in ARCHS:
+        small, big = gain(find(rows, SMOL, "squad", arch, "lora")), gain(find(rows, GEMMA, "squad", arch, "lora"))
+        if small is not None and big is not None:
+            sizes[arch] = {SMOL: small, GEMMA: big}
+    if sizes:
+        out["gains_saturate_with_size"] = {
+            "figure": "SQuAD LoRA F1 gain by size: " + "; ".join(f"{a} {v[SMOL]:+g} (135M) vs {v[GEMMA]:+g} (270M)"
+                                                                for a, v in sizes.items()),
+            "value": sizes, "supported": all(v[GEMMA] <= v[SMOL] for v in sizes.values())}
+    else:
+        out["gains_saturate_with_size"] = _missing()
+    return out
+
+
+def _missing() -> dict[str, Any]:
+    return {"figure": "not measured", "value": None, "supported": None}
+
+
+CLAIM_TEXT = {"retro_beats_gpt_zero_shot": "RETRO beats GPT zero-shot",
+              "gpt_gains_more_from_peft": "GPT gains more from PEFT",
+              "ptuning_trails_adapters_and_lora": "P-tuning trails adapters and LoRA, most at small sizes",
+              "gains_saturate_with_size": "Gains saturate with size"}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# PEFT on GPT vs RETRO-fit (benchmarks/peftbench.py)", "",
+             "Settings (every row): " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()), "",
+             "| model | task | arch | method | metric | zero-shot | tuned | gain | trained params | % of model "
+             "| train tok/s | train wall s | peak RSS MB |", "|" + "---|" * 13]
+    for r in res["rows"]:
+        lines.append(f"| {r['model']} | {r['task']} | {r['arch']} | {r['method']} | {r['metric']} | {r['zero_shot']} "
+                     f"| {r['tuned_score']} | {gain(r)} | {r['trainable']:,} | {r['percent']:.3f} | "
+                     f"{r['tokens_per_second']} | {r['train_wall_s']} | {r['peak_rss_mb']} |")
+    sp = res["speed"]
+    lines += ["", "## LoRA vs full fine-tuning (gpt, SQuAD, same batches)", ""]
+    if "ratio_lora_over_full" in sp:
+        lines.append(f"LoRA {sp['lora_tokens_per_second']} tok/s vs full {sp['full_tokens_per_second']} tok/s "
+                     f"(ratio {sp['ratio_lora_over_full']}); peak RSS LoRA {sp['lora_peak_rss_mb']} MB, full "
+                     f"{sp['full_peak_rss_mb']} MB.")
+    else:
+        lines.append("not measured")
+    lines += ["", "## The paper's claims, measured here", ""]
+    for k, c in res["claims"].items():
+        verdict = {True: "supports", False: "contradicts", None: "not measured"}[c["supported"]]
+        lines.append(f"- **{CLAIM_TEXT[k]}**: {verdict} — {c['figure']}")
+    if res["retrofit"]:
+        lines += ["", "RETRO-fit: " + "; ".join(f"{m}: {v['source']} ({v['checkpoint']})"
+                                                for m, v in res["retrofit"].items())]
+    if res["skipped"]:
+        lines += ["", "Not run: " + "; ".join(res["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    labels = [f"{Path(r['model']).name}\n{r['task']}\n{r['arch']} {r['method']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.5))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["zero_shot"] or 0 for r in rows], 0.4, label="zero-shot")
+    ax.bar([i + 0.2 for i in x], [r["tuned_score"] or 0 for r in rows], 0.4, label="tuned")
+    ax.set_xticks(list(x), labels, fontsize=6)
+    ax.set_ylabel("task metric (F1 / ROUGE-L / acc)")
+    ax.set_title("Tuned vs zero-shot per arch x method")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(res: dict[str, Any], cache: Path) -> None:
+    (cache / "results.json").write_text(json.dumps(res, indent=2))
+    (cache / "results.md").write_text(markdown(res))
+    chart(res, cache / "results.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU-sized: SmolLM2 SQuAD rows, small steps, no gemma")
+    ap.add_argument("--limit", type=int, default=None, help="test examples per row (quick 50, full 200)")
+    ap.add_argument("--steps", type=int, default=None, help="tuning steps per row (quick 12, full 200)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per step (quick 4, full 8)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every row")
+    ap.add_argument("--retrofit-steps", type=int, default=None, help="RETRO-fit steps (quick 40, full 400)")
+    ap.add_argument("--no-gemma-retro", action="store_true", help="skip Gemma-3-270M's RETRO-fit and retro row")
+    ap.add_argument("--no-reuse-retro", action="store_true", help="RETRO-fit here even if benchmarks/.cache/retro fits")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--cache-dir", default=str(CACHE))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(Path(args.child))
+        return 0
+    if args.quick:
+        g = Grid(rows=quick_rows(), steps=12, batch_size=4, limit=50, docs=3, doc_tokens=64, max_len=320,
+                 max_new_tokens=12, eval_examples=4, retrofit_steps=40, retrofit_batch=4, retrofit_seq_len=192,
+                 skipped=["aclsum and truthfulqa-mc rows (--quick: CPU budget)",
+                          "gemma3-270m rows (--quick: CPU budget)"])
+    else:
+        g = Grid(rows=full_rows(not args.no_gemma_retro), steps=200, batch_size=8, limit=200, retrofit_steps=400,
+                 skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
+    over = {"limit": args.limit, "steps": args.steps, "batch_size": args.batch_size, "retrofit_steps": args.retrofit_steps}
+    g = replace(g, lr=args.lr, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
+                reuse_retro_ckpt=not args.no_reuse_retro, **{k: v for k, v in over.items() if v is not None})
+    res = run_grid(g)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
