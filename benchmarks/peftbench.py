@@ -29,6 +29,7 @@ measured figure for each of the paper's four claims, computed from the rows.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -92,6 +93,12 @@ class Grid:
                 "max_target", "eval_examples", "lora_rank", "adapter_dim", "n_virtual", "retrofit_steps",
                 "retrofit_batch", "retrofit_seq_len", "chunk_tokens")
         return {k: getattr(self, k) for k in keys}
+
+    def folder(self) -> Path:
+        """Where this grid's zero-shot scores, runs and rows are cached: one folder per training settings, so a
+        rerun with other settings never reads stale rows."""
+        digest = hashlib.sha1(json.dumps(self.training(), sort_keys=True).encode()).hexdigest()[:10]
+        return Path(self.cache) / f"grid-{digest}"
 
 
 def full_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
@@ -198,8 +205,7 @@ def retro_checkpoint(g: Grid, model: str, store: dict) -> dict:
             if why is None:
                 return {"checkpoint": str(RETRO_CACHE_CKPT), "source": "reused benchmarks/.cache/retro/ckpt"}
             log(f"benchmarks/.cache/retro/ckpt does not fit the SQuAD store ({why}); RETRO-fitting here")
-        out = Path(g.cache) / f"retrofit-{tag(model)}"
-        rc = {"chunk_size": g.chunk_tokens, "cca_layers": CCA_LAYERS.get(model), **g.retro}
+        out = Path(g.cache) / f"retrofit-{tag(model)}-{retro_key}"
         cfg = RetrofitConfig(datastore=store["path"], train=[str(squad_split_file(g, "train"))], out=str(out),
                              model=model, eval=[str(squad_split_file(g, "validation"))], steps=g.retrofit_steps,
                              retro=RetroConfig(**rc), batch_size=g.retrofit_batch, seq_len=g.retrofit_seq_len,
@@ -211,7 +217,10 @@ def retro_checkpoint(g: Grid, model: str, store: dict) -> dict:
         return {"checkpoint": str(out), "source": "RETRO-fit here on the SQuAD train-split paragraphs",
                 "retro": rc, "wall_s": round(time.perf_counter() - t0, 1), **keep}
 
-    return cached(Path(g.cache) / f"retrofit-{tag(model)}.json", train)
+    rc = {"chunk_size": g.chunk_tokens, "cca_layers": CCA_LAYERS.get(model), **g.retro}
+    retro_key = hashlib.sha1(json.dumps([rc, g.retrofit_steps, g.retrofit_batch, g.retrofit_seq_len, g.bf16],
+                                        sort_keys=True).encode()).hexdigest()[:10]
+    return cached(Path(g.cache) / f"retrofit-{tag(model)}-{retro_key}.json", train)
 
 
 def _score(res: dict) -> dict:
@@ -229,7 +238,7 @@ def zero_shot(g: Grid, model: str, task: str, arch: str, store: dict | None, ckp
         log(f"zero-shot {model} {task} {arch}: {METRIC[task]} {r.get(METRIC[task])}")
         return {**_score(r), "eval_s": round(time.perf_counter() - t0, 1)}
 
-    return cached(Path(g.cache) / "zero" / f"{tag(model)}-{task}-{arch}.json", run)
+    return cached(g.folder() / "zero" / f"{tag(model)}-{task}-{arch}.json", run)
 
 
 def _inputs(g: Grid) -> dict[str, Any]:
@@ -286,7 +295,7 @@ def row(g: Grid, model: str, task: str, arch: str, method: str, store: dict | No
     name = f"{tag(model)}-{task}-{arch}-{method}"
 
     def run() -> dict:
-        out = Path(g.cache) / "runs" / name
+        out = g.folder() / "runs" / name
         spec = tune_config(g, model, task, arch, method, store, ckpt, out)
         t0 = time.perf_counter()
         s = tune_isolated(spec, g) if g.isolate else run_tune(spec)
@@ -299,7 +308,7 @@ def row(g: Grid, model: str, task: str, arch: str, method: str, store: dict | No
                 "train_wall_s": round(wall, 1), "peak_rss_mb": s.get("peak_rss_mb"), "final_loss": s.get("final_loss"),
                 "tuned": _score(r), "eval_s": round(time.perf_counter() - t1, 1)}
 
-    return cached(Path(g.cache) / "rows" / f"{name}.json", run)
+    return cached(g.folder() / "rows" / f"{name}.json", run)
 
 
 def run_grid(g: Grid) -> dict[str, Any]:
@@ -318,7 +327,7 @@ def run_grid(g: Grid) -> dict[str, Any]:
     skipped = list(g.skipped)
     for model, task, arch, method in g.rows:
         key = f"{model} {task} {arch} {method}"
-        rows_done = (cache / "rows" / f"{tag(model)}-{task}-{arch}-{method}.json").exists()
+        rows_done = (g.folder() / "rows" / f"{tag(model)}-{task}-{arch}-{method}.json").exists()
         if not rows_done and g.max_minutes is not None and time.perf_counter() - t_start > 60 * g.max_minutes:
             skipped.append(f"{key}: not run (--max-minutes {g.max_minutes:g} reached)")
             continue
@@ -491,11 +500,11 @@ def write_outputs(res: dict[str, Any], cache: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="CPU-sized: SmolLM2 SQuAD rows, small steps, no gemma")
-    ap.add_argument("--limit", type=int, default=None, help="test examples per row (quick 50, full 200)")
-    ap.add_argument("--steps", type=int, default=None, help="tuning steps per row (quick 12, full 200)")
+    ap.add_argument("--limit", type=int, default=None, help="test examples per row (quick 16, full 200)")
+    ap.add_argument("--steps", type=int, default=None, help="tuning steps per row (quick 8, full 200)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per step (quick 4, full 8)")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of every row")
-    ap.add_argument("--retrofit-steps", type=int, default=None, help="RETRO-fit steps (quick 40, full 400)")
+    ap.add_argument("--retrofit-steps", type=int, default=None, help="RETRO-fit steps (quick 24, full 400)")
     ap.add_argument("--no-gemma-retro", action="store_true", help="skip Gemma-3-270M's RETRO-fit and retro row")
     ap.add_argument("--no-reuse-retro", action="store_true", help="RETRO-fit here even if benchmarks/.cache/retro fits")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
@@ -507,8 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         child(Path(args.child))
         return 0
     if args.quick:
-        g = Grid(rows=quick_rows(), steps=12, batch_size=4, limit=50, docs=3, doc_tokens=64, max_len=320,
-                 max_new_tokens=12, eval_examples=4, retrofit_steps=40, retrofit_batch=4, retrofit_seq_len=192,
+        g = Grid(rows=quick_rows(), steps=8, batch_size=4, limit=16, docs=2, doc_tokens=48, max_len=192,
+                 max_new_tokens=8, eval_examples=2, retrofit_steps=24, retrofit_batch=4, retrofit_seq_len=128,
                  skipped=["aclsum and truthfulqa-mc rows (--quick: CPU budget)",
                           "gemma3-270m rows (--quick: CPU budget)"])
     else:
