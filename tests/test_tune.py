@@ -232,6 +232,27 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(setup, tiny_lm, runs, t
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_training_retrieves_only_the_examples_its_steps_draw(setup, tiny_lm, tmp_path, monkeypatch):
+    import ralm.tuning.tune as tune_mod
+    from ralm.methods.task_inputs import TaskRetrieval
+
+    asked, real = [], TaskRetrieval.rows
+
+    def spy(self, examples):
+        asked.extend(e.id for e in examples)
+        return real(self, examples)
+
+    monkeypatch.setattr(TaskRetrieval, "rows", spy)
+    cfg = config_from(tune_args(setup, tiny_lm, tmp_path / "run", "gpt", "lora"))
+    tune_mod.tune(cfg, progress=False)
+    train = tune_mod.load_splits(cfg.task, cfg.task_file, seed=cfg.seed)["train"]
+    order = list(range(len(train)))
+    drawn = {train[i].id for step in range(cfg.steps) for i in tune_mod.loop.step_items(order, step, 2, cfg.seed)}
+    asked_train = [i for i in asked if i in {e.id for e in train}]
+    assert len(train) > len(drawn)  # the fixture has more training examples than 4 steps of 2 draw
+    assert sorted(asked_train) == sorted(drawn)  # each drawn example retrieved once, no other
+
+
 # ---- bad input: one-line errors ------------------------------------------------------------------
 def invoke(args: list[str]):
     from typer.testing import CliRunner

@@ -109,11 +109,14 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
     check_room(model, handle.n_virtual, s)
     enc = encoder_for(model, tok, cfg.arch, ds, s)
     retrieval = TaskRetrieval(ds, cfg.docs)
-    rows = retrieval.rows(train_ex)  # once: (n_train, <= docs) store rows
+    rows: dict[int, list[int]] = {}  # example -> its store rows, retrieved when a step first draws it: a short
+    # run on SQuAD's 7,771 training questions would otherwise search for all of them before its first step
     order = list(range(len(train_ex)))
 
     def batch(step: int) -> dict[str, Any]:
         idx = loop.step_items(order, step, cfg.batch_size, cfg.seed)
+        new = [i for i in dict.fromkeys(idx) if i not in rows]
+        rows.update(zip(new, retrieval.rows([train_ex[i] for i in new]), strict=True))
         return enc.collate([enc.encode(train_ex[i], rows[i], gold_target(train_ex[i])) for i in idx])
 
     def evaluate(_: Any) -> dict[str, Any]:
