@@ -1,5 +1,9 @@
 """User-facing errors: one line that names the input and what is wrong."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class RalmError(Exception):
     """An error caused by user input (a path, a flag, a corpus, a store).
@@ -15,3 +19,12 @@ class StoreError(RalmError):
 
 class IncompatibleError(RalmError):
     """A query or use needs another encoder or tokenizer than the store was built with."""
+
+
+def refuse_below(cfg: Any, names: tuple[str, ...], low: int = 1) -> None:
+    """Refuse the first of ``cfg``'s fields ``names`` below ``low``, naming its flag (``--field-name``): the
+    bound check every config's ``__post_init__`` makes on its counts and sizes."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < low:
+            raise RalmError(f"--{name.replace('_', '-')} {value}: must be >= {low}")

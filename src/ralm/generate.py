@@ -16,7 +16,7 @@ import torch
 import ralm.methods  # noqa: F401  registers the built-in methods
 from ralm.core.registry import get_method
 from ralm.core.start_token import start_token_id
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 
 
 @dataclass
@@ -36,9 +36,7 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         get_method(self.method, generates=True)
-        for name in ("max_new_tokens", "context", "stride", "query_len", "docs", "doc_tokens"):
-            if getattr(self, name) < 1:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        refuse_below(self, ("max_new_tokens", "context", "stride", "query_len", "docs", "doc_tokens"))
         if self.temperature < 0:
             raise RalmError(f"--temperature {self.temperature}: must be >= 0")
 

@@ -22,7 +22,7 @@ from ralm.core.registry import Method, MethodContext, Session, register_method
 from ralm.core.retriever import Retriever, StoreRetriever
 from ralm.core.start_token import start_token_id
 from ralm.core.targets import Targets, make_targets
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 from ralm.methods.stores import method_retriever, open_retrieval_store, restrict, store_hits, without_tokens
 
 
@@ -45,9 +45,7 @@ class InContextConfig:
     doc_tokens: int = field(default=256, metadata={"help": "each passage is truncated to this many tokens"})
 
     def __post_init__(self) -> None:
-        for name in ("stride", "query_len", "docs", "doc_tokens"):
-            if getattr(self, name) < 1:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        refuse_below(self, ("stride", "query_len", "docs", "doc_tokens"))
 
 
 def block_starts(n: int, stride: int) -> list[int]:

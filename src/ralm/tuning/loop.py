@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 from ralm.tuning.state import Params, TrainerState, read_trainer_state, save_trainer_state
 from ralm.utils import outdir
 from ralm.utils.atomic import atomic_open
@@ -60,9 +60,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise RalmError(f"--steps {self.steps}: must be >= 1")
-        for name in ("warmup", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
+        refuse_below(self, ("warmup", "eval_every", "save_every"), 0)
         # written as `not x > 0` so that NaN is refused too
         if not self.lr > 0 or math.isinf(self.lr):
             raise RalmError(f"--lr {self.lr}: must be a finite number > 0")

@@ -28,7 +28,7 @@ from ralm.core.targets import make_targets
 from ralm.data.corpus import CorpusConfig, iter_documents
 from ralm.datastore.build import input_files_fingerprint
 from ralm.datastore.store import Datastore
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
 from ralm.lm.presets import DEFAULT_LM, tokenizer_fingerprint
@@ -70,9 +70,7 @@ class RetrofitConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("batch_size", "seq_len", "eval_windows"):
-            if getattr(self, name) < 1:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        refuse_below(self, ("batch_size", "seq_len", "eval_windows"))
         if self.seq_len % self.retro.chunk_size:
             raise RalmError(f"--seq-len {self.seq_len}: must be a multiple of the chunk size {self.retro.chunk_size}")
         if not self.train:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ralm.data.tasks import get_task, load_splits, task_names
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.peft import WEIGHTS, PeftConfig, apply_peft
 from ralm.methods.peft.config import ARCHS
@@ -71,9 +71,7 @@ class TuneConfig(TrainConfig):
             raise RalmError(f"--docs {self.docs}: --arch retro reads the retrieved chunks as neighbours, give >= 1")
         if self.docs < 0:
             raise RalmError(f"--docs {self.docs}: must be >= 0")
-        for name in ("doc_tokens", "max_len", "max_target", "max_new_tokens", "batch_size", "eval_examples"):
-            if getattr(self, name) < 1:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        refuse_below(self, ("doc_tokens", "max_len", "max_target", "max_new_tokens", "batch_size", "eval_examples"))
 
     def settings(self) -> TaskSettings:
         return TaskSettings(self.docs, self.doc_tokens, self.max_len, self.max_target, self.max_new_tokens,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 
 PAD = -1  # neighbour token padding (short neighbours, missing neighbours)
 GATE_SCALE = 30.0  # match gate logit multiplier (see ChunkedCrossAttention)
@@ -68,10 +68,8 @@ class RetroConfig:
     def __post_init__(self) -> None:
         if self.neighbour_len is None:  # RETRO: a neighbour is its chunk and that chunk's continuation
             self.neighbour_len = 2 * self.chunk_size
-        for name in ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
-                     "cca_dim", "cca_heads", "ffn_mult"):
-            if getattr(self, name) < 1:
-                raise RalmError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        refuse_below(self, ("chunk_size", "neighbours", "neighbour_len", "enc_dim", "enc_layers", "enc_heads",
+                            "cca_dim", "cca_heads", "ffn_mult"))
         if self.chunk_size < 2:
             raise RalmError(f"--chunk-size {self.chunk_size}: must be >= 2")
         if self.enc_dim % self.enc_heads or self.cca_dim % self.cca_heads:
