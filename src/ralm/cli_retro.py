@@ -69,10 +69,8 @@ def generate(
         method = cfg.method
         m = get_method(method, generates=True)
         refuse_foreign(cfg, method)
-        if m.resolve is not None:  # e.g. the store a checkpoint was trained with (before the model loads)
-            m.resolve(cfg, cfg)  # generate's config is flat: the options are its own fields
-        elif m.store != "none" and not cfg.datastore:
-            raise RalmError(f"--method {method} needs --datastore")
+        # e.g. the store a checkpoint was trained with; generate's config is flat: the options are its own fields
+        m.prepare(cfg, cfg)
         lm = load(model)
         state = ds = None
         if m.store != "none":

@@ -121,6 +121,13 @@ class Method:
         """This method's options in a run config's ``options`` dict (None for a method without options)."""
         return run.options[self.options] if self.options else None
 
+    def prepare(self, run: Any, options: Any) -> None:
+        """Before any model loads: the method's ``resolve``, or by default refuse a store method without a store."""
+        if self.resolve is not None:
+            self.resolve(run, options)
+        elif self.store != "none" and not run.datastore:
+            raise RalmError(f"--method {self.name} needs --datastore")
+
 
 _METHODS: dict[str, Method] = {}
 

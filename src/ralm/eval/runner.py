@@ -56,10 +56,7 @@ class EvalLMConfig:
         if not self.data:
             raise RalmError("--data: give at least one file of held-out documents")
         self.options = check_options(self.options, [self.method])
-        if method.resolve is not None:
-            method.resolve(self, method.options_of(self))
-        elif method.store != "none" and not self.datastore:
-            raise RalmError(f"--method {self.method} needs --datastore")
+        method.prepare(self, method.options_of(self))
         if self.decontaminate is not None and self.decontaminate < 1:
             raise RalmError(f"--decontaminate {self.decontaminate}: must be >= 1")
         if self.leakage_report and method.store == "none":
