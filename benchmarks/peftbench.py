@@ -42,7 +42,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RALM_DATA_DIR", ROOT.parent / "shared" / "data"))
-CACHE = ROOT / "benchmarks" / ".cache" / "peft"
+CACHE = ROOT / "benchmarks" / ".cache" / "peft"  # stores, RETRO-fits, run folders (weights): never committed
+RESULTS = ROOT / "benchmarks" / "results" / "peft"  # the measured JSON of every stage and results.{json,md,png}
 RETRO_CACHE_CKPT = ROOT / "benchmarks" / ".cache" / "retro" / "ckpt"
 METHODS = ("lora", "adapter", "prompt", "ptuning", "full")
 ARCHS = ("gpt", "retro")
@@ -60,6 +61,7 @@ class Grid:
     """What the benchmark runs; one instance = one grid (the same training settings for every row)."""
 
     cache: str = str(CACHE)
+    results: str = str(RESULTS)
     squad: str = str(DATA / "squad_dev_v1.1.json")
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)  # (model, task, arch, method), in order
     steps: int = 200
@@ -86,6 +88,8 @@ class Grid:
     isolate: bool = True  # each tuning run in a subprocess (peak RSS per run)
     threads: int | None = None
     max_minutes: float | None = None
+    speed_reps: int = 3  # LoRA-vs-full speed pairs (alternating child processes, same batches)
+    speed_steps: int = 8
     bf16: bool | None = None
     skipped: list[str] = field(default_factory=list)  # what the grid leaves out on purpose, said in the output
 
@@ -95,11 +99,17 @@ class Grid:
                 "retrofit_batch", "retrofit_seq_len", "chunk_tokens")
         return {k: getattr(self, k) for k in keys}
 
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.training(), sort_keys=True).encode()).hexdigest()[:10]
+
     def folder(self) -> Path:
-        """Where this grid's zero-shot scores, runs and rows are cached: one folder per training settings, so a
-        rerun with other settings never reads stale rows."""
-        digest = hashlib.sha1(json.dumps(self.training(), sort_keys=True).encode()).hexdigest()[:10]
-        return Path(self.cache) / f"grid-{digest}"
+        """Where this grid's run folders (weights) live: one folder per training settings."""
+        return Path(self.cache) / f"grid-{self.digest()}"
+
+    def measured(self) -> Path:
+        """Where this grid's measured stages (zero-shot, rows, speed) are kept as JSON, so a rerun with the same
+        settings (a later session, a fresh clone) continues instead of measuring them again."""
+        return Path(self.results) / f"grid-{self.digest()}"
 
 
 def full_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
@@ -107,6 +117,14 @@ def full_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
     rows += [(SMOL, t, a, m) for t in ("aclsum", "truthfulqa-mc") for m in ("lora", "adapter") for a in ARCHS]
     rows += [(GEMMA, "squad", a, "lora") for a in (ARCHS if gemma_retro else ("gpt",))]
     return rows
+
+
+def cpu_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
+    """The full grid, most informative first (a run stopped by ``--max-minutes`` keeps the SQuAD grid whole):
+    the ten SmolLM2 SQuAD rows, then multiple choice (cheap), summaries, the Gemma size axis."""
+    rows = quick_rows()
+    rows += [(SMOL, t, a, m) for t in ("truthfulqa-mc", "aclsum") for m in ("lora", "adapter") for a in ARCHS]
+    return rows + [(GEMMA, "squad", a, "lora") for a in (ARCHS if gemma_retro else ("gpt",))]
 
 
 def quick_rows() -> list[tuple[str, str, str, str]]:
@@ -221,7 +239,10 @@ def retro_checkpoint(g: Grid, model: str, store: dict) -> dict:
     rc = {"chunk_size": g.chunk_tokens, "cca_layers": CCA_LAYERS.get(model), **g.retro}
     retro_key = hashlib.sha1(json.dumps([rc, g.retrofit_steps, g.retrofit_batch, g.retrofit_seq_len, g.bf16],
                                         sort_keys=True).encode()).hexdigest()[:10]
-    return cached(Path(g.cache) / f"retrofit-{tag(model)}-{retro_key}.json", train)
+    record = Path(g.cache) / f"retrofit-{tag(model)}-{retro_key}.json"
+    if record.exists() and not Path(json.loads(record.read_text())["checkpoint"]).exists():
+        record.unlink()  # the record outlived its checkpoint (a fresh clone): fit again, same seed and data
+    return cached(record, train)
 
 
 def _score(res: dict) -> dict:
@@ -239,7 +260,7 @@ def zero_shot(g: Grid, model: str, task: str, arch: str, store: dict | None, ckp
         log(f"zero-shot {model} {task} {arch}: {METRIC[task]} {r.get(METRIC[task])}")
         return {**_score(r), "eval_s": round(time.perf_counter() - t0, 1)}
 
-    return cached(g.folder() / "zero" / f"{tag(model)}-{task}-{arch}.json", run)
+    return cached(g.measured() / "zero" / f"{tag(model)}-{task}-{arch}.json", run)
 
 
 def _inputs(g: Grid) -> dict[str, Any]:
@@ -306,12 +327,12 @@ def row(g: Grid, model: str, task: str, arch: str, method: str, store: dict | No
         r = run_eval_task(EvalTaskConfig(run=str(out), split="test", limit=g.limit, batch_size=g.batch_size))
         log(f"{name}: {METRIC[task]} {r.get(METRIC[task])}, {s['tokens_per_second']} tok/s, {wall:.0f} s")
         return {"run": str(out), "trainable": s["trainable"], "total": s["total"], "percent": round(s["percent"], 4),
-                "tokens_per_second": s["tokens_per_second"], "trained_tokens": s["trained_tokens"],
-                "train_loop_s": s.get("seconds"),
+                "tokens_per_second": s["tokens_per_second"], "positions_per_second": s.get("positions_per_second"),
+                "trained_tokens": s["trained_tokens"], "train_loop_s": s.get("train_seconds"),
                 "train_wall_s": round(wall, 1), "peak_rss_mb": s.get("peak_rss_mb"), "final_loss": s.get("final_loss"),
                 "tuned": _score(r), "eval_s": round(time.perf_counter() - t1, 1)}
 
-    return cached(g.folder() / "rows" / f"{name}.json", run)
+    return cached(g.measured() / "rows" / f"{name}.json", run)
 
 
 def run_grid(g: Grid) -> dict[str, Any]:
@@ -320,8 +341,7 @@ def run_grid(g: Grid) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(g.threads)
-    cache = Path(g.cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    Path(g.cache).mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     stores: dict[str, Any] = {}
     retrofits: dict[str, Any] = {}
@@ -330,7 +350,7 @@ def run_grid(g: Grid) -> dict[str, Any]:
     skipped = list(g.skipped)
     for model, task, arch, method in g.rows:
         key = f"{model} {task} {arch} {method}"
-        rows_done = (g.folder() / "rows" / f"{tag(model)}-{task}-{arch}-{method}.json").exists()
+        rows_done = (g.measured() / "rows" / f"{tag(model)}-{task}-{arch}-{method}.json").exists()
         if not rows_done and g.max_minutes is not None and time.perf_counter() - t_start > 60 * g.max_minutes:
             skipped.append(f"{key}: not run (--max-minutes {g.max_minutes:g} reached)")
             continue
@@ -349,11 +369,46 @@ def run_grid(g: Grid) -> dict[str, Any]:
         r = row(g, model, task, arch, method, store, ckpt)
         rows.append({"model": model, "task": task, "arch": arch, "method": method, "metric": METRIC[task],
                      "zero_shot": zero[zkey].get(METRIC[task]), "tuned_score": r["tuned"].get(METRIC[task]), **r})
-    res = {"benchmark": "peft", "settings": g.training(), "stores": stores, "retrofit": retrofits,
-           "zero_shot": zero, "rows": rows, "speed": speed(rows), "skipped": skipped}
+    pair = None
+    if g.speed_reps and any(r[2:] == ("gpt", "full") for r in g.rows):
+        if g.max_minutes is None or time.perf_counter() - t_start <= 60 * g.max_minutes or \
+                (g.measured() / "speed.json").exists():
+            pair = speed_pair(g, store_for(g, SMOL, "squad"))
+        else:
+            skipped.append(f"LoRA-vs-full speed pairs: not run (--max-minutes {g.max_minutes:g} reached)")
+    res = {"benchmark": "peft", "settings": g.training(), "grid": g.digest(), "stores": stores,
+           "retrofit": retrofits, "zero_shot": zero, "rows": rows, "speed": speed(rows, pair), "skipped": skipped}
     res["claims"] = claims(rows)
-    write_outputs(res, cache)
+    write_outputs(res, Path(g.results))
     return res
+
+
+def speed_pair(g: Grid, store: dict) -> dict[str, Any]:
+    """gpt LoRA vs full fine-tuning, ``speed_reps`` times in alternation (lora, full, lora, full, ...), each a
+    child process of ``speed_steps`` steps on the same batches: the ratio of each pair, so a load change on the
+    shared machine hits both sides of a pair alike. Train seconds only (no evaluation, no saving)."""
+    import shutil
+
+    def run() -> dict[str, Any]:
+        runs = []
+        for rep in range(g.speed_reps):
+            for method in ("lora", "full"):
+                out = g.folder() / "speed" / f"{method}-{rep}"
+                spec = {**tune_config(g, SMOL, "squad", "gpt", method, store, None, out), "steps": g.speed_steps,
+                        "warmup": 1, "save_every": 0, "eval_examples": 1, "force": True}
+                r = tune_isolated(spec, g)
+                shutil.rmtree(out, ignore_errors=True)  # a full fine-tuning folder holds every weight
+                shutil.rmtree(Path(str(out) + ".child"), ignore_errors=True)
+                runs.append({"method": method, "rep": rep, "train_seconds": r["train_seconds"],
+                             "tokens": r["trained_tokens"], "tokens_per_second": r["tokens_per_second"],
+                             "positions_per_second": r.get("positions_per_second"), "peak_rss_mb": r["peak_rss_mb"]})
+                log(f"speed {method} #{rep}: {r.get('positions_per_second')} positions/s, {r['peak_rss_mb']} MB")
+        pairs = zip(runs[::2], runs[1::2], strict=True)  # (lora, full) of each rep
+        ratios = sorted(a["positions_per_second"] / b["positions_per_second"] for a, b in pairs)
+        return {"runs": runs, "steps": g.speed_steps, "ratio_lora_over_full_median": round(ratios[len(ratios) // 2], 3),
+                "ratio_min": round(ratios[0], 3), "ratio_max": round(ratios[-1], 3)}
+
+    return cached(g.measured() / "speed.json", run)
 
 
 # ---- results -----------------------------------------------------------------------------------------
@@ -368,18 +423,30 @@ def gain(r: dict | None) -> float | None:
     return round(r["tuned_score"] - r["zero_shot"], 4)
 
 
-def speed(rows: list[dict]) -> dict[str, Any]:
-    """gpt LoRA vs gpt full fine-tuning on SQuAD (same batches, same run): tokens/s ratio and peak RSS."""
+def speed(rows: list[dict], pair: dict | None = None) -> dict[str, Any]:
+    """gpt LoRA vs full fine-tuning on SQuAD (same batches): from the two grid rows (one run each) and, where
+    measured, from the alternating pairs (``speed_pair``, the figure to quote). Input positions per train
+    second (prompt with its passages + target, what the model computes), and the target tokens the loss
+    averages over; peak RSS of each run's process."""
+    out: dict[str, Any] = {}
     lora, full = find(rows, SMOL, "squad", "gpt", "lora"), find(rows, SMOL, "squad", "gpt", "full")
-    if lora is None or full is None:
-        return {"status": "not measured"}
-    def tps(r: dict) -> float:  # unrounded where the loop's seconds were kept (the loop rounds to 0.1 tok/s)
-        return r["trained_tokens"] / r["train_loop_s"] if r.get("train_loop_s") else r["tokens_per_second"]
+    if lora is not None and full is not None:
+        def pps(r: dict) -> float | None:
+            return r.get("positions_per_second")
 
-    return {"lora_tokens_per_second": lora["tokens_per_second"], "full_tokens_per_second": full["tokens_per_second"],
-            "ratio_lora_over_full": round(tps(lora) / max(tps(full), 1e-9), 3),
-            "tokens": "target (loss) tokens, as the shared loop counts them",
-            "lora_peak_rss_mb": lora["peak_rss_mb"], "full_peak_rss_mb": full["peak_rss_mb"]}
+        out["rows"] = {"lora_positions_per_second": pps(lora), "full_positions_per_second": pps(full),
+                       "lora_target_tokens_per_second": lora["tokens_per_second"],
+                       "full_target_tokens_per_second": full["tokens_per_second"],
+                       "ratio_lora_over_full": round(pps(lora) / pps(full), 3) if pps(lora) and pps(full) else None,
+                       "lora_peak_rss_mb": lora["peak_rss_mb"], "full_peak_rss_mb": full["peak_rss_mb"]}
+    if pair is not None:
+        by = {m: [r for r in pair["runs"] if r["method"] == m] for m in ("lora", "full")}
+        out["pairs"] = {"ratio_lora_over_full": pair["ratio_lora_over_full_median"],
+                        "ratio_range": [pair["ratio_min"], pair["ratio_max"]], "pairs": len(by["lora"]),
+                        "steps": pair["steps"],
+                        **{f"{m}_positions_per_second": [r["positions_per_second"] for r in v] for m, v in by.items()},
+                        **{f"{m}_peak_rss_mb": max(r["peak_rss_mb"] for r in v) for m, v in by.items()}}
+    return out or {"status": "not measured"}
 
 
 def claims(rows: list[dict]) -> dict[str, dict[str, Any]]:
@@ -452,18 +519,25 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["# PEFT on GPT vs RETRO-fit (benchmarks/peftbench.py)", "",
              "Settings (every row): " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()), "",
              "| model | task | arch | method | metric | zero-shot | tuned | gain | trained params | % of model "
-             "| train tok/s | train wall s | peak RSS MB |", "|" + "---|" * 13]
+             "| train positions/s | train wall s | peak RSS MB |", "|" + "---|" * 13]
     for r in res["rows"]:
         lines.append(f"| {r['model']} | {r['task']} | {r['arch']} | {r['method']} | {r['metric']} | {r['zero_shot']} "
                      f"| {r['tuned_score']} | {gain(r)} | {r['trainable']:,} | {r['percent']:.3f} | "
-                     f"{r['tokens_per_second']} | {r['train_wall_s']} | {r['peak_rss_mb']} |")
+                     f"{r.get('positions_per_second')} | {r['train_wall_s']} | {r['peak_rss_mb']} |")
     sp = res["speed"]
-    lines += ["", "## LoRA vs full fine-tuning (gpt, SQuAD, same batches)", ""]
-    if "ratio_lora_over_full" in sp:
-        lines.append(f"LoRA {sp['lora_tokens_per_second']} tok/s vs full {sp['full_tokens_per_second']} tok/s "
-                     f"(ratio {sp['ratio_lora_over_full']}); peak RSS LoRA {sp['lora_peak_rss_mb']} MB, full "
-                     f"{sp['full_peak_rss_mb']} MB.")
-    else:
+    lines += ["", "## LoRA vs full fine-tuning (gpt, SQuAD, same batches; input positions per train second)", ""]
+    if "pairs" in sp:
+        p = sp["pairs"]
+        lines.append(f"{p['pairs']} alternating pairs of {p['steps']} steps: LoRA / full = {p['ratio_lora_over_full']} "
+                     f"(median; range {p['ratio_range'][0]}-{p['ratio_range'][1]}); LoRA {p['lora_positions_per_second']}"
+                     f" vs full {p['full_positions_per_second']} positions/s; peak RSS LoRA {p['lora_peak_rss_mb']} MB, "
+                     f"full {p['full_peak_rss_mb']} MB.")
+    if "rows" in sp:
+        r = sp["rows"]
+        lines.append(f"The two grid rows (one run each): LoRA {r['lora_positions_per_second']} vs full "
+                     f"{r['full_positions_per_second']} positions/s (ratio {r['ratio_lora_over_full']}); peak RSS LoRA "
+                     f"{r['lora_peak_rss_mb']} MB, full {r['full_peak_rss_mb']} MB.")
+    if "status" in sp:
         lines.append("not measured")
     lines += ["", "## The paper's claims, measured here", ""]
     for k, c in res["claims"].items():
@@ -498,15 +572,18 @@ def chart(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(res: dict[str, Any], cache: Path) -> None:
-    (cache / "results.json").write_text(json.dumps(res, indent=2))
-    (cache / "results.md").write_text(markdown(res))
-    chart(res, cache / "results.png")
+def write_outputs(res: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(res, indent=2))
+    (folder / "results.md").write_text(markdown(res))
+    chart(res, folder / "results.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="CPU-sized: SmolLM2 SQuAD rows, small steps, no gemma")
+    ap.add_argument("--quick", action="store_true", help="smoke run: SmolLM2 SQuAD rows, 8 steps, 16 questions")
+    ap.add_argument("--cpu", action="store_true", help="the CPU budget: every row of the grid at 200 steps of "
+                    "batch 2, 100 test examples, the passages cut to 48 tokens (see the module docstring)")
     ap.add_argument("--limit", type=int, default=None, help="test examples per row (quick 16, full 200)")
     ap.add_argument("--steps", type=int, default=None, help="tuning steps per row (quick 8, full 200)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per step (quick 4, full 8)")
@@ -516,7 +593,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-reuse-retro", action="store_true", help="RETRO-fit here even if benchmarks/.cache/retro fits")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--cache-dir", default=str(CACHE))
+    ap.add_argument("--cache-dir", default=str(CACHE), help="stores, RETRO-fits and run folders (weights)")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="the measured JSON of every stage and the results")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -527,11 +605,17 @@ def main(argv: list[str] | None = None) -> int:
                  max_new_tokens=8, eval_examples=2, retrofit_steps=24, retrofit_batch=4, retrofit_seq_len=128,
                  skipped=["aclsum and truthfulqa-mc rows (--quick: CPU budget)",
                           "gemma3-270m rows (--quick: CPU budget)"])
+    elif args.cpu:
+        g = Grid(rows=cpu_rows(not args.no_gemma_retro), steps=200, warmup=10, batch_size=2, limit=100, docs=5,
+                 doc_tokens=48, max_len=384, max_new_tokens=16, max_target=96, eval_examples=8, retrofit_steps=300,
+                 retrofit_batch=4, retrofit_seq_len=256,
+                 skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
     else:
         g = Grid(rows=full_rows(not args.no_gemma_retro), steps=200, batch_size=8, limit=200, retrofit_steps=400,
                  skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
     over = {"limit": args.limit, "steps": args.steps, "batch_size": args.batch_size, "retrofit_steps": args.retrofit_steps}
     g = replace(g, lr=args.lr, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
+                results=args.results_dir,
                 reuse_retro_ckpt=not args.no_reuse_retro, **{k: v for k, v in over.items() if v is not None})
     with contextlib.redirect_stdout(sys.stderr):  # in-process runs print the loop's progress
         res = run_grid(g)

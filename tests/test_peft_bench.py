@@ -28,13 +28,14 @@ def bench():
 
 
 def tiny_grid(bench, root: Path, squad: Path, lm: str, encoder: str, rows, isolate: bool = False):
-    return bench.Grid(cache=str(root / "cache"), squad=str(squad), rows=rows, steps=2, batch_size=2, lr=0.05,
+    return bench.Grid(cache=str(root / "cache"), results=str(root / "results"), squad=str(squad), rows=rows,
+                      steps=2, batch_size=2, lr=0.05,
                       warmup=1, limit=3, docs=2, doc_tokens=8, max_len=96, max_new_tokens=4, max_target=8,
                       eval_examples=2, lora_rank=2, adapter_dim=4, n_virtual=3, retrofit_steps=2, retrofit_batch=2,
                       retrofit_seq_len=32, chunk_tokens=16, encoder=encoder, reuse_retro_ckpt=False, isolate=isolate,
                       bf16=False, retro={"neighbour_len": 32, "enc_dim": 16, "enc_layers": 1, "enc_heads": 2,
                                          "cca_dim": 16, "cca_heads": 2, "cca_layers": [1]},
-                      skipped=["gemma3-270m rows (test)"])
+                      speed_reps=1, speed_steps=2, skipped=["gemma3-270m rows (test)"])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def result(bench, tmp_path_factory, tiny_lm, tiny_encoder):
 
 def test_results_structure(result, tiny_lm):
     root, _, res = result
-    cache = root / "cache"
+    cache = root / "results"
     assert json.loads((cache / "results.json").read_text()) == json.loads(json.dumps(res))
     assert (cache / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(res["rows"]) == 8 and res["settings"]["steps"] == 2
@@ -58,15 +59,18 @@ def test_results_structure(result, tiny_lm):
     assert 1 <= n_test <= 3  # --limit 3 (the generated test split may hold fewer)
     for r in res["rows"]:
         assert r["trainable"] > 0 and 0 < r["percent"] <= 100 and r["tokens_per_second"] > 0
+        assert r["positions_per_second"] > r["tokens_per_second"]  # the prompt is computed, not trained on
         assert r["tuned"]["examples"] == n_test and 0 <= r["tuned_score"] <= 100 and 0 <= r["zero_shot"] <= 100
     full = [r for r in res["rows"] if r["method"] == "full"]
     assert all(r["percent"] == 100 for r in full if r["arch"] == "gpt")
     lora = next(r for r in res["rows"] if (r["arch"], r["method"]) == ("gpt", "lora"))
     assert lora["trainable"] < full[0]["trainable"]
+    pair = res["speed"]["pairs"]  # one alternating (lora, full) pair, each in its own process
+    assert pair["pairs"] == 1 and pair["ratio_lora_over_full"] > 0 and pair["full_peak_rss_mb"] > 50
+    assert res["speed"]["rows"]["ratio_lora_over_full"] > 0
     assert res["retrofit"][Path(tiny_lm).name]["source"].startswith("RETRO-fit here")
-    assert res["speed"]["ratio_lora_over_full"] == pytest.approx(
-        (lora["trained_tokens"] / lora["train_loop_s"]) / (full[0]["trained_tokens"] / full[0]["train_loop_s"]),
-        abs=1e-3)
+    assert res["speed"]["rows"]["ratio_lora_over_full"] == pytest.approx(
+        lora["positions_per_second"] / full[0]["positions_per_second"], abs=1e-3)
     md = (cache / "results.md").read_text()
     assert md.count("\n| ") == 9  # header + 8 rows
     for text in ("RETRO beats GPT zero-shot", "GPT gains more from PEFT", "P-tuning trails", "saturate with size",

@@ -35,7 +35,8 @@ def tune(config: Callable[..., Any], json_out: JsonOut = False, quiet: Quiet = F
         return
     val = summary["validation"]
     metrics = ", ".join(f"{k} {v}" for k, v in val.items() if k not in ("predictions", "examples"))
-    typer.echo(f"trained {summary['steps']} steps ({summary['tokens_per_second']} tok/s); {summary['trainable']:,} "
+    typer.echo(f"trained {summary['steps']} steps ({summary['tokens_per_second']} target tok/s, "
+               f"{summary['positions_per_second']} input positions/s); {summary['trainable']:,} "
                f"trained parameters ({summary['percent']:.3f}% of the model); validation: {metrics}; "
                f"run in {summary['run']}")
 

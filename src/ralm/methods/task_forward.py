@@ -2,19 +2,23 @@
 (training, validation), per-row target log-likelihoods (multiple choice) and batched greedy generation (QA,
 summaries). Shared by ``ralm tune`` and ``ralm eval-task`` so both compute a score the same way.
 
-Greedy generation recomputes the whole window every step (no KV cache): RETRO-fit's CCA hooks read the
-window's chunks, which a one-token cached step does not have. ``logits_to_keep=1`` keeps the LM head to
-one position; prompts are short next to the cost of the model.
+Greedy generation: gpt keeps the KV cache (one full pass over the prompt, then one token per step; the
+virtual tokens of prompt methods are in the cache after the first pass). RETRO-fit recomputes the whole
+window every step: its CCA hooks read the window's chunks, which a one-token cached step does not have.
+``logits_to_keep=1`` keeps the LM head to one position. ``stop_at_newline`` (QA, whose answer is the first
+line) ends a row at the first newline after some text: the answer it scores is the same, the tokens after it
+are never computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ralm.errors import RalmError
 from ralm.methods.peft import PeftHandle
 from ralm.methods.task_inputs import IGNORE, Encoded, TaskEncoder
 
@@ -56,25 +60,61 @@ def target_loss(handle: PeftHandle, batch: dict[str, Any]) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def greedy(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded], max_new: int) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts (stopping at EOS), token ids without the EOS."""
-    batch = enc.collate(prompts)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
+def greedy(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded], max_new: int,
+           stop_at_newline: bool = False, cache: bool | None = None) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts (stopping at EOS, and with ``stop_at_newline`` at the first
+    newline after some text), token ids without the EOS. ``cache``: KV cache (default: gpt yes, retro no)."""
+    use_cache = enc.arch == "gpt" if cache is None else cache
+    if use_cache and enc.arch != "gpt":
+        raise RalmError("greedy: the KV cache is for --arch gpt (RETRO-fit recomputes its window)")
+    steps = _cached_steps(handle, enc, prompts) if use_cache else _window_steps(handle, enc, prompts)
     B = len(prompts)
     done = torch.zeros(B, dtype=torch.bool)
-    out = torch.empty(B, 0, dtype=torch.long)
-    for _ in range(max_new):
-        step = {"input_ids": ids, "attention_mask": mask, "neighbours": enc.batch_neighbours(prompts, ids.shape[1])}
-        nxt = logits(handle, step, keep=1)[:, -1].float().argmax(-1).cpu()  # (B,)
-        if enc.eos is not None:
-            nxt = torch.where(done, torch.full_like(nxt, enc.eos), nxt)
-            done |= nxt == enc.eos
-        out = torch.cat([out, nxt[:, None]], 1)
-        ids = torch.cat([ids, nxt[:, None]], 1)
-        mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], 1)
+    rows: list[list[int]] = [[] for _ in range(B)]
+    nxt = next(steps)  # (B,) the first token of every row
+    for i in range(max_new):
+        if i:  # a done row's token only feeds its own (discarded) continuation
+            nxt = steps.send(nxt)
+        for b in range(B):
+            if not done[b]:
+                rows[b].append(int(nxt[b]))
+                done[b] = (enc.eos is not None and nxt[b] == enc.eos) or (
+                    stop_at_newline and "\n" in enc.tok.decode(rows[b], skip_special_tokens=True).lstrip())
         if bool(done.all()):
             break
-    return [row if enc.eos is None else _until(row, enc.eos) for row in out.tolist()]
+    steps.close()
+    return [row if enc.eos is None else _until(row, enc.eos) for row in rows]
+
+
+def _window_steps(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded]
+                  ) -> Generator[torch.Tensor, torch.Tensor, None]:
+    """Generator of next tokens (B,), recomputing the whole window every step; send it the tokens chosen."""
+    batch = enc.collate(prompts)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    while True:
+        step = {"input_ids": ids, "attention_mask": mask, "neighbours": enc.batch_neighbours(prompts, ids.shape[1])}
+        nxt = yield logits(handle, step, keep=1)[:, -1].float().argmax(-1).cpu()
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+
+
+def _cached_steps(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded]
+                  ) -> Generator[torch.Tensor, torch.Tensor, None]:
+    """Generator of next tokens (B,) with the KV cache: the prompt (and any virtual tokens) once, then the
+    chosen token alone at the next position of each row."""
+    dev = device_of(handle)
+    batch = enc.collate(prompts)
+    kw = handle.inputs(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    kw = {k: v for k, v in kw.items() if v is not None}
+    mask = kw["attention_mask"]  # (B, N + P): virtual positions included
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -1:]  # (B, 1) position of each row's last token
+    out = handle.model(**kw, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    while True:
+        nxt = yield out.logits[:, -1].float().argmax(-1).cpu()
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
+        pos = pos + 1
+        out = handle.model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=pos,
+                           past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
 
 
 def _until(row: list[int], stop: int) -> list[int]:

@@ -122,7 +122,7 @@ def score(handle: Any, enc: TaskEncoder, retrieval: TaskRetrieval, examples: Seq
         prompts = [enc.encode(ex, r, None) for ex, r in zip(examples[i:i + s.batch_size], rows[i:i + s.batch_size],
                                                             strict=True)]
         new = s.max_new_tokens if kind == "qa" else s.max_target
-        for ids in greedy(handle, enc, prompts, new):
+        for ids in greedy(handle, enc, prompts, new, stop_at_newline=kind == "qa"):
             text = enc.tok.decode(ids, skip_special_tokens=True).strip()
             preds.append(text.split("\n")[0].strip() if kind == "qa" else text)
     if kind == "qa":

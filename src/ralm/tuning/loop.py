@@ -89,6 +89,7 @@ class Task:
     save: Callable[[Path, int], None] | None = None  # (out, step): the user-facing checkpoint, after the state
     base_fingerprints: tuple[str, ...] = ()  # the frozen weights': [0] is recorded, any is accepted on resume
     base_name: str = "the base model"
+    positions: Callable[[Any], int] | None = None  # batch -> input positions the model computes (prompt included)
 
 
 def in_run_folder(out: str | Path, kind: outdir.Kind, force: bool, body: Callable[[], T]) -> T:
@@ -179,8 +180,11 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
           progress: bool = True) -> dict[str, Any]:
     """Train ``model`` in the (locked) folder ``out``; resume from ``state`` (what ``resume_state`` returned).
 
-    Returns a summary: steps, trained_tokens (the whole run's), resumed_at_step, seconds and tokens_per_second
-    (this session's), bf16, device, final_loss and the last evaluation's values.
+    Returns a summary: steps, trained_tokens (the whole run's), resumed_at_step, seconds (this session's, all
+    of it), train_seconds (forward, backward and optimiser steps only: no evaluation, no saving),
+    tokens_per_second (this session's target tokens per train second) and, where the task counts them,
+    positions_per_second (input positions per train second), bf16, device, final_loss and the last
+    evaluation's values.
     """
     out = Path(out)
     params = trainable(model)
@@ -205,6 +209,7 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
     bf16 = use_bf16(cfg, device)
     fingerprint = task.base_fingerprints[0] if task.base_fingerprints else ""
     tokens, t0, loss_ema, final_loss, last_eval = 0, time.perf_counter(), None, None, {}  # tokens: this session's
+    positions, train_s = 0, 0.0  # this session's input positions and seconds spent on steps alone
 
     def checkpoint() -> None:
         # the resumption state is one atomic file (weights + optimiser of one step), written first
@@ -218,6 +223,7 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
     with tqdm(total=cfg.steps, initial=step, desc=task.name, unit="step", disable=not progress,
               file=sys.stderr) as bar:
         while step < cfg.steps:
+            t_step = time.perf_counter()
             batch = task.batch(step)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss, n = task.loss(model, batch)
@@ -226,9 +232,11 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
             grad_norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip))
             opt.step()
             sched.step()
+            train_s += time.perf_counter() - t_step
             step += 1
             tokens += int(n)
-            tps = tokens / (time.perf_counter() - t0)
+            positions += task.positions(batch) if task.positions is not None else 0
+            tps = tokens / max(train_s, 1e-9)
             final_loss = loss.item()
             loss_ema = final_loss if loss_ema is None else 0.95 * loss_ema + 0.05 * final_loss
             bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tps:.0f}")
@@ -246,9 +254,11 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
             if cfg.save_every and step % cfg.save_every == 0 or step == cfg.steps:
                 checkpoint()
     seconds = time.perf_counter() - t0
+    speed = {"positions_per_second": round(positions / max(train_s, 1e-9), 1)} if task.positions is not None else {}
     return {"steps": step, "trained_tokens": tokens_before + tokens,
             "resumed_at_step": state.step if state is not None else 0, "seconds": round(seconds, 1),
-            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "bf16": bf16, "device": device.type,
+            "train_seconds": round(train_s, 3), "tokens_per_second": round(tokens / max(train_s, 1e-9), 1),
+            **speed, "bf16": bf16, "device": device.type,
             "final_loss": None if final_loss is None else round(final_loss, 4), **last_eval}
 
 

@@ -132,7 +132,8 @@ def _train(cfg: TuneConfig, progress: bool) -> dict[str, Any]:
 
     task = loop.Task(name=LABEL, batch=batch, loss=lambda _m, b: target_loss(handle, b),
                      resume_key=cfg.resume_key(), evaluate=evaluate, save=save, base_fingerprints=fps,
-                     base_name=cfg.model)
+                     base_name=cfg.model, positions=lambda b: int(b["attention_mask"].sum())
+                     + handle.n_virtual * len(b["input_ids"]))
     summary = loop.train(model, cfg, task, out, state=state, progress=progress)
     final = score(handle, enc, retrieval, val_ex, s)  # what `ralm eval-task --run OUT --split validation` gives
     write_json(out / RUN, {**meta, "step": summary["steps"], "validation": final})
