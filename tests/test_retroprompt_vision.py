@@ -114,8 +114,12 @@ def test_zero_gate_demos_give_the_no_demo_logits_bit_for_bit() -> None:
     with_demos.class_logits[:, 0].sum().backward()
     assert bb.head.gate.grad is not None and bb.head.gate.grad != 0  # the gate can leave 0
     with torch.no_grad():
-        bb.head.gate.fill_(1.0)
-    assert not torch.allclose(bb.forward(x, demos).class_logits, plain.class_logits)
+        bb.head.gate.fill_(0.1)
+    rep = plain.reps
+    cos = torch.nn.functional.cosine_similarity(rep[:, None], demos, dim=-1)  # (5, 3)
+    expected = torch.log_softmax(bb.head.classifier(rep) + 0.1 * bb.config.demo_scale * cos, -1)
+    torch.testing.assert_close(bb.forward(x, demos).class_logits, expected.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, plain.class_logits)
 
 
 def test_represent_is_deterministic_no_grad_and_in_eval_mode() -> None:
@@ -203,6 +207,7 @@ def test_bad_images_are_one_line_errors_naming_the_example(tmp_path: Path) -> No
 def test_bad_config_and_inputs_are_one_line() -> None:
     for kw, match in [({"head": "conv"}, "--head 'conv': choose linear or mlp"), ({"dim": 0}, "--dim 0: must be >= 1"),
                       ({"hidden": 0}, "--hidden 0"), ({"dropout": 1.0}, r"--dropout 1.0: must be in \[0, 1\)"),
+                      ({"demo_scale": 0.0}, "--demo-scale 0.0: must be > 0"),
                       ({"resolution": 8}, "--resolution 8: must be an integer from 32 to 1024")]:
         with pytest.raises(RalmError, match=match):
             VisionConfig(**kw)

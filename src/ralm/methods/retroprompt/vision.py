@@ -6,7 +6,7 @@
 steps read them from memory and never run the backbone. What trains is the head::
 
     rep    = body(feature)                          (B, d)   the representation: store keys, queries, demos
-    logits = W·rep + b  [+ g · cos(rep, demo_c)]     (B, C)   class_logits = log_softmax(logits)
+    logits = W·rep + b  [+ g·s·cos(rep, demo_c)]     (B, C)   class_logits = log_softmax(logits)
 
 ``body`` is ``linear`` (LayerNorm, dropout, Linear(F, d)) or ``mlp`` (LayerNorm, Linear(F, h), GELU,
 dropout, Linear(h, d)); the LayerNorm puts the frozen features, whose scale varies from image to image, on
@@ -15,12 +15,14 @@ one scale before the head.
 Neural demonstrations. On text a class's demonstration vector enters the prompt next to that class's label
 word, so the LM can compare the input with it. The head's analogue: ``demo_c`` (a similarity-weighted sum of
 class c's nearest stored representations, ``demos.neural_demos``) is a retrieved prototype of class c, and
-the head adds the cosine of the input's representation to each prototype, scaled by a learned gate ``g``
-(a cosine prototype classifier next to the linear one, cf. prototypical networks; ``g`` acts as its inverse
-temperature). Cosine because the store ranks neighbours by cosine: the prototype term reads the same geometry
-the demonstrations were chosen in, and being bounded it cannot swamp the linear term before ``g`` has learned
-its size. ``g`` starts at 0, so training starts from the plain head, and ``demo_vectors=None`` is exactly the
-head without that term (with ``g`` = 0 both give the same logits bit for bit: adding 0·x is exact).
+the head adds the cosine of the input's representation to each prototype, times a learned gate ``g``: a
+cosine prototype classifier next to the linear one (cf. prototypical networks), of inverse temperature
+``g·s``. Cosine because the store ranks neighbours by cosine, so the term reads the geometry the
+demonstrations were chosen in, and, being bounded, it cannot swamp the linear term before ``g`` has learned
+its size. ``s`` (``demo_scale``, fixed) makes ``g`` ~ 1 a usual cosine classifier: Adam moves a scalar by
+about the learning rate per step, so an unscaled term would stay negligible. ``g`` starts at 0, so training
+starts from the plain head; ``demo_vectors=None`` is the head without the term, and at ``g`` = 0 both give
+the same logits bit for bit (adding 0·x is exact).
 
 No "prompt" variant: a learned vector added to the frozen pooled feature before a linear layer is only a
 bias (W(f + p) = Wf + Wp); a real visual prompt has to enter the backbone's input, which would mean running
@@ -28,7 +30,8 @@ the backbone at every step instead of reading cached features.
 
 Images: ``LabelledExample.image`` is a (h, w) or (h, w, 3) uint8 array, or the path of an image file (PNG,
 JPEG, ... decoded with Pillow); anything else, or a file that fails to decode, is a one-line ``RalmError``
-naming the example.
+naming the example. Features are kept by ``LabelledExample.id``: ids must identify the image (the data
+readers' ids do: ``train-00042``).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class VisionConfig:
     hidden: int = field(default=512, metadata={"help": "hidden width of the mlp head (unused by linear)"})
     dim: int = field(default=256, metadata={"help": "representation size d: the head's output, what the "
                                                     "knowledge store keys on and the demonstrations sum"})
+    demo_scale: float = field(default=10.0, metadata={
+        "help": "fixed inverse temperature s of the demonstration term g·s·cos(rep, demo_c) (a cosine classifier's "
+                "usual 10-30): with it the learned gate g reaches a useful size at an ordinary learning rate"})
     dropout: float = field(default=0.1, metadata={"help": "dropout in the head while training, in [0, 1)"})
     resolution: int = field(default=112, metadata={"help": "image size in px fed to EfficientNet-Lite0 (224 "
                                                            "is its ImageNet size; 112 is ~3x faster on CPU)"})
@@ -70,6 +76,8 @@ class VisionConfig:
         if self.head not in HEADS:
             raise RalmError(f"--head {self.head!r}: choose {' or '.join(HEADS)}")
         refuse_below(self, ("hidden", "dim", "feature_batch"))
+        if not self.demo_scale > 0:
+            raise RalmError(f"--demo-scale {self.demo_scale}: must be > 0")
         if not 0 <= self.dropout < 1:
             raise RalmError(f"--dropout {self.dropout}: must be in [0, 1)")
         if not isinstance(self.resolution, int) or not 32 <= self.resolution <= 1024:
@@ -91,6 +99,7 @@ class VisionHead(torch.nn.Module):
         self.body = torch.nn.Sequential(torch.nn.LayerNorm(feature_dim), *layers)
         self.classifier = torch.nn.Linear(c.dim, n_classes)
         self.gate = torch.nn.Parameter(torch.zeros(()))
+        self.demo_scale = c.demo_scale
 
     def forward(self, features: torch.Tensor, demo_vectors: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +108,8 @@ class VisionHead(torch.nn.Module):
         logits = self.classifier(rep)  # (B, C)
         if demo_vectors is not None:
             demo = demo_vectors.to(device=rep.device, dtype=rep.dtype)
-            logits = logits + self.gate * F.cosine_similarity(rep[:, None, :], demo, dim=-1)  # (B, C)
+            cos = F.cosine_similarity(rep[:, None, :], demo, dim=-1)  # (B, C)
+            logits = logits + (self.gate * self.demo_scale) * cos
         return torch.log_softmax(logits.float(), dim=-1), rep
 
 
