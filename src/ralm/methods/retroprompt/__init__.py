@@ -6,6 +6,8 @@ or features from a frozen vision backbone through a trained head):
 - ``store``: the knowledge store (normalised keys, exact FAISS inner product, refresh, leave-self-out)
 - ``knn``: p_kNN, the kNN-guided loss, the interpolation at inference
 - ``demos``: neural demonstrations (per class, a weighted sum of the top-m neighbours' representations)
+- ``memorization``: the memorization score (self-influence by LiSSA or an exact solve, Zheng & Jiang 2022),
+  checked against exact leave-one-out retraining; the atypical (lowest kNN confidence) share
 
 How a trainer composes them (train texts ``X`` with class indices ``y``; ``rows`` = the batch's own rows).
 The store keys on prompts WITHOUT demonstrations, and every search (demonstrations, p_kNN) queries with the
