@@ -101,13 +101,37 @@ def test_a_flipped_label_scores_highest():
     prob = LogisticProblem.make(noise=False, flip=[7])  # separable labels, one flipped
     w = prob.train(torch.arange(40)).requires_grad_(True)
     loo = leave_one_out(prob.train, lambda w, i: float(prob.losses(w, torch.tensor([i]))[0]), 40)
-    cfg = MemoConfig(damping=1e-3, scale=2.0, depth=100, hvp_batch=10)
+    cfg = MemoConfig(damping=1e-3, scale=2.0, depth=60, hvp_batch=10, group=40)
     for method in ("exact", "lissa"):
         inf = self_influence(lambda idx: prob.losses(w, idx), [w], 40, cfg, method)
         assert inf.scores.shape == (40,) and inf.method == method
         assert int(inf.scores.argmax()) == 7 == int(loo.argmax())
     sub = self_influence(lambda idx: prob.losses(w, idx), [w], 40, cfg, "exact", indices=[7, 0])
     assert sub.scores.shape == (2,) and sub.scores[0] > sub.scores[1]
+
+
+def test_module_parameters_and_groups_give_the_same_scores():
+    # the same logistic regression as an nn.Linear (two parameter tensors) scores as the flat weight vector does,
+    # and LiSSA's grouping of examples (which share each step's gradient graph) does not change the scores
+    prob = LogisticProblem.make(n=20, d=4, seed=3)
+    w = prob.train(torch.arange(20)).requires_grad_(True)
+    lin = torch.nn.Linear(4, 1, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.copy_(w[:-1][None])
+        lin.bias.copy_(w[-1:])
+
+    def linear_losses(idx):
+        logits = lin(prob.x[idx])[:, 0]
+        return (torch.nn.functional.binary_cross_entropy_with_logits(logits, prob.y[idx], reduction="none")
+                + 0.5 * prob.reg * lin.weight.pow(2).sum())
+
+    cfg = MemoConfig(damping=1e-3, scale=2.0, depth=30, hvp_batch=5, group=20)
+    flat = self_influence(lambda idx: prob.losses(w, idx), [w], 20, cfg)
+    mod = self_influence(linear_losses, list(lin.parameters()), 20, cfg)
+    grouped = self_influence(linear_losses, list(lin.parameters()), 20, MemoConfig(**{**vars(cfg), "group": 3}))
+    assert torch.allclose(mod.scores, flat.scores) and torch.allclose(grouped.scores, mod.scores)
+    exact = self_influence(linear_losses, list(lin.parameters()), 20, cfg, "exact")
+    assert torch.allclose(exact.scores, self_influence(lambda idx: prob.losses(w, idx), [w], 20, cfg, "exact").scores)
 
 
 def test_atypical_takes_the_least_confident_share():
@@ -127,7 +151,8 @@ def test_correlation_helpers():
 
 @pytest.mark.parametrize("kw, flag", [
     ({"damping": -0.1}, "--damping -0.1"), ({"damping": 1.0}, "--damping 1.0"), ({"scale": 0.0}, "--scale 0.0"),
-    ({"depth": 0}, "--depth 0"), ({"repeats": 0}, "--repeats 0"), ({"hvp_batch": 0}, "--hvp-batch 0")])
+    ({"depth": 0}, "--depth 0"), ({"repeats": 0}, "--repeats 0"), ({"hvp_batch": 0}, "--hvp-batch 0"),
+    ({"group": 0}, "--group 0")])
 def test_bad_config_is_one_line(kw, flag):
     with pytest.raises(RalmError, match=flag) as err:
         MemoConfig(**kw)

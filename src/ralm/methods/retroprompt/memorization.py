@@ -51,6 +51,9 @@ class MemoConfig:
     repeats: int = field(default=1, metadata={"help": "independent LiSSA runs averaged (less minibatch noise)"})
     hvp_batch: int = field(default=8, metadata={
         "help": "training examples per Hessian-vector product in LiSSA (>= the training set size = full batch)"})
+    group: int = field(default=8, metadata={
+        "help": "examples whose LiSSA recursions share each step's minibatch gradient graph: fewer forwards, but "
+                "3 parameter-sized vectors held per example"})
     seed: int = field(default=0, metadata={"help": "seed for the minibatches LiSSA draws"})
 
     def __post_init__(self) -> None:
@@ -58,7 +61,7 @@ class MemoConfig:
             raise RalmError(f"--damping {self.damping}: must be in [0, 1)")
         if not self.scale > 0:
             raise RalmError(f"--scale {self.scale}: must be > 0")
-        refuse_below(self, ("depth", "repeats", "hvp_batch"))
+        refuse_below(self, ("depth", "repeats", "hvp_batch", "group"))
 
     @property
     def added_damping(self) -> float:
@@ -222,22 +225,30 @@ def self_influence(per_example_loss: Callable[[torch.Tensor], torch.Tensor], par
     def mean_loss(idx: torch.Tensor) -> torch.Tensor:
         return losses(idx).mean()
 
-    vs = [[g.detach() for g in _grads(losses(torch.tensor([i]))[0], params)] for i in todo]
+    def grads_of(part: list[int]) -> list[list[torch.Tensor]]:
+        return [[g.detach() for g in _grads(losses(torch.tensor([i]))[0], params)] for i in part]
+
     everyone = torch.arange(n_train)
     if method == "exact":
+        vs = grads_of(todo)
         rhs = torch.stack([_flat(v) for v in vs], dim=1).double()  # (P, m)
         ihvp = _solve(hessian(mean_loss, params, everyone).double(), rhs, cfg.added_damping).T  # (m, P)
+        scores = (rhs.T * ihvp).sum(dim=1) / n_train  # (m,)
         how = f"exact solve of the full Hessian + {cfg.added_damping:g}·I"
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
         # near-equal chunks, so a uniformly drawn chunk's Hessian averages to the training loss's
         batches = list(torch.tensor_split(torch.randperm(n_train, generator=gen), math.ceil(n_train / cfg.hvp_batch)))
-        hs = _lissa(mean_loss, params, vs, batches, cfg)
-        ihvp = torch.stack([_flat(h) for h in hs]).double()  # (m, P)
+        parts, kept = [], []
+        for at in range(0, len(todo), cfg.group):  # each group replays the same seeded minibatch sequence
+            vs = grads_of(todo[at:at + cfg.group])
+            hs = _lissa(mean_loss, params, vs, batches, cfg)
+            parts += [float((_flat(v).double() * _flat(h).double()).sum()) / n_train for v, h in zip(vs, hs, strict=True)]
+            kept += [_flat(h).double() for h in hs] if keep_ihvp else []
+        scores = torch.tensor(parts, dtype=torch.float64)  # (m,)
+        ihvp = torch.stack(kept) if keep_ihvp else None  # (m, P)
         how = (f"LiSSA (damping {cfg.damping:g} x scale {cfg.scale:g} = {cfg.added_damping:g} added to H, depth "
                f"{cfg.depth}, {cfg.repeats} repeat(s), HVP batch {min(cfg.hvp_batch, n_train)} of {n_train})")
-    grads = torch.stack([_flat(v) for v in vs]).double()  # (m, P)
-    scores = (grads * ihvp).sum(dim=1) / n_train  # (m,)
     return Influence(scores, method, how, time.perf_counter() - start, ihvp if keep_ihvp else None)
 
 
@@ -352,7 +363,7 @@ class LooCheck:
                 f"{self.lissa_rel_error:.2%}")
 
 
-TINY_LISSA = MemoConfig(damping=1e-3, scale=2.0, depth=150, repeats=1, hvp_batch=40)  # full batch: see the test
+TINY_LISSA = MemoConfig(damping=1e-3, scale=2.0, depth=150, repeats=1, hvp_batch=40, group=40)  # full batch: see the test
 
 
 def check_against_loo(problem: LogisticProblem | None = None, cfg: MemoConfig = TINY_LISSA) -> LooCheck:
