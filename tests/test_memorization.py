@@ -18,6 +18,7 @@ from ralm.methods.retroprompt.memorization import (
     hessian,
     leave_one_out,
     lissa_inverse_hvp,
+    memo_summary,
     pearson,
     self_influence,
     spearman,
@@ -140,6 +141,15 @@ def test_atypical_takes_the_least_confident_share():
     assert atypical(conf, 0.01).tolist() == [3]  # at least one
     assert sorted(atypical(conf, 1.0).tolist()) == list(range(10))
     assert len(atypical(torch.rand(40), 0.1)) == 4
+
+
+def test_memo_summary_splits_off_the_atypical_share():
+    scores = torch.tensor([1.0, 9.0, 2.0, 7.0, 3.0])
+    conf = torch.tensor([0.9, 0.1, 0.8, 0.2, 0.7])
+    row = memo_summary(scores, conf, 0.4)
+    assert row == {"n": 5, "mean": 4.4, "median": 3.0, "n_atypical": 2, "atypical_mean": 8.0, "atypical_median": 7.0}
+    with pytest.raises(RalmError, match="5 scores|\\(5,\\) scores"):
+        memo_summary(scores, conf[:4])
 
 
 def test_correlation_helpers():

@@ -280,6 +280,18 @@ def atypical(knn_confidence: torch.Tensor, share: float) -> torch.Tensor:
     return torch.argsort(conf, stable=True)[:k]
 
 
+def memo_summary(scores: torch.Tensor, knn_confidence: torch.Tensor, share: float = 0.1) -> dict[str, float]:
+    """One row of the memorization table: mean and median score over all examples and over the ``atypical``
+    share (lowest kNN confidence), with the counts; ``scores`` and ``knn_confidence`` (n,) on the same examples."""
+    scores = torch.as_tensor(scores).double()
+    if scores.shape != torch.as_tensor(knn_confidence).shape:
+        raise RalmError(f"memorization table: {tuple(scores.shape)} scores for "
+                        f"{tuple(torch.as_tensor(knn_confidence).shape)} confidences")
+    low = scores[atypical(knn_confidence, share)]
+    return {"n": len(scores), "mean": float(scores.mean()), "median": float(scores.median()),
+            "n_atypical": len(low), "atypical_mean": float(low.mean()), "atypical_median": float(low.median())}
+
+
 # --------------------------------------------------------------------------- the check on a tiny problem
 
 
