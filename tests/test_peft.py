@@ -330,6 +330,7 @@ def test_bad_config_is_a_one_line_error_naming_the_flag(kw, flag):
      "no such sublayer"),
     ("gpt", {"method": "prompt", "n_virtual": 2048}, "context holds 2048"),
     ("gpt", {"method": "prompt", "prompt_init_ids": [V]}, "vocabulary has"),
+    ("retro", {"lora_dropout": 0.1}, "decoder always runs in eval mode"),
 ])
 def test_bad_setup_is_a_one_line_error(arch, peft_kw, what):
     model = model_for("retro" if arch == "retro" else "gpt")
@@ -338,6 +339,13 @@ def test_bad_setup_is_a_one_line_error(arch, peft_kw, what):
         apply_peft(model, cfg(**{"method": "lora", **peft_kw}), arch)
     assert "\n" not in str(e.value)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == names  # nothing left frozen
+
+
+def test_lora_dropout_on_retro_is_for_the_parts_that_train_in_train_mode():
+    h = apply_peft(model_for("retro"), cfg(**{"method": "lora", "lora_dropout": 0.1, "decoder": False}), "retro")
+    h.model.train()
+    drops = [m for n, m in h.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(m.training and m.p == 0.1 for m in drops)  # encoder / CCA LoRA: dropout applies
 
 
 def test_wrong_model_for_the_arch_and_too_long_inputs_are_refused():

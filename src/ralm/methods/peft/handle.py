@@ -152,6 +152,10 @@ def read_peft_header(path: str | Path) -> tuple[PeftConfig, str]:
 def apply_peft(model: nn.Module, cfg: PeftConfig, arch: str) -> PeftHandle:
     """Freeze ``model``, inject ``cfg.method`` into the parts ``arch`` and the switches name, and return the
     handle; afterwards exactly the method's parameters require gradients (``full``: the parts' weights)."""
+    if arch == "retro" and cfg.method == "lora" and cfg.lora_dropout > 0 and cfg.decoder:
+        # RetroFit keeps its frozen decoder in eval mode (RetroFit.train), so dropout there would silently be off
+        raise RalmError(f"--lora-dropout {cfg.lora_dropout:g}: the RETRO-fit decoder always runs in eval mode, so "
+                        "its LoRA dropout would never apply; use --lora-dropout 0 or --no-peft-decoder with --arch retro")
     chosen = parts(model, cfg, arch)
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
