@@ -49,7 +49,8 @@ METHODS = ("lora", "adapter", "prompt", "ptuning", "full")
 ARCHS = ("gpt", "retro")
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 METRIC = {"squad": "f1", "aclsum": "rougeL", "truthfulqa-mc": "acc"}  # the headline metric of each task
-CCA_LAYERS = {SMOL: [20, 23, 26, 29]}  # as benchmarks/retro.py: CCA after the top layers only (cheap backprop)
+CCA_LAYERS = {SMOL: [20, 23, 26, 29], GEMMA: [11, 14, 17]}  # CCA after the top layers only (cheap backprop):
+# SmolLM2 as benchmarks/retro.py (30 layers), Gemma-3-270M the same share of its 18
 
 
 def log(msg: str) -> None:
