@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ralm import cli_retro, cli_task
+from ralm import cli_retro, cli_retroprompt, cli_task
 from ralm.cli_config import Spec, config_command
 from ralm.cli_options import Inputs, Quiet, fail, method_options
 from ralm.data import registry
@@ -29,6 +29,7 @@ data_app = typer.Typer(help="Named real data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 knnlm_app = typer.Typer(help="kNN-LM stores: the LM's hidden states at every corpus position.", no_args_is_help=True)
 app.add_typer(knnlm_app, name="knnlm")
+app.add_typer(cli_retroprompt.app, name="retroprompt")
 
 
 @data_app.command("get")

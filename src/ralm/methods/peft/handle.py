@@ -58,6 +58,12 @@ class PeftHandle:
         """Positions the method prepends to every input (0 but for the prompt methods)."""
         return self._injection.prompt.n if self._injection.prompt is not None else 0
 
+    @property
+    def prompt(self) -> nn.Module | None:
+        """The virtual-token module of the prompt methods (``forward(batch) -> (B, N, d)``), else None: for a
+        caller that builds its own input embeddings (``retroprompt.PromptModel(virtual=...)``)."""
+        return self._injection.prompt
+
     def inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                labels: torch.Tensor | None = None, neighbours: torch.Tensor | None = None,
                offset: int = 0) -> dict[str, Any]:
