@@ -18,8 +18,9 @@ import ralm.methods.retroprompt.scoring as scoring
 import ralm.tuning.retroprompt as rp
 from badinput import fails, write_jsonl
 from conftest import make_text
+from ralm.errors import RalmError
 from ralm.methods.retroprompt.store import KnowledgeStore
-from ralm.tuning.retroprompt_config import KEYS, RUN, STORE, RetroPromptConfig, draw
+from ralm.tuning.retroprompt_config import KEYS, RUN, STORE, WEIGHTS, RetroPromptConfig, draw
 
 VERBALIZER = ["neg=gamma", "pos=epsilon"]  # first tokens Ġg, Ġe (as tests/test_retroprompt.py)
 TEMPLATE = "Review: {text} It was"
@@ -49,7 +50,7 @@ def config(data, tiny_lm, out, **kw) -> RetroPromptConfig:
 
 
 def weights(run) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "peft.safetensors"))
+    return load_file(str(run / WEIGHTS))
 
 
 def keys(run, name=STORE) -> torch.Tensor:
@@ -223,6 +224,21 @@ def test_the_cli_trains_and_evaluates_end_to_end(data, tiny_lm, tmp_path):
     r = cli(["retroprompt", "eval", "--run", str(tmp_path / "run"), "--quiet"])
     assert r.exit_code == 0 and r.stdout.startswith("test: accuracy "), r.output
     assert cli(["retroprompt", "train", "--help"]).exit_code == 0
+    fails(cli(train_args(data, tiny_lm, tmp_path / "run")), "already trained for 2 steps")
+    r = cli(train_args(data, tiny_lm, tmp_path / "text", "--no-test"))
+    assert r.exit_code == 0 and "test not scored; run in" in r.stdout, r.output
+
+
+def test_eval_refuses_a_run_whose_data_changed(data, tiny_lm, tmp_path, full_run):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run[0], run)
+    meta = json.loads((run / RUN).read_text())
+    meta["train_ids"] = meta["train_ids"][::-1]
+    (run / RUN).write_text(json.dumps(meta))
+    with pytest.raises(RalmError, match="the data changed since training"):
+        rp.evaluate_retroprompt(run, "test")
 
 
 def test_bad_input_is_a_one_line_error(data, tiny_lm, tmp_path):

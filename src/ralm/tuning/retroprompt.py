@@ -30,8 +30,15 @@ import torch
 from ralm.errors import RalmError
 from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
-from ralm.methods.peft import WEIGHTS
-from ralm.methods.retroprompt.backbone import TextBackbone, eval_mode
+from ralm.methods.retroprompt.backbone import (
+    Backbone,
+    TextBackbone,
+    eval_mode,
+    label_indices,
+    load_trained,
+    save_trained,
+    trained,
+)
 from ralm.methods.retroprompt.knn import interpolate
 from ralm.methods.retroprompt.scoring import accuracy, choose_lmbda, class_probs, training_loss
 from ralm.methods.retroprompt.store import KnowledgeStore
@@ -44,6 +51,7 @@ from ralm.tuning.retroprompt_config import (
     RUN,
     STORE,
     VERSION,
+    WEIGHTS,
     Draw,
     RetroPromptConfig,
     draw,
@@ -61,29 +69,31 @@ def train_retroprompt(cfg: RetroPromptConfig, progress: bool = True) -> dict[str
     return loop.in_run_folder(cfg.out, KIND, cfg.force, lambda: _train(cfg, progress))
 
 
-def _backbone(cfg: RetroPromptConfig) -> tuple[TextBackbone, tuple[str, ...]]:
+def build_backbone(cfg: RetroPromptConfig) -> tuple[Backbone, tuple[str, ...]]:
+    """The run's backbone, its trained parameters set up (seeded), and the frozen base's fingerprints."""
     lm = load(cfg.model, device="auto")
     fps = model_fingerprints(lm.model)
     torch.manual_seed(cfg.seed)  # LoRA's / the virtual tokens' initialisation
     return TextBackbone.build(lm.model, lm.tokenizer, cfg.prompt_config(), cfg.peft), fps
 
 
-def _store(bb: TextBackbone, d: Draw, reps: torch.Tensor) -> KnowledgeStore:
-    labels = [bb.label_index(e) for e in d.split.train]
-    return KnowledgeStore(reps, labels, bb.n_classes, bb.classes)
+def _store(bb: Backbone, d: Draw, reps: torch.Tensor) -> KnowledgeStore:
+    return KnowledgeStore(reps, label_indices(bb, d.split.train).tolist(), bb.n_classes, bb.classes)
 
 
-def _targets(bb: TextBackbone, examples: Sequence[Any]) -> torch.Tensor:
-    return torch.tensor([bb.label_index(e) for e in examples], dtype=torch.long)
+def counts(bb: Backbone) -> dict[str, Any]:
+    """Trained parameters, all parameters, and the trained share in percent."""
+    n, total = sum(p.numel() for p in trained(bb).values()), sum(p.numel() for p in bb.module().parameters())
+    return {"trainable": n, "total": total, "percent": 100.0 * n / total}
 
 
 def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     state = loop.resume_state(out, cfg, LABEL, cfg.resume_key())  # refused before the model loads
     d = draw(cfg)
-    bb, fps = _backbone(cfg)
+    bb, fps = build_backbone(cfg)
     train_ex, dev_ex = d.split.train, d.split.dev
-    y = _targets(bb, train_ex)  # (n,)
+    y = label_indices(bb, train_ex)  # (n,)
     cost = {"refreshes": 0, "seconds": 0.0}  # this session's re-encodings of the training store
 
     def encode() -> torch.Tensor:
@@ -117,18 +127,18 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     def evaluate(_: Any) -> dict[str, Any]:
         st = _store(bb, d, bb.represent(train_ex, cfg.batch_size))  # the current weights' store, training's untouched
         p_model, p_knn = class_probs(bb, st, dev_ex, cfg.knn, cfg.batch_size)
-        t = _targets(bb, dev_ex)
+        t = label_indices(bb, dev_ex)
         lm = 0.2 if cfg.lmbda is None else cfg.lmbda
         return {"dev_accuracy_model": accuracy(p_model, t), "dev_accuracy_knn": accuracy(p_knn, t),
                 f"dev_accuracy_lmbda_{lm:g}": accuracy(interpolate(p_model, p_knn, lm), t)}
 
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_json(), "model_fingerprint": fps[0],
-            "classes": list(bb.classes), "train_examples": len(train_ex), "dev_examples": len(dev_ex),
-            "parameters": bb.handle.counts()}
+            "classes": list(bb.classes), "train_ids": [e.id for e in train_ex], "dev_examples": len(dev_ex),
+            "parameters": counts(bb)}
 
     def save(root: Path, step: int) -> None:
         write_keys(root / STORE, store.raw, step)
-        bb.handle.save(root / WEIGHTS)
+        save_trained(bb, root / WEIGHTS)
         write_json(root / RUN, {**meta, "step": step})
 
     task = loop.Task(name=LABEL, batch=batch, loss=loss, resume_key=cfg.resume_key(), evaluate=evaluate,
@@ -142,10 +152,10 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
                         "train_p_knn_gold": round(sum(gold) / len(gold), 4) if gold else None}
     result = _finish(cfg, bb, d, out, progress)
     write_json(out / RUN, {**meta, "step": summary["steps"], "summary": summary, **result})
-    return {"run": str(out), **summary, **bb.handle.counts(), **result}
+    return {"run": str(out), **summary, **counts(bb), **result}
 
 
-def _finish(cfg: RetroPromptConfig, bb: TextBackbone, d: Draw, out: Path, progress: bool) -> dict[str, Any]:
+def _finish(cfg: RetroPromptConfig, bb: Backbone, d: Draw, out: Path, progress: bool) -> dict[str, Any]:
     """The trained model's store (written), λ chosen on dev, and the test score."""
     reps = bb.represent(d.split.train, cfg.batch_size)
     write_keys(out / KEYS, reps, -1)
@@ -157,13 +167,13 @@ def _finish(cfg: RetroPromptConfig, bb: TextBackbone, d: Draw, out: Path, progre
     return result
 
 
-def _score(bb: TextBackbone, store: KnowledgeStore, examples: Sequence[Any], cfg: RetroPromptConfig,
+def _score(bb: Backbone, store: KnowledgeStore, examples: Sequence[Any], cfg: RetroPromptConfig,
            lmbda: float | None, progress: bool) -> dict[str, Any]:
     """Accuracies of p_model, p_kNN and their interpolation; ``lmbda`` None: chosen here (``cfg.lmbda`` or the
     grid's best), with each candidate's accuracy."""
     with eval_mode(bb.module()), torch.no_grad():
         p_model, p_knn = class_probs(bb, store, examples, cfg.knn, cfg.batch_size, progress=progress)
-    t = _targets(bb, examples)
+    t = label_indices(bb, examples)
     out: dict[str, Any] = {}
     if lmbda is None:
         lmbda, grid = (cfg.lmbda, None) if cfg.lmbda is not None else choose_lmbda(p_model, p_knn, t, cfg.lmbda_grid)
@@ -196,10 +206,12 @@ def evaluate_retroprompt(run: str | Path, split: str = "test", progress: bool = 
     meta = read_run(run)
     cfg = RetroPromptConfig.from_json(meta["config"])
     d = draw(cfg)
-    bb, fps = _backbone(cfg)
+    if [e.id for e in d.split.train] != meta["train_ids"]:
+        raise RalmError(f"--run {run}: the data changed since training (the few-shot draw is not the store's)")
+    bb, fps = build_backbone(cfg)
     if meta["model_fingerprint"] not in fps:
         raise RalmError(f"--run {run}: was trained on other weights than {cfg.model!r} has now")
-    bb.handle.load(Path(run) / WEIGHTS)
+    load_trained(bb, Path(run) / WEIGHTS)
     store = _store(bb, d, read_keys(Path(run) / KEYS, len(d.split.train)))
     examples = d.split.dev if split == "dev" else d.test
     return {"split": split, **_score(bb, store, examples, cfg, float(meta["lmbda"]), progress)}

@@ -2,7 +2,7 @@
 files of its run folder (``retroprompt.py`` trains and scores with them).
 
 A run folder holds ``run.json`` (the config, what was measured, the chosen λ), the trained weights
-(``peft.safetensors``: with ``--peft full`` every LM weight, else only the PEFT ones), ``store.safetensors``
+(``weights.safetensors``: with ``--peft full`` every LM weight, else only the PEFT ones), ``store.safetensors``
 (the knowledge store's keys as training read them at the last checkpoint: what a resumed run continues
 from), ``keys.safetensors`` (the store of the trained model, read at inference), the loop's
 ``trainer.safetensors`` and ``train_log.jsonl``.
@@ -23,7 +23,7 @@ from ralm.data.tasks.base import LabelledData
 from ralm.data.tasks.labelled import load_labelled, read_labelled
 from ralm.errors import RalmError, refuse_below
 from ralm.lm.presets import DEFAULT_LM
-from ralm.methods.peft import WEIGHTS, PeftConfig
+from ralm.methods.peft import PeftConfig
 from ralm.methods.retroprompt.knn import KNNConfig
 from ralm.methods.retroprompt.prompt import PromptConfig
 from ralm.tuning.loop import LOG, STATE, TrainConfig
@@ -31,6 +31,7 @@ from ralm.utils import outdir
 from ralm.utils.tensors import write_safetensors
 
 LABEL, RUN, STORE, KEYS = "retroprompt", "run.json", "store.safetensors", "keys.safetensors"
+WEIGHTS = "weights.safetensors"
 FORMAT, VERSION = "ralm-retroprompt", 1
 LMBDA_GRID = (0.0, 0.1, 0.2, 0.5)  # the reference's grid (0.1, 0.2, 0.5) and 0: no interpolation
 # LM-BFF's MR template ("*cls**sent_0*_It_was*mask*.", great / terrible), and a topic prompt for BBC News

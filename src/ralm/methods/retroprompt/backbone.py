@@ -15,15 +15,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ralm.data.tasks.base import LabelledExample
 from ralm.errors import RalmError
 from ralm.methods.peft import PeftConfig, PeftHandle, apply_peft
 from ralm.methods.retroprompt.prompt import PromptConfig, PromptModel, PromptOutput
+from ralm.utils.tensors import write_safetensors
+
+FORMAT = "ralm-retroprompt-weights"
 
 
 class Backbone(Protocol):
@@ -54,6 +59,45 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module.train(was)
+
+
+def trained(backbone: Backbone) -> dict[str, nn.Parameter]:
+    """The backbone's trained parameters by name (``--peft full``: every LM weight; else the PEFT ones)."""
+    return {n: p for n, p in backbone.module().named_parameters() if p.requires_grad}
+
+
+def save_trained(backbone: Backbone, path: Path) -> None:
+    """Write the trained parameters (and nothing frozen) to ``path`` (safetensors)."""
+    write_safetensors(path, {n: p.detach() for n, p in trained(backbone).items()}, {"format": FORMAT})
+
+
+def load_trained(backbone: Backbone, path: Path) -> None:
+    """Copy ``save_trained``'s parameters back in; refuses a file of another layout (one line)."""
+    own = trained(backbone)
+    try:
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("format") != FORMAT:
+                raise RalmError(f"{path}: not a RetroPrompt weights file")
+            if set(f.keys()) != set(own):
+                missing, extra = sorted(set(own) - set(f.keys())), sorted(set(f.keys()) - set(own))
+                raise RalmError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
+            with torch.no_grad():
+                for n, p in own.items():
+                    t = f.get_tensor(n)
+                    if t.shape != p.shape:
+                        raise RalmError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    p.copy_(t)
+    except (SafetensorError, OSError) as e:
+        raise RalmError(f"{path}: not readable ({str(e).splitlines()[0]})") from None
+
+
+def label_indices(backbone: Backbone, examples: Sequence[LabelledExample]) -> torch.Tensor:
+    """(n,) int64 class index of each example's label; a label outside the classes is refused (one line)."""
+    index = {c: i for i, c in enumerate(backbone.classes)}
+    if bad := [e for e in examples if e.label not in index]:
+        raise RalmError(f"example {bad[0].id}: label {bad[0].label!r} is missing from the classes "
+                        f"({', '.join(backbone.classes)})")
+    return torch.tensor([index[e.label] for e in examples], dtype=torch.long)
 
 
 class TextBackbone:
