@@ -27,7 +27,7 @@ from ralm.methods.peft.parts import parts
 from ralm.methods.peft.prompt import extend_inputs, retro_inputs
 from ralm.methods.peft.registry import Injection, get_peft_method
 from ralm.methods.retro.model import RetroFit
-from ralm.utils.tensors import write_safetensors
+from ralm.utils.tensors import load_into, write_safetensors
 
 WEIGHTS = "peft.safetensors"  # the name a run folder gives the file (``save`` takes any path)
 FORMAT, VERSION = "ralm-peft", "1"
@@ -123,19 +123,7 @@ class PeftHandle:
         if (cfg, arch) != (self.cfg, self.arch):
             raise RalmError(f"{path}: PEFT weights of --peft {cfg.method} --arch {arch} with other settings than "
                             f"this model's (--peft {self.cfg.method} --arch {self.arch})")
-        own = dict((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
-        with safe_open(str(path), "pt") as f:
-            names = set(f.keys())
-            if names != set(own):
-                missing, extra = sorted(set(own) - names), sorted(names - set(own))
-                raise RalmError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
-            with torch.no_grad():
-                for n, p in own.items():
-                    t = f.get_tensor(n)
-                    if t.shape != p.shape:
-                        raise RalmError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                    p.copy_(t)
-
+        load_into(path, {n: p for n, p in self.model.named_parameters() if p.requires_grad})
 
 def read_peft_header(path: str | Path) -> tuple[PeftConfig, str]:
     """The (config, arch) a PEFT weights file was saved with, to rebuild its model before ``load``."""

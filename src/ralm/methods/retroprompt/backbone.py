@@ -26,7 +26,7 @@ from ralm.data.tasks.base import LabelledExample
 from ralm.errors import RalmError
 from ralm.methods.peft import PeftConfig, PeftHandle, apply_peft
 from ralm.methods.retroprompt.prompt import PromptConfig, PromptModel, PromptOutput
-from ralm.utils.tensors import write_safetensors
+from ralm.utils.tensors import load_into, write_safetensors
 
 FORMAT = "ralm-retroprompt-weights"
 
@@ -73,23 +73,13 @@ def save_trained(backbone: Backbone, path: Path) -> None:
 
 def load_trained(backbone: Backbone, path: Path) -> None:
     """Copy ``save_trained``'s parameters back in; refuses a file of another layout (one line)."""
-    own = trained(backbone)
     try:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("format") != FORMAT:
                 raise RalmError(f"{path}: not a RetroPrompt weights file")
-            if set(f.keys()) != set(own):
-                missing, extra = sorted(set(own) - set(f.keys())), sorted(set(f.keys()) - set(own))
-                raise RalmError(f"{path}: does not fit this model (missing {missing[:3]}, unexpected {extra[:3]})")
-            with torch.no_grad():
-                for n, p in own.items():
-                    t = f.get_tensor(n)
-                    if t.shape != p.shape:
-                        raise RalmError(f"{path}: {n} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                    p.copy_(t)
+        load_into(path, trained(backbone))
     except (SafetensorError, OSError) as e:
         raise RalmError(f"{path}: not readable ({str(e).splitlines()[0]})") from None
-
 
 def label_indices(backbone: Backbone, examples: Sequence[LabelledExample]) -> torch.Tensor:
     """(n,) int64 class index of each example's label; a label outside the classes is refused (one line)."""
