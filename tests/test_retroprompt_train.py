@@ -162,6 +162,21 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(data, tiny_lm, tmp_path
     assert summary["test"] == whole["test"] and summary["dev"] == whole["dev"]
 
 
+def test_a_run_killed_while_scoring_scores_on_rerun(data, tiny_lm, tmp_path, monkeypatch, full_run):
+    cfg = config(data, tiny_lm, tmp_path / "run", refresh="1")  # full_run's settings
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(rp, "_score", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+        rp.train_retroprompt(cfg, progress=False)
+    with pytest.raises(RalmError, match="training has not finished"):
+        rp.evaluate_retroprompt(tmp_path / "run")
+    again = rp.train_retroprompt(cfg, progress=False)
+    assert again["resumed_at_step"] == 4 and again["test"] == full_run[1]["test"]
+    assert again["lmbda"] == full_run[1]["lmbda"] and rp.evaluate_retroprompt(tmp_path / "run") == {
+        "split": "test", **full_run[1]["test"]}
+    with pytest.raises(RalmError, match="already trained for 4 steps"):
+        rp.train_retroprompt(cfg, progress=False)
+
+
 @pytest.mark.parametrize("peft", ["full", "lora", "prompt"])
 def test_a_saved_run_reproduces_its_accuracy_and_saves_only_what_trained(data, tiny_lm, tmp_path, peft, full_run):
     if peft == "full":

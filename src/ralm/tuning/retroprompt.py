@@ -58,6 +58,7 @@ from ralm.tuning.retroprompt_config import (
     read_keys,
     write_keys,
 )
+from ralm.utils import outdir
 from ralm.utils.atomic import write_json
 
 SPLITS = ("dev", "test")
@@ -87,8 +88,23 @@ def counts(bb: Backbone) -> dict[str, Any]:
     return {"trainable": n, "total": total, "percent": 100.0 * n / total}
 
 
+def _scoring_was_cut(out: Path, cfg: RetroPromptConfig) -> bool:
+    """``out`` holds this run trained to ``cfg.steps`` whose scoring after training never finished (killed)."""
+    meta = outdir.read_json(out / RUN)
+    return (isinstance(meta, dict) and meta.get("format") == FORMAT and "lmbda" not in meta
+            and meta.get("step") == cfg.steps and meta.get("resume_key") == loop.run_key(cfg, cfg.resume_key()))
+
+
 def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
+    if _scoring_was_cut(out, cfg):  # the loop would refuse ("already trained"): score the saved weights
+        d = draw(cfg)
+        bb, _ = build_backbone(cfg)
+        load_trained(bb, out / WEIGHTS)
+        meta = json.loads((out / RUN).read_text(encoding="utf-8"))
+        result = _finish(cfg, bb, d, out, progress)
+        write_json(out / RUN, {**meta, **result})
+        return {"run": str(out), "steps": cfg.steps, "resumed_at_step": cfg.steps, **counts(bb), **result}
     state = loop.resume_state(out, cfg, LABEL, cfg.resume_key())  # refused before the model loads
     d = draw(cfg)
     bb, fps = build_backbone(cfg)
@@ -134,7 +150,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
 
     meta = {"format": FORMAT, "version": VERSION, "config": cfg.to_json(), "model_fingerprint": fps[0],
             "classes": list(bb.classes), "train_ids": [e.id for e in train_ex], "dev_examples": len(dev_ex),
-            "parameters": counts(bb)}
+            "parameters": counts(bb), "resume_key": loop.run_key(cfg, cfg.resume_key())}
 
     def save(root: Path, step: int) -> None:
         write_keys(root / STORE, store.raw, step)

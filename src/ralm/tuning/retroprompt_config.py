@@ -48,6 +48,11 @@ KIND = outdir.Kind(LABEL, "ralm retroprompt run",
 class RetroPromptConfig(TrainConfig):
     """A RetroPrompt run's settings; the loop's (steps, lr, warmup, ...) come from ``TrainConfig``."""
 
+    # the reference's (LM-BFF's) training settings: 800 steps of 8 examples at lr 1e-5, no warm-up
+    steps: int = field(default=800, metadata={"help": "optimiser steps (a resumed run continues up to this)"})
+    lr: float = field(default=1e-5, metadata={"help": "peak learning rate (the reference, full fine-tuning: 1e-5; "
+                                                      "LoRA and prompt tuning want more, ~1e-4 and ~1e-3)"})
+    warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
     data: str = field(metadata={"help": f"{' or '.join(TEXT_SETS)}, or a JSONL file of {{text, label}} lines "
                                         "(then give --template and --verbalizer)"})
     out: str = field(metadata={"help": "run folder (a rerun with the same settings resumes)"})
