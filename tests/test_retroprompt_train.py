@@ -183,7 +183,8 @@ def test_a_saved_run_reproduces_its_accuracy_and_saves_only_what_trained(data, t
         run, summary = full_run
     else:
         run = tmp_path / peft
-        summary = rp.train_retroprompt(config(data, tiny_lm, run, peft=peft, knn={"demos": 0}), progress=False)
+        demos = 0 if peft == "lora" else 2  # LoRA without demonstrations; virtual tokens with them
+        summary = rp.train_retroprompt(config(data, tiny_lm, run, peft=peft, knn={"demos": demos}), progress=False)
     meta = json.loads((run / RUN).read_text())
     for split in ("dev", "test"):
         again = rp.evaluate_retroprompt(run, split)
@@ -211,6 +212,20 @@ def test_lmbda_is_chosen_on_dev_unless_given(data, tiny_lm, tmp_path, full_run):
     assert given["lmbda"] == 1.0 and given["test"]["accuracy"] == given["test"]["accuracy_knn"]
 
 
+def test_a_named_set_brings_its_template_and_verbalizer(tmp_path):
+    rng = random.Random(1)
+    recs = [{"text": make_text(rng, 8), "label": ("fresh", "rotten")[i % 2]} for i in range(40)]
+    path = write_jsonl(tmp_path / "rt.jsonl", recs)
+    cfg = RetroPromptConfig(data="rotten-tomatoes", data_file=str(path), out=str(tmp_path / "run"), shots=4)
+    cfg = replace(cfg, knn=replace(cfg.knn, k=4, demos=3))
+    assert cfg.prompt_config().template == "{text} It was"
+    assert cfg.prompt_config().words == {"fresh": ("great",), "rotten": ("terrible",)}
+    d = draw(cfg)
+    assert [e.label for e in d.split.train].count("fresh") == 4 and len(d.split.dev) == 8
+    assert d.classes == ("fresh", "rotten") and d.test and not {e.id for e in d.test} & {e.id for e in d.split.train}
+    assert replace(cfg, template="Snippet: {text} Verdict:").prompt_config().template == "Snippet: {text} Verdict:"
+
+
 # ---- the command line ----
 
 def cli(args: list[str]):
@@ -232,7 +247,7 @@ def test_the_cli_trains_and_evaluates_end_to_end(data, tiny_lm, tmp_path):
     r = cli(train_args(data, tiny_lm, tmp_path / "run", "--json"))
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["steps"] == 2 and summary["test"]["examples"] == 6
+    assert summary["steps"] == 2 and summary["trained_examples"] == 8 and summary["test"]["examples"] == 6
     r = cli(["retroprompt", "eval", "--run", str(tmp_path / "run"), "--split", "test", "--json", "--quiet"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["accuracy"] == summary["test"]["accuracy"]

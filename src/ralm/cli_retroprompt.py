@@ -21,8 +21,10 @@ JsonOut = Annotated[bool, typer.Option("--json", help="print the result as one J
 def train_spec() -> Spec:
     from ralm.tuning.retroprompt_config import RetroPromptConfig
 
-    # the prompt's template and verbalizer are the config's own (they default per data set); λ is --lmbda
-    return Spec(RetroPromptConfig, skip=("prompt.template", "prompt.verbalizer", "knn.lmbda"))
+    # the prompt's template and verbalizer are the config's own (they default per data set); λ is --lmbda;
+    # the PEFT switches of RETRO-fit's parts have no meaning on a plain LM
+    return Spec(RetroPromptConfig, skip=("prompt.template", "prompt.verbalizer", "knn.lmbda", "peft.decoder",
+                                         "peft.retrieval_encoder", "peft.cca"))
 
 
 @config_command(app, "train", train_spec)

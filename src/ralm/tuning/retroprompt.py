@@ -162,6 +162,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     summary = loop.train(bb.module(), cfg, task, out, state=state, progress=progress)
     refresh_s = cost["seconds"]
     summary.pop("tokens_per_second")  # a "token" here is an example
+    summary["trained_examples"] = summary.pop("trained_tokens")
     summary["examples_per_second"] = round(len(gold) * cfg.batch_size / max(summary["seconds"], 1e-9), 2)
     summary["store"] = {"refreshes": cost["refreshes"], "refresh_seconds": round(refresh_s, 3),
                         "share_of_training_time": round(refresh_s / max(summary["seconds"], 1e-9), 4),
