@@ -8,6 +8,11 @@ or features from a frozen vision backbone through a trained head):
 - ``demos``: neural demonstrations (per class, a weighted sum of the top-m neighbours' representations)
 - ``memorization``: the memorization score (self-influence by LiSSA or an exact solve, Zheng & Jiang 2022),
   checked against exact leave-one-out retraining; the atypical (lowest kNN confidence) share
+- ``backbone``: the ``Backbone`` protocol the trainer is generic over, and ``TextBackbone`` (a ``PromptModel``
+  with its trained parameters: full fine-tuning or a PEFT method)
+- ``scoring``: a training step's loss and the inference probabilities over any backbone (the composition
+  below); the trainer itself is ``ralm.tuning.retroprompt`` (``ralm retroprompt train`` / ``eval``)
+- ``vision``: ``VisionBackbone``, frozen EfficientNet-Lite0 features through a trained head (images)
 
 How a trainer composes them (train texts ``X`` with class indices ``y``; ``rows`` = the batch's own rows).
 The store keys on prompts WITHOUT demonstrations, and every search (demonstrations, p_kNN) queries with the
