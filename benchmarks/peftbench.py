@@ -573,11 +573,12 @@ def chart(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(res: dict[str, Any], folder: Path) -> None:
+def write_outputs(res: dict[str, Any], folder: Path, md=None, png=None) -> None:
+    """``folder``/results.{json,md,png}; ``md`` / ``png``: another benchmark's renderers (default: this one's)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(res, indent=2))
-    (folder / "results.md").write_text(markdown(res))
-    chart(res, folder / "results.png")
+    (folder / "results.md").write_text((md or markdown)(res))
+    (png or chart)(res, folder / "results.png")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,14 +4,13 @@ results JSON / markdown / PNG, and claims computed from the numbers (not hand-wr
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench_module import load_benchmark
 from squad_data import write_squad
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,11 +19,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("peft_bench", ROOT / "benchmarks" / "peftbench.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["peft_bench"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("peftbench.py", "peft_bench")
 
 
 def tiny_grid(bench, root: Path, squad: Path, lm: str, encoder: str, rows, isolate: bool = False):

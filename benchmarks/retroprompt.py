@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""RetroPrompt's few-shot table (issue 14): ``ralm.tuning.fewshot_table`` at 16 and 4 shots on Rotten Tomatoes
+and BBC News with SmolLM2-135M (and Fashion-MNIST where the trainer reads it), LM-BFF's five seeds.
+
+Presets. Default = the paper's settings, for a GPU: full prompt-based fine-tuning, 800 steps of 8 at lr 1e-5,
+the whole test split. ``--cpu`` = what two CPU cores finish in a day or so: LoRA (rank 8) instead of full
+fine-tuning (the backward through 135M weights and AdamW's 1 GB of state dominate a full step; LoRA keeps
+the forward, which retrieval needs anyway, and trains 0.3 % of the weights), 96 steps of 8 at lr 5e-4
+(LoRA wants ~10-50x full FT's lr; 96 x 8 = 24 epochs of the 16-shot sentiment store, 10 of BBC's), prompts
+cut to 128 tokens (BBC articles are ~400), and the first 200 test examples (the same for every row; the
+size is in the output). A CPU row is therefore "RetroPrompt with LoRA, short training", not the paper's.
+
+Cells are measured in the order most informative first (``plan``): the headline (untrained rows, prompt FT
+and RetroPrompt at 16 shots, seed by seed on each data set), then the ablations at 16 shots, then 4 shots.
+Each measured cell is kept as JSON under ``benchmarks/results/retroprompt/grid-<digest>/cells/`` (digest of
+the settings that change the numbers), so a rerun or a later session continues; ``--max-minutes`` starts no
+new cell after that long. Trained cells run in a child process each (``--isolate``, default; its peak RSS via
+``os.wait4``); their run folders (weights) are under ``benchmarks/.cache/retroprompt/`` and deleted once the
+cell is measured unless ``--keep-runs`` (full fine-tuning writes 540 MB per run).
+
+Output: one JSON object on stdout, ``results.{json,md,png}`` in the results folder: the table (mean ± std
+over seeds, per-seed values), training examples/s and the store's share of training time per trained row,
+and the sentence "RetroPrompt vs prompt FT at 16 shots: +x.x ± y.y (seed spread z)" computed from the cells.
+The memorization table is not run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peftbench import cached, write_outputs  # noqa: E402  (sibling benchmark: the stage cache, the three outputs)
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache" / "retroprompt"  # run folders (weights): never committed
+RESULTS = ROOT / "benchmarks" / "results" / "retroprompt"
+DATA_SETS = ("rotten-tomatoes", "bbc-news", "fashion-mnist")
+SEEDS = (13, 21, 42, 87, 100)
+HEADLINE = ("zero-shot", "knn", "linear-probe", "prompt-ft", "retroprompt")
+ABLATIONS = ("no-loss-scaling", "no-interpolation", "no-demos", "no-refresh", "kept-in")
+
+
+def log(msg: str) -> None:
+    print(f"[retroprompt-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Grid:
+    """What the benchmark runs. The fields of ``settings()`` change the numbers (they name the grid); the
+    data sets, shots, seeds and rows only choose cells of it."""
+
+    cache: str = str(CACHE)
+    results: str = str(RESULTS)
+    data: tuple[str, ...] = DATA_SETS
+    data_files: dict[str, str] = field(default_factory=dict)  # a set's file (default: ralm's data folder)
+    shots: tuple[int, ...] = (16, 4)
+    seeds: tuple[int, ...] = SEEDS
+    rows: tuple[str, ...] = HEADLINE + ABLATIONS
+    model: str = "smollm2-135m"
+    peft: str = "full"
+    lora_rank: int = 8
+    n_virtual: int = 16
+    steps: int = 800
+    lr: float = 1e-5
+    batch_size: int = 8
+    test_limit: int | None = None
+    max_tokens: int = 256
+    k: int = 16
+    demos: int = 8
+    beta: float = 1e-4
+    bf16: bool | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # RetroPromptConfig fields for other settings
+    isolate: bool = True
+    keep_runs: bool = False
+    threads: int | None = None
+    max_minutes: float | None = None
+    preset: str = "paper"
+
+    def settings(self) -> dict[str, Any]:
+        keys = ("model", "peft", "lora_rank", "n_virtual", "steps", "lr", "batch_size", "test_limit", "max_tokens",
+                "k", "demos", "beta", "bf16", "overrides")
+        return {k: getattr(self, k) for k in keys}
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
+
+    def folder(self, kind: str) -> Path:
+        """``cells``: the measured cells' JSON (kept: a rerun continues); ``runs``: run folders while they train."""
+        return Path(self.results if kind == "cells" else self.cache) / f"grid-{self.digest()}" / kind
+
+
+def base_config(g: Grid, data: str) -> Any:
+    """The shared ``RetroPromptConfig`` of a data set's cells (shots, seed, out: set per cell)."""
+    from ralm.methods.peft import PeftConfig
+    from ralm.tuning.retroprompt_config import RetroPromptConfig
+
+    cfg = RetroPromptConfig(data=data, out=str(g.folder("runs")), data_file=g.data_files.get(data), model=g.model,
+                            steps=g.steps, lr=g.lr, batch_size=g.batch_size, test_limit=g.test_limit,
+                            eval_every=0, save_every=max(1, g.steps // 4), bf16=g.bf16, **g.overrides)
+    peft = PeftConfig(method=g.peft, lora_rank=g.lora_rank, lora_alpha=float(g.lora_rank), n_virtual=g.n_virtual)
+    return replace(cfg, peft=peft, prompt=replace(cfg.prompt, max_tokens=g.max_tokens),
+                   knn=replace(cfg.knn, k=g.k, demos=g.demos, beta=g.beta))
+
+
+def plan(g: Grid) -> list[Any]:
+    """The cells, most informative first: the 16-shot headline seed by seed, its ablations, then the other
+    shots the same way."""
+    from ralm.tuning.fewshot_table import Cell
+
+    out = []
+    for shots in sorted(g.shots, reverse=True):
+        for rows in (HEADLINE, ABLATIONS):
+            chosen = [r for r in rows if r in g.rows]
+            out += [Cell(d, shots, s, r) for s in g.seeds for d in g.data for r in chosen]
+    return out
+
+
+# ---- measuring ---------------------------------------------------------------------------------------
+def train_isolated(cfg: Any, g: Grid) -> dict[str, Any]:
+    """``fewshot_table.trained_cell(cfg)`` in a child process (or in this one); peak RSS of the child."""
+    from ralm.tuning.fewshot_table import trained_cell
+
+    t0 = time.perf_counter()
+    if not g.isolate:
+        res = trained_cell(cfg)
+    else:
+        job = Path(cfg.out + ".job")
+        job.mkdir(parents=True, exist_ok=True)
+        (job / "config.json").write_text(json.dumps({"config": cfg.to_json(), "threads": g.threads}))
+        proc = subprocess.Popen([sys.executable, __file__, "--child", str(job)], stdout=sys.stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"training child for {cfg.out} exited with {os.waitstatus_to_exitcode(status)}")
+        res = {**json.loads((job / "result.json").read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        shutil.rmtree(job, ignore_errors=True)
+    if not g.keep_runs:
+        shutil.rmtree(cfg.out, ignore_errors=True)
+    return {**res, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def child(job: Path) -> None:
+    from ralm.tuning.fewshot_table import trained_cell
+    from ralm.tuning.retroprompt_config import RetroPromptConfig
+
+    spec = json.loads((job / "config.json").read_text())
+    if spec["threads"]:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+    res = trained_cell(RetroPromptConfig.from_json(spec["config"]))
+    (job / "result.json").write_text(json.dumps(res))
+
+
+def run_grid(g: Grid) -> dict[str, Any]:
+    """Every cell of the grid (cached), then the table, the speed figures and the comparison; writes
+    results.{json,md,png}."""
+    from ralm.errors import RalmError
+    from ralm.tuning import fewshot_table as ft
+
+    if g.threads:
+        import torch
+
+        torch.set_num_threads(g.threads)
+    t_start = time.perf_counter()
+    skipped = ["memorization table: not run by this benchmark"]
+    bases, data = {}, []
+    for d in g.data:
+        try:
+            bases[d] = base_config(g, d)
+            data.append(d)
+        except RalmError as e:  # e.g. a data set the trainer does not read (yet), or whose file is missing
+            skipped.append(f"{d}: {e}")
+    g = replace(g, data=tuple(data))
+
+    def cache(cell: Any, compute) -> dict[str, Any]:
+        def run() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            r = compute()
+            log(f"{cell.name()}: test {100 * r['test']:.1f} ({time.perf_counter() - t0:.0f} s)")
+            return r
+
+        return cached(g.folder("cells") / f"{cell.name()}.json", run)
+
+    def stop() -> bool:
+        return g.max_minutes is not None and time.perf_counter() - t_start > 60 * g.max_minutes
+
+    measured, left = ft.run_table(bases, plan(g), g.folder("runs"), train=lambda cfg: train_isolated(cfg, g),
+                                  cache=cache, stop=stop)
+    if left:
+        skipped.append(f"{len(left)} cells not run (--max-minutes {g.max_minutes:g} reached), from "
+                       f"{left[0].name()}")
+    res = {"benchmark": "retroprompt", "preset": g.preset, "settings": g.settings(), "grid": g.digest(),
+           "data": list(g.data), "shots": list(g.shots), "seeds": list(g.seeds), "rows": list(g.rows),
+           "row_meaning": {r: ft.ROWS[r] for r in g.rows}, "table": ft.aggregate(measured),
+           "comparison": [ft.comparison(measured, d, max(g.shots)) for d in g.data], "cells": measured,
+           "skipped": skipped, "wall_s": round(time.perf_counter() - t_start, 1)}
+    write_outputs(res, Path(g.results), markdown, chart)
+    return res
+
+
+# ---- results -----------------------------------------------------------------------------------------
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# RetroPrompt few-shot table (benchmarks/retroprompt.py)", "",
+             f"Preset {res['preset']}; settings: " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
+             f"Seeds {res['seeds']}; test accuracy in points, mean ± std over seeds (population std, as LM-BFF).", ""]
+    lines += [f"- {c['sentence']}" + ("" if c["beats"] is None else
+              f": {'beats' if c['beats'] else 'does not beat'} prompt FT"
+              + (", by more than the seed spread" if c["beyond_spread"] else ", within the seed spread"))
+              for c in res["comparison"]]
+    for data in res["data"]:
+        for shots in res["shots"]:
+            rows = [r for r in res["table"] if (r["data"], r["shots"]) == (data, shots)]
+            if not rows:
+                continue
+            lines += ["", f"## {data}, {shots} shots (test examples: {rows[0]['test_examples']})", "",
+                      "| row | accuracy | seeds | per seed | train examples/s | store share of training |",
+                      "|---|---|---|---|---|---|"]
+            for r in rows:
+                share = r.get("store_share")
+                lines.append(f"| {res['row_meaning'][r['row']]} | {r['mean']:.1f} ± {r['std']:.1f} | "
+                             f"{len(r['seeds'])} | {', '.join(f'{x:.1f}' for x in r['per_seed'])} | "
+                             f"{r.get('examples_per_second', '')} | "
+                             f"{'' if share is None else f'{100 * share:.1f} %'} |")
+    if res["skipped"]:
+        lines += ["", "Not run: " + "; ".join(res["skipped"])]
+    return "\n".join(lines) + "\n"
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [(d, s) for d in res["data"] for s in res["shots"]
+              if any((r["data"], r["shots"]) == (d, s) for r in res["table"])]
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(groups) + 2), 4.5))
+    width = 0.8 / max(1, len(res["rows"]))
+    for j, row in enumerate(res["rows"]):
+        got = [next((r for r in res["table"] if (r["data"], r["shots"], r["row"]) == (d, s, row)), None)
+               for d, s in groups]
+        xs = [i + (j - len(res["rows"]) / 2 + 0.5) * width for i, r in enumerate(got) if r is not None]
+        ys = [r for r in got if r is not None]
+        if ys:
+            ax.bar(xs, [r["mean"] for r in ys], width, yerr=[r["std"] for r in ys], capsize=2, label=row)
+    ax.set_xticks(range(len(groups)), [f"{d}\n{s} shots" for d, s in groups], fontsize=8)
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+    ax.set_title("RetroPrompt few-shot table")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid_from(args: argparse.Namespace) -> Grid:
+    if args.cpu:
+        g = Grid(preset="cpu", peft="lora", lora_rank=8, steps=96, lr=5e-4, test_limit=200, max_tokens=128)
+    else:
+        g = Grid()
+    over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
+            "peft": args.peft, "model": args.model}
+    picked = {"data": args.data, "shots": args.shots, "seeds": args.seeds, "rows": args.rows}
+    return replace(g, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
+                   results=args.results_dir, isolate=not args.in_process, keep_runs=args.keep_runs,
+                   **{k: v for k, v in over.items() if v is not None},
+                   **{k: tuple(v) for k, v in picked.items() if v})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu", action="store_true", help="the CPU preset (LoRA r=8, 96 steps, lr 5e-4, 200 test "
+                    "examples, 128-token prompts; see above)")
+    ap.add_argument("--data", nargs="+", help=f"data sets (default: {' '.join(DATA_SETS)})")
+    ap.add_argument("--shots", nargs="+", type=int, help="examples per class (default: 16 4)")
+    ap.add_argument("--seeds", nargs="+", type=int, help=f"few-shot seeds (default: {' '.join(map(str, SEEDS))})")
+    ap.add_argument("--rows", nargs="+", help="rows of the table (default: all)")
+    ap.add_argument("--model", help="the LM (default smollm2-135m)")
+    ap.add_argument("--peft", help="trained parameters: full (default), lora, prompt, ...")
+    ap.add_argument("--steps", type=int, help="training steps per trained cell")
+    ap.add_argument("--lr", type=float, help="learning rate of every trained cell")
+    ap.add_argument("--batch-size", type=int, help="examples per step")
+    ap.add_argument("--test-limit", type=int, help="score the first N test examples (default: all; --cpu 200)")
+    ap.add_argument("--max-minutes", type=float, help="start no new cell after this long")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--in-process", action="store_true", help="train in this process (no peak RSS per run)")
+    ap.add_argument("--keep-runs", action="store_true", help="keep each trained cell's run folder (weights)")
+    ap.add_argument("--cache-dir", default=str(CACHE), help="run folders while they train")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="measured cells and results.{json,md,png}")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(Path(args.child))
+        return 0
+    g = grid_from(args)
+    with contextlib.redirect_stdout(sys.stderr):  # in-process runs print the loop's progress
+        res = run_grid(g)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
