@@ -13,7 +13,6 @@ import torch
 from bench_module import load_benchmark
 from squad_data import write_squad
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 

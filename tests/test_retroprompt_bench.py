@@ -15,7 +15,6 @@ import ralm.tuning.fewshot_table as ft
 from bench_module import load_benchmark
 from fewshot_data import TEMPLATE, VERBALIZER, write_labelled
 
-ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
 
 
