@@ -51,7 +51,7 @@ def test_results_structure(bench, result):
     for r in res["table"]:
         assert r["seeds"] == [13, 21] and r["test_examples"] == 8 and 0 <= r["mean"] <= 100
         if r["row"] in ft.TRAINED:
-            assert r["examples_per_second"] > 0 and 0 <= r["store_share"] < 1
+            assert r["examples_per_second"] > 0 and 0 <= r["store_share"] < 1 and 0 < r["train_p_knn_gold"] <= 1
         else:
             assert "store_share" not in r
     cells = {(c["shots"], c["seed"], c["row"]): c for c in res["cells"]}
@@ -61,6 +61,9 @@ def test_results_structure(bench, result):
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 2 * (1 + len(ft.ROWS))  # header + rows, per shots
     assert res["comparison"][0]["sentence"] in md and "Not run: " in md
+    kept = res["kept_in_vs_left_out"][0]
+    assert kept["sentence"].startswith("RetroPrompt with the example kept in vs RetroPrompt at 4 shots: ")
+    assert kept["sentence"] in md
 
 
 def test_table_and_comparison_are_computed_from_the_cells(result):

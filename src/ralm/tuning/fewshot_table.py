@@ -254,7 +254,8 @@ def mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 def aggregate(measured: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (data, shots, row), in first-seen order: test accuracy in points, mean ± std over its seeds, and the
-    per-seed values; trained rows also average examples/s and the store's share of training time."""
+    per-seed values; trained rows also average examples/s, the store's share of training time and p_kNN(gold)
+    on the training batches (near 1 when the example is kept in its own neighbours: p_kNN is then trivial)."""
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for m in measured:
         groups.setdefault((m["data"], m["shots"], m["row"]), []).append(m)
@@ -265,7 +266,7 @@ def aggregate(measured: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         r = {"data": data, "shots": shots, "row": row, "mean": round(mean, 2), "std": round(std, 2),
              "seeds": [m["seed"] for m in ms], "per_seed": [round(100 * m["test"], 2) for m in ms],
              "test_examples": ms[0].get("test_examples")}
-        for key in ("examples_per_second", "store_share"):
+        for key in ("examples_per_second", "store_share", "train_p_knn_gold"):
             if all(m.get(key) is not None for m in ms):
                 r[key] = round(mean_std([m[key] for m in ms])[0], 4)
         out.append(r)
@@ -290,4 +291,4 @@ def comparison(measured: Sequence[dict[str, Any]], data: str, shots: int = 16, a
             "spread": round(spread, 2), "beats": diff > 0, "beyond_spread": diff > spread, "sentence": sentence}
 
 
-ROW_NAMES = {"retroprompt": "RetroPrompt", "prompt-ft": "prompt FT"}
+ROW_NAMES = {"retroprompt": "RetroPrompt", "prompt-ft": "prompt FT", "kept-in": "RetroPrompt with the example kept in"}
