@@ -13,10 +13,12 @@ import torch
 
 import ralm.tuning.fewshot_table as ft
 from fewshot_data import TEMPLATE, VERBALIZER, write_labelled
+from ralm.data.tasks.base import LabelledExample
 from ralm.errors import RalmError
 from ralm.methods.retroprompt.backbone import label_indices
 from ralm.methods.retroprompt.knn import store_knn_probs
 from ralm.methods.retroprompt.store import KnowledgeStore
+from ralm.methods.retroprompt.vision import VisionBackbone, VisionConfig
 from ralm.tuning.retroprompt import build_backbone
 from ralm.tuning.retroprompt_config import RetroPromptConfig, draw
 
@@ -115,6 +117,24 @@ def test_the_linear_probe_separates_separable_features_and_picks_l2_on_dev():
     scores = {lm: ft.accuracy(ft.linear_probe(xt, yt, xd, flip, 2, grid=(lm,))[0](xd), flip) for lm in ft.PROBE_L2}
     _, chosen, acc = ft.linear_probe(xt, yt, xd, flip, 2)
     assert acc == max(scores.values()) and chosen == next(lm for lm in ft.PROBE_L2 if scores[lm] == acc)
+
+
+def test_a_backbone_with_frozen_features_is_probed_on_them():
+    """The vision backbone's untrained head is a random projection: kNN and the probe read its frozen features."""
+    classes = ("shirt", "shoe", "bag")
+    proj = torch.randn(64, 12, generator=torch.Generator().manual_seed(0)).numpy()
+
+    def extract(images, name):  # a stand-in for EfficientNet-Lite0
+        return images.reshape(len(images), 64).astype("float32") / 255.0 @ proj
+
+    rng = np.random.default_rng(0)
+    exs = [LabelledExample(f"i{i}", "", classes[i % 3], rng.integers(0, 255, (8, 8)).astype(np.uint8))
+           for i in range(6)]
+    bb = VisionBackbone(classes, VisionConfig(dim=8), extractor=extract, feature_dim=12)
+    p, reps = ft.Features(bb, 4).get(exs)
+    torch.testing.assert_close(reps, bb.features(exs).cpu())  # (6, 12) frozen, not the head's (6, 8)
+    bb.head.eval()  # as Features reads it: no dropout
+    torch.testing.assert_close(p, bb.forward(exs, None).class_logits.exp())
 
 
 # ---- the trained rows' configs ----

@@ -9,6 +9,8 @@ injected):
 - ``linear-probe``: logistic regression on the frozen representations of train (standardised by train's mean
   and std), its L2 weight chosen on dev from ``PROBE_L2`` (ties: the strongest).
 
+On images (a backbone with frozen ``features``) both read the frozen features (``Features``).
+
 Trained (``ralm.tuning.retroprompt.train_retroprompt`` with the row's overrides, ``row_config``):
 
 - ``prompt-ft``: prompt fine-tuning without retrieval (LM-BFF style): β = 0, λ = 0, no demonstrations, store
@@ -122,8 +124,13 @@ def trained_cell(cfg: RetroPromptConfig) -> dict[str, Any]:
 
 
 class Features:
-    """p_model (C,) and the representation (d,) of each example under the untrained backbone, by example id:
-    an example is passed through the model once however many draws it is in."""
+    """p_model (C,) and the pretrained representation (d,) of each example under the untrained backbone, by
+    example id: an example is passed through the model once however many draws it is in.
+
+    The representation is the backbone's own (an LM's prompt-position state), except where the backbone
+    has frozen features (``features(examples)``: the vision one), whose untrained head is a random
+    projection: kNN and the probe then read the frozen features, and zero-shot is that random head (chance).
+    """
 
     def __init__(self, backbone: Backbone, batch_size: int = 16):
         self.bb, self.batch_size = backbone, batch_size
@@ -138,7 +145,8 @@ class Features:
             for b in range(0, len(todo), self.batch_size):
                 part = todo[b:b + self.batch_size]
                 out = self.bb.forward(part, None)
-                for e, lp, r in zip(part, out.class_logits.float().exp().cpu(), out.reps.cpu(), strict=True):
+                reps = self.bb.features(part) if hasattr(self.bb, "features") else out.reps  # (B, d)
+                for e, lp, r in zip(part, out.class_logits.float().exp().cpu(), reps.float().cpu(), strict=True):
                     self.p[e.id], self.reps[e.id] = lp, r
         self.forwarded += len(todo)
         return torch.stack([self.p[e.id] for e in examples]), torch.stack([self.reps[e.id] for e in examples])
