@@ -284,7 +284,7 @@ def grid_from(args: argparse.Namespace) -> Grid:
     else:
         g = Grid()
     over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
-            "peft": args.peft, "model": args.model}
+            "peft": args.peft, "model": args.model, "beta": args.beta}
     picked = {"data": args.data, "shots": args.shots, "seeds": args.seeds, "rows": args.rows}
     return replace(g, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
                    results=args.results_dir, isolate=not args.in_process, keep_runs=args.keep_runs,
@@ -292,7 +292,7 @@ def grid_from(args: argparse.Namespace) -> Grid:
                    **{k: tuple(v) for k, v in picked.items() if v})
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="the CPU preset (LoRA r=8, 96 steps, lr 5e-4, 200 test "
                     "examples, 128-token prompts; see above)")
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="training steps per trained cell")
     ap.add_argument("--lr", type=float, help="learning rate of every trained cell")
     ap.add_argument("--batch-size", type=int, help="examples per step")
+    ap.add_argument("--beta", type=float, help="the kNN-guided loss's β (default: the reference's 1e-4, which "
+                    "scales CE by ~1.0001: the no-loss-scaling row then differs from RetroPrompt by ~nothing)")
     ap.add_argument("--test-limit", type=int, help="score the first N test examples (default: all; --cpu 200)")
     ap.add_argument("--max-minutes", type=float, help="start no new cell after this long")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
@@ -313,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=str(CACHE), help="run folders while they train")
     ap.add_argument("--results-dir", default=str(RESULTS), help="measured cells and results.{json,md,png}")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.child:
         child(Path(args.child))
         return 0

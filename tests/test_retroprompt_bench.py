@@ -5,6 +5,7 @@ cells, a rerun that reads the cache, --max-minutes, and one trained cell in its 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,13 @@ def test_a_trained_cell_in_its_own_process(bench, result, tiny_lm):
     assert cell["peak_rss_mb"] > 50 and cell["computed"]
     same = next(c for c in res["cells"] if (c["shots"], c["seed"], c["row"]) == (4, 13, "prompt-ft"))
     assert cell["test"] == same["test"] and cell["test_examples"] == 8
+
+
+def test_the_presets_and_flags(bench):
+    paper = bench.grid_from(bench.parser().parse_args([]))
+    assert (paper.peft, paper.steps, paper.lr, paper.batch_size, paper.test_limit) == ("full", 800, 1e-5, 8, None)
+    assert paper.shots == (16, 4) and paper.seeds == (13, 21, 42, 87, 100) and paper.isolate
+    cpu = bench.grid_from(bench.parser().parse_args(["--cpu", "--beta", "1", "--data", "bbc-news", "--seeds", "13"]))
+    assert (cpu.peft, cpu.steps, cpu.test_limit, cpu.max_tokens, cpu.beta) == ("lora", 96, 200, 128, 1.0)
+    assert cpu.data == ("bbc-news",) and cpu.seeds == (13,) and cpu.digest() != paper.digest()
+    assert replace(cpu, seeds=(13, 21), max_minutes=5).digest() == cpu.digest()  # cells of one grid, not another
