@@ -294,7 +294,7 @@ def test_bad_input_is_a_one_line_error(data, tiny_lm, tmp_path):
     bad("--refresh 'sometimes'", "--refresh", "sometimes")
     bad("--lmbda 1.5: must be in [0, 1]", "--lmbda", "1.5")
     bad("--verbalizer 'neg': expected class=word", "neg", at="--verbalizer")
-    bad("neither a named text set", str(tmp_path / "nothing.jsonl"), at="--data")
+    bad("neither a named set", str(tmp_path / "nothing.jsonl"), at="--data")
     no_template = ["retroprompt", "train", "--data", str(data), "--out", str(tmp_path / "run"), "--model", tiny_lm]
     fails(cli(no_template), "needs --template and --verbalizer")
     fails(cli(["retroprompt", "eval", "--run", str(tmp_path / "none")]), "no readable run.json")

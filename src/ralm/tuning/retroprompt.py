@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ralm.errors import RalmError
+from ralm.lm import vision as lm_vision
 from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
 from ralm.methods.retroprompt.backbone import (
@@ -42,6 +43,7 @@ from ralm.methods.retroprompt.backbone import (
 from ralm.methods.retroprompt.knn import interpolate
 from ralm.methods.retroprompt.scoring import accuracy, choose_lmbda, class_probs, training_loss
 from ralm.methods.retroprompt.store import KnowledgeStore
+from ralm.methods.retroprompt.vision import VisionBackbone
 from ralm.tuning import loop
 from ralm.tuning.retroprompt_config import (
     FORMAT,
@@ -70,8 +72,19 @@ def train_retroprompt(cfg: RetroPromptConfig, progress: bool = True) -> dict[str
     return loop.in_run_folder(cfg.out, KIND, cfg.force, lambda: _train(cfg, progress))
 
 
-def build_backbone(cfg: RetroPromptConfig) -> tuple[Backbone, tuple[str, ...]]:
-    """The run's backbone, its trained parameters set up (seeded), and the frozen base's fingerprints."""
+def build_backbone(cfg: RetroPromptConfig, d: Draw) -> tuple[Backbone, tuple[str, ...]]:
+    """The run's backbone, its trained parameters set up (seeded), and the frozen base's fingerprints. Images:
+    a ``VisionBackbone`` whose frozen features of every split of ``d`` are computed (or read from the feature
+    cache) here, one cache file per split; its fingerprint names the frozen network and its resolution (what
+    the feature cache keys on)."""
+    if cfg.images:
+        bb = VisionBackbone(d.classes, cfg.vision, seed=cfg.seed)  # the head's init: its own fork of the RNG
+        torch.manual_seed(cfg.seed)  # dropout
+        for split, examples in (("train", d.split.train), ("dev", d.split.dev), ("test", d.test)):
+            if examples:
+                bb.prepare(examples, f"{cfg.data}-{split}" + (f"-{cfg.shots}shot-seed{cfg.seed}"
+                                                             if split != "test" else ""))
+        return bb, (f"{lm_vision.MODEL_NAME}@{cfg.vision.resolution}px",)
     lm = load(cfg.model, device="auto")
     fps = model_fingerprints(lm.model)
     torch.manual_seed(cfg.seed)  # LoRA's / the virtual tokens' initialisation
@@ -99,7 +112,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     if _scoring_was_cut(out, cfg):  # the loop would refuse ("already trained"): score the saved weights
         d = draw(cfg)
-        bb, _ = build_backbone(cfg)
+        bb, _ = build_backbone(cfg, d)
         load_trained(bb, out / WEIGHTS)
         meta = json.loads((out / RUN).read_text(encoding="utf-8"))
         result = _finish(cfg, bb, d, out, progress)
@@ -107,7 +120,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
         return {"run": str(out), "steps": cfg.steps, "resumed_at_step": cfg.steps, **counts(bb), **result}
     state = loop.resume_state(out, cfg, LABEL, cfg.resume_key())  # refused before the model loads
     d = draw(cfg)
-    bb, fps = build_backbone(cfg)
+    bb, fps = build_backbone(cfg, d)
     train_ex, dev_ex = d.split.train, d.split.dev
     y = label_indices(bb, train_ex)  # (n,)
     cost = {"refreshes": 0, "seconds": 0.0}  # this session's re-encodings of the training store
@@ -158,7 +171,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
         write_json(root / RUN, {**meta, "step": step})
 
     task = loop.Task(name=LABEL, batch=batch, loss=loss, resume_key=cfg.resume_key(), evaluate=evaluate,
-                     save=save, base_fingerprints=fps, base_name=cfg.model)
+                     save=save, base_fingerprints=fps, base_name=fps[0] if cfg.images else cfg.model)
     summary = loop.train(bb.module(), cfg, task, out, state=state, progress=progress)
     refresh_s = cost["seconds"]
     summary.pop("tokens_per_second")  # a "token" here is an example
@@ -225,9 +238,10 @@ def evaluate_retroprompt(run: str | Path, split: str = "test", progress: bool = 
     d = draw(cfg)
     if [e.id for e in d.split.train] != meta["train_ids"]:
         raise RalmError(f"--run {run}: the data changed since training (the few-shot draw is not the store's)")
-    bb, fps = build_backbone(cfg)
+    bb, fps = build_backbone(cfg, d)
     if meta["model_fingerprint"] not in fps:
-        raise RalmError(f"--run {run}: was trained on other weights than {cfg.model!r} has now")
+        raise RalmError(f"--run {run}: was trained on other weights than {fps[0] if cfg.images else cfg.model!r} "
+                        "has now")
     load_trained(bb, Path(run) / WEIGHTS)
     store = _store(bb, d, read_keys(Path(run) / KEYS, len(d.split.train)))
     examples = d.split.dev if split == "dev" else d.test

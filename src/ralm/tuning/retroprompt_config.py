@@ -11,21 +11,24 @@ from), ``keys.safetensors`` (the store of the trained model, read at inference),
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ralm.core.registry import flag_of
 from ralm.data.fewshot import SHOTS, FewShotSplit, few_shot
 from ralm.data.tasks.base import LabelledData
+from ralm.data.tasks.fashion_mnist import CLASSES as FASHION_CLASSES
 from ralm.data.tasks.labelled import load_labelled, read_labelled
 from ralm.errors import RalmError, refuse_below
 from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.peft import PeftConfig
 from ralm.methods.retroprompt.knn import KNNConfig
 from ralm.methods.retroprompt.prompt import PromptConfig
+from ralm.methods.retroprompt.vision import VisionConfig
 from ralm.tuning.loop import LOG, STATE, TrainConfig
 from ralm.utils import outdir
 from ralm.utils.tensors import write_safetensors
@@ -40,8 +43,11 @@ TEXT_SETS: dict[str, tuple[str, list[str]]] = {
     "bbc-news": ("{text} This article is about", ["business=business", "entertainment=entertainment",
                                                   "politics=politics", "sports=sports", "tech=technology"]),
 }
+# image sets: a trained head over frozen EfficientNet-Lite0 features (methods/retroprompt/vision.py)
+IMAGE_SETS: dict[str, tuple[str, ...]] = {"fashion-mnist": FASHION_CLASSES}
+MEMO = "memorization.json"  # `ralm retroprompt memo`'s scores (retroprompt_memo.py)
 KIND = outdir.Kind(LABEL, "ralm retroprompt run",
-                   {re.escape(n): None for n in (RUN, WEIGHTS, STORE, KEYS, STATE, LOG)}, lambda root: False)
+                   {re.escape(n): None for n in (RUN, WEIGHTS, STORE, KEYS, STATE, LOG, MEMO)}, lambda root: False)
 
 
 @dataclass(kw_only=True)
@@ -53,11 +59,11 @@ class RetroPromptConfig(TrainConfig):
     lr: float = field(default=1e-5, metadata={"help": "peak learning rate (the reference, full fine-tuning: 1e-5; "
                                                       "LoRA and prompt tuning want more, ~1e-4 and ~1e-3)"})
     warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    data: str = field(metadata={"help": f"{' or '.join(TEXT_SETS)}, or a JSONL file of {{text, label}} lines "
-                                        "(then give --template and --verbalizer)"})
+    data: str = field(metadata={"help": f"{', '.join(TEXT_SETS)} (texts), {', '.join(IMAGE_SETS)} (images), or a "
+                                        "JSONL file of {text, label} lines (then give --template and --verbalizer)"})
     out: str = field(metadata={"help": "run folder (a rerun with the same settings resumes)"})
     data_file: str | None = field(default=None, metadata={
-        "help": "a named set's data file (default: the one `ralm data get` fetched)"})
+        "help": "a named set's data file or folder (default: the one `ralm data get` fetched)"})
     template: str | None = field(default=None, metadata={
         "help": "prompt with one {text} slot, ending where the label word comes next (default: the named set's)"})
     verbalizer: list[str] | None = field(default=None, metadata={
@@ -66,9 +72,10 @@ class RetroPromptConfig(TrainConfig):
     shots: int = field(default=16, metadata={"help": f"examples per class in train and in dev; LM-BFF: {SHOTS}"})
     seed: int = field(default=42, metadata={"help": "seed of the few-shot draw and of training (LM-BFF's five: "
                                                     "13, 21, 42, 87, 100)"})
-    model: str = field(default=DEFAULT_LM, metadata={"help": "the LM: preset, folder or hub id"})
+    model: str = field(default=DEFAULT_LM, metadata={"help": "the LM: preset, folder or hub id (text data)"})
     peft: PeftConfig = field(default_factory=lambda: PeftConfig(method="full"))
     knn: KNNConfig = field(default_factory=KNNConfig)  # its lmbda: the field below
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image data only: the head and the frozen features
     lmbda: float | None = field(default=None, metadata={
         "help": "weight of p_kNN in the interpolation at inference, in [0, 1] (default: chosen on dev from "
                 "--lmbda-grid)"})
@@ -87,9 +94,10 @@ class RetroPromptConfig(TrainConfig):
         refuse_below(self, ("shots", "batch_size"))
         if self.test_limit is not None:
             refuse_below(self, ("test_limit",))
-        if self.data not in TEXT_SETS:
+        if self.data not in TEXT_SETS and not self.images:
             if not Path(self.data).is_file():
-                raise RalmError(f"--data {self.data}: neither a named text set ({', '.join(TEXT_SETS)}) nor a file")
+                raise RalmError(f"--data {self.data}: neither a named set ({', '.join([*TEXT_SETS, *IMAGE_SETS])}) "
+                                "nor a file")
             if self.template is None or self.verbalizer is None:
                 raise RalmError(f"--data {self.data}: a labelled JSONL file needs --template and --verbalizer")
         if self.lmbda is not None and not 0 <= self.lmbda <= 1:
@@ -98,7 +106,30 @@ class RetroPromptConfig(TrainConfig):
         if not self.lmbda_grid or not all(0 <= x <= 1 for x in self.lmbda_grid):
             raise RalmError(f"--lmbda-grid {','.join(map(str, self.lmbda_grid))}: give values in [0, 1]")
         self.refresh_every(1)
+        self._refuse_other_modality()
         self.prompt_config()
+
+    @property
+    def images(self) -> bool:
+        """An image set: a ``VisionBackbone`` trains, not an LM."""
+        return self.data in IMAGE_SETS
+
+    def _refuse_other_modality(self) -> None:
+        """A flag of the other kind of data set to anything but its default is refused, naming it: it would
+        otherwise be silently ignored."""
+        text: list[tuple[Any, Any]] = [(self.prompt, PromptConfig()), (self.peft, PeftConfig(method="full"))]
+        if self.images:
+            own = dict(template=self.template, verbalizer=self.verbalizer, model=self.model)
+            bad = [f"--{k}" for k, v in own.items() if v != {"model": DEFAULT_LM}.get(k)]
+            bad += [flag_of(f) for cfg, default in text for f in fields(cfg)
+                    if f.init and getattr(cfg, f.name) != getattr(default, f.name)]
+            if bad:
+                raise RalmError(f"{bad[0]} is for text data, not --data {self.data} (images: a head over frozen "
+                                "image features trains)")
+        else:
+            default = VisionConfig()
+            if bad := [flag_of(f) for f in fields(self.vision) if getattr(self.vision, f.name) != getattr(default, f.name)]:
+                raise RalmError(f"{bad[0]} is for image data (--data {', '.join(IMAGE_SETS)}), not {self.data}")
 
     def prompt_config(self) -> PromptConfig:
         """The prompt settings with the named set's template and verbalizer where none is given (validated)."""
@@ -117,20 +148,27 @@ class RetroPromptConfig(TrainConfig):
             raise RalmError(f"--refresh {self.refresh!r}: choose epoch, never or a number of steps >= 1")
         return int(r)
 
+    @property
+    def named(self) -> bool:
+        return self.data in TEXT_SETS or self.images
+
     def data_path(self) -> str | None:
-        path = self.data_file if self.data in TEXT_SETS else self.data
+        path = self.data_file if self.named else self.data
         return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
 
     def resume_key(self) -> dict[str, Any]:
         knn = {k: v for k, v in asdict(self.knn).items() if k != "lmbda"}  # λ is an inference setting
-        return {"format": VERSION, "data": self.data, "data_file": self.data_path(),
-                "prompt": asdict(self.prompt_config()), "shots": self.shots, "model": self.model,
-                "peft": asdict(self.peft), "knn": knn, "refresh": self.refresh, "batch_size": self.batch_size}
+        key = {"format": VERSION, "data": self.data, "data_file": self.data_path(), "shots": self.shots,
+               "knn": knn, "refresh": self.refresh, "batch_size": self.batch_size}
+        if self.images:  # where the features are cached, in what batches, does not change them
+            return {**key, "vision": {k: v for k, v in asdict(self.vision).items()
+                                      if k not in ("feature_cache", "feature_batch", "device")}}
+        return {**key, "prompt": asdict(self.prompt_config()), "model": self.model, "peft": asdict(self.peft)}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d.update(data=self.data if self.data in TEXT_SETS else self.data_path(), data_file=self.data_path()
-                 if self.data in TEXT_SETS else None, out=str(Path(self.out).resolve()), force=False)
+        d.update(data=self.data if self.named else self.data_path(), data_file=self.data_path()
+                 if self.named else None, out=str(Path(self.out).resolve()), force=False)
         d["lmbda_grid"] = list(self.lmbda_grid)
         return d
 
@@ -138,7 +176,7 @@ class RetroPromptConfig(TrainConfig):
     def from_json(cls, d: dict[str, Any]) -> RetroPromptConfig:
         d = dict(d)
         d.update(prompt=PromptConfig(**d["prompt"]), peft=PeftConfig(**d["peft"]), knn=KNNConfig(**d["knn"]),
-                 lmbda_grid=tuple(d["lmbda_grid"]))
+                 vision=VisionConfig(**d.get("vision", {})), lmbda_grid=tuple(d["lmbda_grid"]))
         return cls(**d)
 
 
@@ -154,10 +192,10 @@ class Draw:
 def draw(cfg: RetroPromptConfig) -> Draw:
     """Read the data, check its labels against the verbalizer, draw the few-shot split and check that the
     store can serve ``--k`` and ``--demos``: one-line errors, before any model loads."""
-    classes = tuple(cfg.prompt_config().words)
     where = cfg.data_path() or cfg.data
-    data: LabelledData = (load_labelled(cfg.data, cfg.data_file) if cfg.data in TEXT_SETS
+    data: LabelledData = (load_labelled(cfg.data, cfg.data_file) if cfg.named
                           else read_labelled(cfg.data, salt="labelled"))
+    classes = IMAGE_SETS[cfg.data] if cfg.images else tuple(cfg.prompt_config().words)
     if missing := [c for c in data.classes if c not in classes]:
         raise RalmError(f"{where}: label {missing[0]!r} is missing from --verbalizer (classes: {', '.join(classes)})")
     if extra := [c for c in classes if c not in data.classes]:
