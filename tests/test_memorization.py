@@ -160,9 +160,9 @@ def test_correlation_helpers():
 
 
 @pytest.mark.parametrize("kw, flag", [
-    ({"damping": -0.1}, "--damping -0.1"), ({"damping": 1.0}, "--damping 1.0"), ({"scale": 0.0}, "--scale 0.0"),
-    ({"depth": 0}, "--depth 0"), ({"repeats": 0}, "--repeats 0"), ({"hvp_batch": 0}, "--hvp-batch 0"),
-    ({"group": 0}, "--group 0")])
+    ({"damping": -0.1}, "--lissa-damping -0.1"), ({"damping": 1.0}, "--lissa-damping 1.0"),
+    ({"scale": 0.0}, "--lissa-scale 0.0"), ({"depth": 0}, "--lissa-depth 0"), ({"repeats": 0}, "--lissa-repeats 0"),
+    ({"hvp_batch": 0}, "--lissa-hvp-batch 0"), ({"group": 0}, "--lissa-group 0")])
 def test_bad_config_is_one_line(kw, flag):
     with pytest.raises(RalmError, match=flag) as err:
         MemoConfig(**kw)
@@ -188,7 +188,7 @@ def test_bad_input_is_refused_in_one_line():
         (lambda: lissa_inverse_hvp(mean, [w], [torch.ones(4)], [], cfg), "at least one batch"),
         # scale far below the largest eigenvalue: the recursion blows up and says which flag to raise
         (lambda: lissa_inverse_hvp(mean, [w], [torch.ones(4, dtype=torch.float64)], [torch.arange(10)],
-                                   MemoConfig(damping=1e-3, scale=0.01, depth=200)), "--scale 0.01: LiSSA diverged"),
+                                   MemoConfig(damping=1e-3, scale=0.01, depth=200)), "--lissa-scale 0.01: LiSSA diverged"),
         (lambda: atypical(torch.tensor([0.5, float("nan")]), 0.5), "NaN"),
         (lambda: atypical(torch.tensor([]), 0.5), "non-empty"),
         (lambda: atypical(torch.rand(5), 0.0), "--atypical-share 0.0"),

@@ -6,13 +6,9 @@ of the other kind of data is refused."""
 
 from __future__ import annotations
 
-import gzip
 import itertools
 import json
-import struct
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,66 +17,19 @@ import ralm.tuning.retroprompt as rp
 from badinput import fails, write_jsonl
 from ralm.data.tasks.fashion_mnist import CLASSES
 from ralm.errors import RalmError
-from ralm.lm import vision as lm_vision
-from ralm.tuning.retroprompt_config import RUN, WEIGHTS, RetroPromptConfig, draw
-
-PROJ = np.random.default_rng(0).standard_normal((49, lm_vision.FEATURE_DIM)).astype(np.float32)
-
-
-def _idx(arr: np.ndarray) -> bytes:
-    return struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
-
-
-def fashion(folder: Path, per_class: int = 6, n_test: int = 20, seed: int = 0) -> Path:
-    """A Fashion-MNIST folder: each class a fixed random 28x28 template plus noise (separable classes)."""
-    rng = np.random.default_rng(seed)
-    templates = rng.integers(0, 256, (len(CLASSES), 28, 28))
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", per_class * len(CLASSES)), ("t10k", n_test)):
-        labels = np.arange(n, dtype=np.uint8) % len(CLASSES)
-        noise = rng.integers(0, 256, (n, 28, 28))
-        imgs = (0.6 * templates[labels] + 0.4 * noise).astype(np.uint8)
-        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(imgs)))
-        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx(labels)))
-    return folder
-
-
-class FakeNet:
-    """EfficientNet-Lite0's place: 4x4-pooled pixels through a fixed projection to its 1280 features."""
-
-    weights, dim = "fake-lite0.pth", lm_vision.FEATURE_DIM
-    loads = 0
-
-    def __init__(self, cfg: lm_vision.VisionConfig) -> None:
-        self.cfg = cfg
-        FakeNet.loads += 1
-
-    def features(self, images: np.ndarray) -> np.ndarray:
-        x = images.astype(np.float32).reshape(len(images), 7, 4, 7, 4).mean((2, 4)).reshape(len(images), 49)
-        return (x / 255.0) @ PROJ
+from ralm.tuning.retroprompt_config import RUN, WEIGHTS, draw
+from rp_vision_data import FakeNet, config, fashion
 
 
 @pytest.fixture(autouse=True)
 def fake_net(monkeypatch):
-    FakeNet.loads = 0
-    monkeypatch.setattr(lm_vision, "load_backbone", FakeNet)
+    FakeNet.install(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return fashion(tmp_path_factory.mktemp("fm") / "fashion_mnist")
 
-
-def config(folder, out, **kw) -> RetroPromptConfig:
-    vision = {"dim": 8, "hidden": 16, "dropout": 0.1, "feature_cache": str(Path(out).parent / "features"),
-              **kw.pop("vision", {})}
-    base = dict(data="fashion-mnist", data_file=str(folder), out=str(out), shots=2, steps=6, batch_size=4, lr=1e-2,
-                warmup=0, eval_every=0, save_every=1, bf16=False, seed=13, lmbda_grid=(0.0, 0.2, 1.0))
-    base.update(kw)
-    cfg = RetroPromptConfig(**base)
-    cfg.vision = type(cfg.vision)(**vision)
-    cfg.knn = type(cfg.knn)(k=3, demos=1)
-    return cfg
 
 
 def test_a_vision_run_learns_and_reproduces_its_accuracy(folder, tmp_path):

@@ -1,4 +1,4 @@
-"""``ralm retroprompt train`` and ``ralm retroprompt eval``: RetroPrompt few-shot prompt learning (issue 14)."""
+"""``ralm retroprompt train``, ``eval`` and ``memo``: RetroPrompt few-shot prompt learning (issue 14)."""
 
 from __future__ import annotations
 
@@ -66,3 +66,29 @@ def evaluate(
     typer.echo(json.dumps(r) if json_out else
                f"{split}: accuracy {r['accuracy']:.4f} at λ {r['lmbda']:g} (model {r['accuracy_model']:.4f}, "
                f"kNN {r['accuracy_knn']:.4f}) on {r['examples']} examples")
+
+
+def memo_spec() -> Spec:
+    from ralm.tuning.retroprompt_memo import MemoRunConfig
+
+    return Spec(MemoRunConfig)
+
+
+@config_command(app, "memo", memo_spec)
+def memo(config: Callable[..., Any], json_out: JsonOut = False) -> None:
+    """Memorization score of each training example of a trained run: its self-influence (1/n)·∇Lᵀ H⁻¹ ∇L over
+    the run's trained parameters (LiSSA or an exact solve), on all examples and on the atypical share (lowest
+    p_kNN of the gold label); writes RUN/memorization.json."""
+    from ralm.tuning.retroprompt_memo import memorization_scores
+
+    try:
+        c = config()
+        m = memorization_scores(c.run, c.method, c.params, c.share, c.lissa)
+    except RalmError as e:
+        fail(e)
+    s = m["summary"]
+    typer.echo(json.dumps({k: v for k, v in m.items() if k not in ("scores", "knn_gold")}) if json_out else
+               f"memorization of {s['n']} training examples ({m['params']['count']} parameters, {m['approximation']}"
+               f"): mean {s['mean']:.4g}, median {s['median']:.4g}; atypical {s['n_atypical']} (lowest p_kNN): mean "
+               f"{s['atypical_mean']:.4g}, median {s['atypical_median']:.4g}; in {m['run']}/memorization.json "
+               f"({m['seconds']['total']:.1f} s)")

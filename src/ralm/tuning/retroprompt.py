@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +229,20 @@ def read_run(run: str | Path) -> dict[str, Any]:
     return meta
 
 
-def evaluate_retroprompt(run: str | Path, split: str = "test", progress: bool = False) -> dict[str, Any]:
-    """Score ``split`` (dev or test) with a finished run folder: its config, weights, store keys and λ;
-    returns {"accuracy", "accuracy_model", "accuracy_knn", "lmbda", "examples", "split"}."""
-    if split not in SPLITS:
-        raise RalmError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
+@dataclass(frozen=True)
+class LoadedRun:
+    """A finished run folder brought back: its config, data, backbone with the trained weights, final store."""
+
+    meta: dict[str, Any]
+    cfg: RetroPromptConfig
+    draw: Draw
+    backbone: Backbone
+    store: KnowledgeStore
+
+
+def load_run(run: str | Path) -> LoadedRun:
+    """Re-load a finished run (``read_run``): config, the same few-shot draw (refused if the data changed), the
+    backbone (refused if the frozen weights changed) with its trained parameters, and the trained model's store."""
     meta = read_run(run)
     cfg = RetroPromptConfig.from_json(meta["config"])
     d = draw(cfg)
@@ -243,6 +253,14 @@ def evaluate_retroprompt(run: str | Path, split: str = "test", progress: bool = 
         raise RalmError(f"--run {run}: was trained on other weights than {fps[0] if cfg.images else cfg.model!r} "
                         "has now")
     load_trained(bb, Path(run) / WEIGHTS)
-    store = _store(bb, d, read_keys(Path(run) / KEYS, len(d.split.train)))
-    examples = d.split.dev if split == "dev" else d.test
-    return {"split": split, **_score(bb, store, examples, cfg, float(meta["lmbda"]), progress)}
+    return LoadedRun(meta, cfg, d, bb, _store(bb, d, read_keys(Path(run) / KEYS, len(d.split.train))))
+
+
+def evaluate_retroprompt(run: str | Path, split: str = "test", progress: bool = False) -> dict[str, Any]:
+    """Score ``split`` (dev or test) with a finished run folder: its config, weights, store keys and λ;
+    returns {"accuracy", "accuracy_model", "accuracy_knn", "lmbda", "examples", "split"}."""
+    if split not in SPLITS:
+        raise RalmError(f"--split {split!r}: choose {' or '.join(SPLITS)}")
+    r = load_run(run)
+    examples = r.draw.split.dev if split == "dev" else r.draw.test
+    return {"split": split, **_score(r.backbone, r.store, examples, r.cfg, float(r.meta["lmbda"]), progress)}

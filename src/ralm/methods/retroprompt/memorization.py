@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from ralm.errors import RalmError, refuse_below
+from ralm.errors import RalmError
 
 MAX_EXACT_PARAMS = 4096  # the exact solve forms the full (P, P) Hessian, one backward per row
 
@@ -41,27 +41,31 @@ State = TypeVar("State")
 
 @dataclass
 class MemoConfig:
-    damping: float = field(default=5e-3, metadata={
-        "help": "LiSSA damping d in h <- v + (1 - d) h - H h / scale, in [0, 1); the damping added to H is "
-                "d * scale (the reference: 5e-3)"})
-    scale: float = field(default=1e4, metadata={
-        "help": "LiSSA scale s: must exceed half the largest Hessian eigenvalue or the recursion diverges "
-                "(the reference: 1e4)"})
-    depth: int = field(default=1000, metadata={"help": "LiSSA recursion steps per repeat (one HVP each)"})
-    repeats: int = field(default=1, metadata={"help": "independent LiSSA runs averaged (less minibatch noise)"})
-    hvp_batch: int = field(default=8, metadata={
-        "help": "training examples per Hessian-vector product in LiSSA (>= the training set size = full batch)"})
-    group: int = field(default=8, metadata={
-        "help": "examples whose LiSSA recursions share each step's minibatch gradient graph: fewer forwards, but "
-                "3 parameter-sized vectors held per example"})
-    seed: int = field(default=0, metadata={"help": "seed for the minibatches LiSSA draws"})
+    damping: float = field(default=5e-3, metadata={"flag": "--lissa-damping", "help": (
+        "LiSSA damping d in h <- v + (1 - d) h - H h / scale, in [0, 1); the damping added to H is d * scale "
+        "(the reference: 5e-3)")})
+    scale: float = field(default=1e4, metadata={"flag": "--lissa-scale", "help": (
+        "LiSSA scale s: must exceed half the largest Hessian eigenvalue or the recursion diverges (the reference: "
+        "1e4)")})
+    depth: int = field(default=1000, metadata={"flag": "--lissa-depth",
+                                               "help": "LiSSA recursion steps per repeat (one HVP each)"})
+    repeats: int = field(default=1, metadata={"flag": "--lissa-repeats",
+                                              "help": "independent LiSSA runs averaged (less minibatch noise)"})
+    hvp_batch: int = field(default=8, metadata={"flag": "--lissa-hvp-batch", "help": (
+        "training examples per Hessian-vector product in LiSSA (>= the training set size = full batch)")})
+    group: int = field(default=8, metadata={"flag": "--lissa-group", "help": (
+        "examples whose LiSSA recursions share each step's minibatch gradient graph: fewer forwards, but 3 "
+        "parameter-sized vectors held per example")})
+    seed: int = field(default=0, metadata={"flag": "--lissa-seed", "help": "seed for the minibatches LiSSA draws"})
 
     def __post_init__(self) -> None:
         if not 0 <= self.damping < 1:
-            raise RalmError(f"--damping {self.damping}: must be in [0, 1)")
+            raise RalmError(f"--lissa-damping {self.damping}: must be in [0, 1)")
         if not self.scale > 0:
-            raise RalmError(f"--scale {self.scale}: must be > 0")
-        refuse_below(self, ("depth", "repeats", "hvp_batch", "group"))
+            raise RalmError(f"--lissa-scale {self.scale}: must be > 0")
+        for name in ("depth", "repeats", "hvp_batch", "group"):
+            if getattr(self, name) < 1:
+                raise RalmError(f"--lissa-{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
 
     @property
     def added_damping(self) -> float:
@@ -144,7 +148,7 @@ def _lissa(loss_fn: LossFn, params: list[torch.Tensor], vs: list[list[torch.Tens
             # grows geometrically (minibatch Hessians may exceed the mean's: slack of 10)
             size, bound = _flat(h).norm(), 10 * (cfg.depth + 1) * _flat(v).norm()
             if not torch.isfinite(size) or size > bound:
-                raise RalmError(f"--scale {cfg.scale}: LiSSA diverged (|h| {size:.3g} > {bound:.3g}); the scale must "
+                raise RalmError(f"--lissa-scale {cfg.scale}: LiSSA diverged (|h| {size:.3g} > {bound:.3g}); the scale must "
                                 "exceed half the largest Hessian eigenvalue: raise it")
             out[i] = [o + b / (cfg.scale * cfg.repeats) for o, b in zip(out[i], h, strict=True)]
     return out
