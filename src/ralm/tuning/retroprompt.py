@@ -1,4 +1,8 @@
-"""``ralm retroprompt train`` / ``eval``: RetroPrompt (issue 14) on the shared training loop.
+"""``ralm retroprompt train`` / ``eval``: RetroPrompt (issue 14) on the shared training loop, over any
+``Backbone``: a causal LM with a template and verbalizer (text sets, ``TextBackbone``), or for an image set
+(``--data fashion-mnist``) a trained head over frozen EfficientNet-Lite0 features (``VisionBackbone``, its
+``--head``/``--dim``/``--resolution``/... flags; each split's features computed once, through the feature
+cache). The memorization score of a finished run is ``retroprompt_memo.py``.
 
 Training: the few-shot train split (``retroprompt_config.draw``) is the knowledge store, keyed on the
 backbone's representations (``methods/retroprompt``). A step draws ``--batch-size`` of its examples

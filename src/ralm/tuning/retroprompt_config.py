@@ -5,7 +5,8 @@ A run folder holds ``run.json`` (the config, what was measured, the chosen λ), 
 (``weights.safetensors``: with ``--peft full`` every LM weight, else only the PEFT ones), ``store.safetensors``
 (the knowledge store's keys as training read them at the last checkpoint: what a resumed run continues
 from), ``keys.safetensors`` (the store of the trained model, read at inference), the loop's
-``trainer.safetensors`` and ``train_log.jsonl``.
+``trainer.safetensors`` and ``train_log.jsonl``; ``memorization.json`` once ``ralm retroprompt memo`` ran.
+Image runs keep only the head in ``weights.safetensors`` (the frozen features are in the feature cache).
 """
 
 from __future__ import annotations

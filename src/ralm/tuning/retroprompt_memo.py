@@ -37,8 +37,8 @@ from ralm.methods.retroprompt.backbone import label_indices, trained
 from ralm.methods.retroprompt.demos import neural_demos
 from ralm.methods.retroprompt.knn import store_knn_probs
 from ralm.methods.retroprompt.memorization import MemoConfig, atypical, memo_summary, self_influence
-from ralm.tuning.retroprompt import LoadedRun, load_run
-from ralm.tuning.retroprompt_config import MEMO
+from ralm.tuning.retroprompt import LoadedRun, load_run, read_run
+from ralm.tuning.retroprompt_config import IMAGE_SETS, MEMO
 from ralm.utils.atomic import write_json
 
 FORMAT = "ralm-retroprompt-memo"
@@ -74,14 +74,11 @@ class MemoRunConfig:
             raise RalmError(f"--share {self.share}: must be in (0, 1]")
 
 
-def scored_parameters(r: LoadedRun, run: str | Path, which: str, probe: torch.Tensor) -> dict[str, torch.nn.Parameter]:
+def scored_parameters(r: LoadedRun, which: str, probe: torch.Tensor) -> dict[str, torch.nn.Parameter]:
     """The trained parameters scored under ``--params which`` that the loss ``probe`` depends on; the others
     stop requiring grad (so no graph is built for them)."""
     params = trained(r.backbone)
     if which == "head":
-        if not r.cfg.images:
-            raise RalmError(f"--params head: is for image runs (a head over frozen features), --run {run} is a "
-                            "text run: score --params all (its trained LM or PEFT parameters)")
         params = {n: p for n, p in params.items() if n in HEAD}
     grads = torch.autograd.grad(probe, list(params.values()), allow_unused=True)
     keep = {n: p for (n, p), g in zip(params.items(), grads, strict=True) if g is not None}
@@ -99,6 +96,9 @@ def memorization_scores(run: str | Path, method: str = "lissa", params: str = "a
     memo_summary, "atypical_ids", "method", "approximation", "params", "loss", "seconds", ...}."""
     cfg = MemoRunConfig(run=str(run), method=method, params=params, share=share, lissa=lissa or MemoConfig())
     t0 = time.perf_counter()
+    if cfg.params == "head" and read_run(run)["config"]["data"] not in IMAGE_SETS:  # before any model loads
+        raise RalmError(f"--params head: is for image runs (a head over frozen features), --run {run} is a text "
+                        "run: score --params all (its trained LM or PEFT parameters)")
     r = load_run(run)
     bb, store, train = r.backbone, r.store, r.draw.split.train
     n = len(train)
@@ -117,7 +117,7 @@ def memorization_scores(run: str | Path, method: str = "lissa", params: str = "a
     # Hessian-vector products differentiate twice: the fused attention kernels (flash, memory-efficient) have no
     # double backward, the math one does (and gives the same attention)
     with sdpa_kernel(SDPBackend.MATH):
-        scored = scored_parameters(r, run, cfg.params, per_example_loss(torch.arange(min(n, 8))).mean())
+        scored = scored_parameters(r, cfg.params, per_example_loss(torch.arange(min(n, 8))).mean())
         inf = self_influence(per_example_loss, list(scored.values()), n, cfg.lissa, cfg.method)
     ids = [e.id for e in train]
     low = atypical(gold, cfg.share)

@@ -7,7 +7,8 @@ or features from a frozen vision backbone through a trained head):
 - ``knn``: p_kNN, the kNN-guided loss, the interpolation at inference
 - ``demos``: neural demonstrations (per class, a weighted sum of the top-m neighbours' representations)
 - ``memorization``: the memorization score (self-influence by LiSSA or an exact solve, Zheng & Jiang 2022),
-  checked against exact leave-one-out retraining; the atypical (lowest kNN confidence) share
+  checked against exact leave-one-out retraining; the atypical (lowest kNN confidence) share (applied to a
+  trained run by ``ralm.tuning.retroprompt_memo``, ``ralm retroprompt memo``)
 - ``backbone``: the ``Backbone`` protocol the trainer is generic over, and ``TextBackbone`` (a ``PromptModel``
   with its trained parameters: full fine-tuning or a PEFT method)
 - ``scoring``: a training step's loss and the inference probabilities over any backbone (the composition
