@@ -17,7 +17,9 @@ tokens, kNN values, doc ids) it reads from the store by row. ``MethodContext.wra
 of every method, so one wrapper changes what every method retrieves: ``EmptyRetriever`` (nothing),
 ``RandomRetriever`` (random store rows), ``FixedRetriever`` (the same rows for every query). A wrapper only
 edits (D, I); the methods still apply their own rules (same-document exclusion, decontamination) to what it
-returns.
+returns. A wrapper that changes the payload itself (``RandomTextRetriever``, ralm.core.ablations) also
+answers ``payload(store)``: the view of the store the method reads the returned rows' records from
+(``payload_store``; the plain adapters read the store itself).
 """
 
 from __future__ import annotations
@@ -159,6 +161,13 @@ class KNNRetriever(_StoreAdapter):
                                 True, self.metric)
 
 
+def payload_store(retriever: Retriever, store: Any) -> Any:
+    """The store a method reads the records (chunk tokens and text, kNN values) of ``retriever``'s rows from:
+    the wrapper's ``payload(store)`` view where a wrapper in the chain has one, else ``store`` itself."""
+    payload = getattr(retriever, "payload", None)
+    return store if payload is None else payload(store)
+
+
 class RetrieverWrapper:
     """A retriever over another one: same store, rows and metric; subclasses edit what ``search`` returns."""
 
@@ -175,6 +184,9 @@ class RetrieverWrapper:
 
     def search(self, queries: Any, k: int, exclude_doc_ids: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
         return self.inner.search(queries, k, exclude_doc_ids)
+
+    def payload(self, store: Any) -> Any:
+        return payload_store(self.inner, store)
 
     def __len__(self) -> int:
         return len(self.inner)

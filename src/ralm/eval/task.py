@@ -10,10 +10,12 @@ log-likelihood under every normalisation, ``acc`` = per-byte (the primary one). 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ralm.core.retriever import Retriever
 from ralm.data.tasks import SPLITS, get_task, load_splits, task_names
 from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.presets import DEFAULT_LM
@@ -80,8 +82,9 @@ def read_run(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def run_eval_task(cfg: EvalTaskConfig) -> dict[str, Any]:
-    """Score the split; returns the metrics and what was scored."""
+def run_eval_task(cfg: EvalTaskConfig, wrap_retriever: Callable[[Retriever], Retriever] | None = None) -> dict[str, Any]:
+    """Score the split; returns the metrics and what was scored. ``wrap_retriever``: wraps the retriever the
+    examples' chunks are found through (a store ablation, ralm.core.ablations), as in ``run_eval_lm``."""
     if cfg.run is not None:
         meta = read_run(cfg.run)
         arch, task, model, ckpt, ds_path = (meta["arch"], meta["task"], meta["model"], meta["checkpoint"],
@@ -105,7 +108,8 @@ def run_eval_task(cfg: EvalTaskConfig) -> dict[str, Any]:
     else:
         handle, method = PlainHandle(net), "zero-shot"
     check_room(net, handle.n_virtual, s)
-    result = score(handle, encoder_for(net, tok, arch, ds, s), TaskRetrieval(ds, s.docs), examples, s)
+    retrieval = TaskRetrieval(ds, s.docs, wrap_retriever)
+    result = score(handle, encoder_for(net, tok, arch, retrieval.store, s), retrieval, examples, s)
     return {"task": task, "split": cfg.split, "arch": arch, "method": method, "model": model, **result}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ralm.core.neighbours import NeighbourLog
 from ralm.core.registry import Method, MethodContext, Session, register_method
-from ralm.core.retriever import Retriever, StoreRetriever
+from ralm.core.retriever import Retriever, StoreRetriever, payload_store
 from ralm.core.start_token import start_token_id
 from ralm.core.targets import Targets, make_targets
 from ralm.errors import RalmError, refuse_below
@@ -185,8 +185,9 @@ def _opener(fn: Callable[..., tuple[torch.Tensor, float]]) -> Callable[[MethodCo
         ds = open_retrieval_store(ctx)
         ds = restrict(ds, ds.manifest["counts"]["chunks"], ctx)
         doc_tokens = {d.id: make_targets(d, ctx.tokenizer).ids for d in ctx.docs} if ctx.decontaminate else None
-        retrieve = store_retriever(ds, cfg.docs, ctx.exclude_same_doc, ctx.decontaminate, doc_tokens,
-                                   retriever=method_retriever(ds, ctx))
+        retriever = method_retriever(ds, ctx)
+        retrieve = store_retriever(payload_store(retriever, ds), cfg.docs, ctx.exclude_same_doc, ctx.decontaminate,
+                                   doc_tokens, retriever=retriever)
         # its blocks of --stride tokens, not the plain LM's windows
         session = Session(window_stride=cfg.stride, info=dict(stride=cfg.stride, query_len=cfg.query_len,
                                                               docs=cfg.docs, doc_tokens=cfg.doc_tokens))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
-from ralm.core.retriever import KNNRetriever, Retriever
+from ralm.core.retriever import KNNRetriever, Retriever, payload_store
 from ralm.core.targets import default_stride, make_targets, model_context, window_plan
 from ralm.datastore.knn_store import KNNStore
 from ralm.errors import IncompatibleError, RalmError
@@ -237,6 +237,7 @@ def _open(ctx: MethodContext) -> Session:
     store = open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer)
     store = restrict(store, len(store.values), ctx)
     retriever = method_retriever(store, ctx)
+    store = payload_store(retriever, store)  # where the rows' values are read (an ablation's view)
     context = model_context(ctx.model, ctx.lm.context)
     stride = default_stride(context, ctx.lm.window_stride)
     knn_cfg: KNNLMConfig = ctx.options

@@ -5,6 +5,9 @@ Retrieval (``TaskRetrieval.rows``): the query is the question (QA, multiple choi
 paragraphs as it is; ACLSum searches a *restriction* of the store to the rows of the paper's own doc id (the
 store is built from the ACLSum file, doc id = paper id), as the paper retrieves from a long document's own
 chunks; multiple choice searches any store given, or none (no chunks). The row ids are what both archs read.
+``wrap`` wraps every retriever it searches through, as ``MethodContext.wrap_retriever`` does for the LM
+methods (the store ablations of ``ralm diagnose``); the encoder reads the rows' records from
+``TaskRetrieval.store`` (the store, or the wrapper's payload view: ralm.core.retriever.payload_store).
 
 Layout (``encode`` + ``collate``), one row per (example, target)::
 
@@ -23,14 +26,14 @@ generation append one column per step for the whole batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ralm.core.retriever import StoreRetriever
+from ralm.core.retriever import Retriever, StoreRetriever, payload_store
 from ralm.core.start_token import start_token_id
 from ralm.data.tasks.base import ChoiceExample, QAExample, SummaryExample
 from ralm.errors import RalmError
@@ -68,13 +71,20 @@ def gold_target(ex: Example) -> str:
 
 
 class TaskRetrieval:
-    """Top-``docs`` store rows per example (``ds`` None: no retrieval, every example gets no rows)."""
+    """Top-``docs`` store rows per example (``ds`` None: no retrieval, every example gets no rows); ``wrap``:
+    applied to each retriever it searches (one for the store, one per ACLSum paper's restriction)."""
 
-    def __init__(self, ds: Any | None, docs: int):
+    def __init__(self, ds: Any | None, docs: int, wrap: Callable[[Retriever], Retriever] | None = None):
         if docs < 0:
             raise RalmError(f"--docs {docs}: must be >= 0")
-        self.ds, self.docs = ds, docs
+        self.ds, self.docs, self.wrap = ds, docs, wrap
         self._paper_rows: dict[str, np.ndarray] | None = None
+        self.retriever = None if ds is None else self._retriever(ds)
+        self.store = None if ds is None else payload_store(self.retriever, ds)  # what the encoder reads rows from
+
+    def _retriever(self, store: Any) -> Retriever:
+        r = StoreRetriever(store)
+        return r if self.wrap is None else self.wrap(r)
 
     def rows(self, examples: Sequence[Example]) -> list[list[int]]:
         """The retrieved row ids per example, best first (what gpt puts in context and retro reads)."""
@@ -82,7 +92,7 @@ class TaskRetrieval:
             return [[] for _ in examples]
         if isinstance(examples[0], SummaryExample):
             return [self._own_rows(ex) for ex in examples]  # a search per paper: each its own restriction
-        _, ids = StoreRetriever(self.ds).search([query(e) for e in examples], min(self.docs, len(self.ds)))
+        _, ids = self.retriever.search([query(e) for e in examples], min(self.docs, len(self.ds)))
         return [[int(r) for r in row if r >= 0] for row in ids]
 
     def _own_rows(self, ex: SummaryExample) -> list[int]:
@@ -97,7 +107,7 @@ class TaskRetrieval:
             raise RalmError(f"--datastore {self.ds.root}: no chunk of paper {ex.paper_id!r}; build the store "
                             "from the ACLSum file (`ralm build aclsum.jsonl`)")
         view = self.ds.restrict(own)
-        _, ids = StoreRetriever(view).search([query(ex)], min(self.docs, len(own)))
+        _, ids = self._retriever(view).search([query(ex)], min(self.docs, len(own)))
         return [int(r) for r in ids[0] if r >= 0]
 
 

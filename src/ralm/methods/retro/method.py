@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ralm.core.registry import Method, MethodContext, Session, register_method
-from ralm.core.retriever import StoreRetriever
+from ralm.core.retriever import StoreRetriever, payload_store
 from ralm.core.targets import Targets, default_stride, model_context
 from ralm.errors import RalmError
 from ralm.lm.presets import tokenizer_fingerprint
@@ -59,6 +59,7 @@ def _open(ctx: MethodContext) -> Session:
             check_store_fits(ds, retro.cfg, tokenizer_fingerprint(ctx.tokenizer), ctx.model_name)
             ds = restrict(ds, ds.manifest["counts"]["chunks"], ctx)
             retriever = method_retriever(ds, ctx)
+            ds = payload_store(retriever, ds)  # where the rows' tokens are read (an ablation's view)
     except BaseException:
         retro.remove_hooks()  # leave a reused model as it came
         raise
