@@ -16,12 +16,15 @@ import pytest
 
 import test_registry as reg
 from ralm.core.ablations import (
+    ABLATIONS,
     RandomTextRetriever,
     RecordingRetriever,
     RetrievalLog,
     Shuffle,
     ShuffledRetriever,
+    ablation_wrap,
     derangement,
+    fixed_rows,
 )
 from ralm.core.registry import get_method, method_names
 from ralm.core.retriever import KNNRetriever, RetrieverWrapper, StoreRetriever, payload_store
@@ -29,6 +32,7 @@ from ralm.data.squad import QAExample
 from ralm.datastore.knn_store import KNNStore
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.eval.bootstrap import bootstrap, document_units
 from ralm.methods.task_inputs import TaskRetrieval
 
 stores = reg.stores
@@ -124,6 +128,17 @@ def test_shuffle_refuses_a_replay_that_is_not_the_recorded_run():
         ShuffledRetriever(Toy(), Shuffle(recorded(BATCHES))).search(["q0"], 0)
 
 
+def test_fixed_rows_repeat_the_most_retrieved_row_at_the_real_k():
+    log = recorded([["q1", "q2"]])  # rows 10, 11, 12 | 20, 21, 22, 23: all once; the lowest wins the tie
+    np.testing.assert_array_equal(fixed_rows(log), [10, 10, 10, 10])
+    log.add(["q9"], None, np.zeros((1, 4), np.float32), np.array([[22, 22, -1, -1]]))
+    np.testing.assert_array_equal(fixed_rows(log), [22] * 4)
+    empty = RetrievalLog()
+    empty.add(["q"], None, np.zeros((1, 2), np.float32), np.full((1, 2), -1))
+    with pytest.raises(RalmError, match="retrieved no rows"):
+        fixed_rows(empty)
+
+
 def test_shuffle_replays_vector_queries():
     rng = np.random.default_rng(0)
     xq = rng.normal(size=(6, 3)).astype(np.float32)
@@ -192,24 +207,48 @@ def test_random_text_of_a_knn_store_draws_its_values(stores):
 
 # ---- through every registered method -------------------------------------------------------------------
 @pytest.mark.parametrize("name", method_names(store="any"))
-def test_shuffled_and_random_text_through_every_method(stores, tiny_lm, name):
+def test_every_ablation_through_every_method_at_the_real_k(stores, tiny_lm, name):
+    """Each ablation of ``ABLATIONS`` runs through the method via ``run_eval_lm(wrap_retriever=)``; every search
+    it makes asks the real run's k and fills as many neighbour slots as the real one (shuffled: no more than
+    its partner had), and the per-document NLL it returns gives its ppl back through the bootstrap."""
     held = stores[0]
     on, _, _ = reg.settings(name, stores)
     stride = reg.STRIDE if get_method(name).options == "in_context" else None
 
-    def run(wrap):
-        return reg._eval(tiny_lm, held, stride, {"wrap_retriever": wrap}, method=name, **on)["ppl"]
+    def run(wrap, log):
+        per_target: dict = {}
+        r = reg._eval(tiny_lm, held, stride, {"wrap_retriever": lambda x: RecordingRetriever(
+            x if wrap is None else wrap(x), log), "per_target": per_target}, method=name, **on)
+        _, nll, tokens = document_units(per_target)
+        assert bootstrap(nll, tokens, kind="ppl", n_boot=20).estimate == pytest.approx(r["ppl"], rel=1e-4)
+        return r["ppl"]
 
-    log, got = RetrievalLog(), RetrievalLog()
-    real = run(lambda r: RecordingRetriever(r, log))
-    plan = Shuffle(log, seed=0)
-    shuffled = run(lambda r: RecordingRetriever(ShuffledRetriever(r, plan), got))
-    assert plan.cursor == len(log) == len(got) > 1  # every search of the replay read the plan
-    assert sum(set(a) != set(b) for a, b in zip(log.ids(), got.ids(), strict=True)) >= 0.9 * len(log)
-    assert Counter(x for r in got.ids() for x in r).keys() <= Counter(x for r in log.ids() for x in r).keys()
-    text = run(lambda r: RandomTextRetriever(r, seed=0))
-    assert all(math.isfinite(p) for p in (real, shuffled, text))
-    assert shuffled != real and text != real
+    real_log = RetrievalLog()
+    real = run(None, real_log)
+    found = [int((i >= 0).sum()) for i in real_log.I]
+    ppl = {}
+    for ablation in ABLATIONS[1:]:
+        got = RetrievalLog()
+        ppl[ablation] = run(ablation_wrap(ablation, real_log, seed=0), got)
+        assert len(got) == len(real_log) and [len(i) for i in got.I] == [len(i) for i in real_log.I]  # same k
+        n = [int((i >= 0).sum()) for i in got.I]
+        if ablation == "none":
+            assert n == [0] * len(n)
+        elif ablation == "shuffled":
+            assert all(a <= b for a, b in zip(n, found, strict=True))
+            assert sum(set(a) != set(b) for a, b in zip(real_log.ids(), got.ids(), strict=True)) >= 0.9 * len(got)
+        else:
+            assert n == found  # the real context length, query by query
+        if ablation == "fixed":
+            assert len({r for row in got.ids() for r in row}) == 1
+        if ablation == "random-text":
+            assert got.ids() == real_log.ids()  # the real rows; their payload is what changed
+        assert math.isfinite(ppl[ablation]) and ppl[ablation] != real, ablation
+    with pytest.raises(RalmError, match="ablation 'fixed' needs the real run's retrieval log"):
+        ablation_wrap("fixed")
+    with pytest.raises(RalmError, match="ablation 'empty': choose from real, none"):
+        ablation_wrap("empty")
+    assert ablation_wrap("real") is None
 
 
 def test_task_retrieval_wraps_its_searches(ds, tiny_lm):

@@ -28,7 +28,16 @@ from typing import Any
 
 import numpy as np
 
-from ralm.core.retriever import Exclusions, Retriever, RetrieverWrapper, check_k, per_query_exclusions
+from ralm.core.retriever import (
+    EmptyRetriever,
+    Exclusions,
+    FixedRetriever,
+    RandomRetriever,
+    Retriever,
+    RetrieverWrapper,
+    check_k,
+    per_query_exclusions,
+)
 from ralm.errors import RalmError
 
 
@@ -201,3 +210,38 @@ class RandomTextRetriever(RetrieverWrapper):
 
 # the conditions `ralm diagnose` reports, by the names ralm.eval.verdict reads
 ABLATIONS = ("real", "none", "shuffled", "random", "random-text", "fixed")
+
+
+def fixed_rows(log: RetrievalLog) -> np.ndarray:
+    """The fixed context at the real run's k: its most retrieved row, repeated k times (k = the longest list
+    it recorded), so "one fixed chunk for every input" fills as many neighbour slots as the real store did."""
+    ids = [i for row in log.ids() for i in row]
+    if not ids:
+        raise RalmError("fixed-chunk ablation: the recorded run retrieved no rows")
+    values, counts = np.unique(np.asarray(ids, dtype=np.int64), return_counts=True)
+    k = max(len(row) for row in log.I)
+    return np.full(k, values[np.argmax(counts)], dtype=np.int64)  # ties: the lowest row id
+
+
+def ablation_wrap(name: str, log: RetrievalLog | None = None, seed: int = 0,
+                  decode: Callable[[list[int]], str] | None = None) -> Callable[[Retriever], Retriever] | None:
+    """The ``wrap_retriever`` of ablation ``name`` (``ABLATIONS``; "real": None, the store as it is). Shuffled
+    and fixed read the recorded real run ``log`` (record it with ``RecordingRetriever`` first); a shuffled wrap
+    replays that run once (its cursor moves on): make one per run."""
+    if name not in ABLATIONS:
+        raise RalmError(f"ablation {name!r}: choose from {', '.join(ABLATIONS)}")
+    if name in ("shuffled", "fixed") and log is None:
+        raise RalmError(f"ablation {name!r} needs the real run's retrieval log")
+    if name == "real":
+        return None
+    if name == "none":
+        return EmptyRetriever
+    if name == "random":
+        return lambda r: RandomRetriever(r, seed)
+    if name == "random-text":
+        return lambda r: RandomTextRetriever(r, seed, decode=decode)
+    if name == "fixed":
+        rows = fixed_rows(log)
+        return lambda r: FixedRetriever(r, rows)
+    plan = Shuffle(log, seed)
+    return lambda r: ShuffledRetriever(r, plan)

@@ -15,8 +15,9 @@ same documents), so the interval of the difference excludes the between-document
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,15 @@ class Interval:
 
     def to_json(self) -> dict[str, float]:
         return {"estimate": self.estimate, "low": self.low, "high": self.high, "level": self.level}
+
+
+def document_units(per_target: Mapping[str, Any]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Doc ids (sorted), summed NLL and scored tokens per document from ``run_eval_lm(per_target=)``'s
+    doc id -> (n_targets,) NLL: the ``values`` and ``weights`` of a ``"ppl"`` bootstrap."""
+    ids = sorted(per_target)
+    nll = np.array([float(np.asarray(per_target[d], dtype=np.float64).sum()) for d in ids])
+    tokens = np.array([np.asarray(per_target[d]).size for d in ids], dtype=np.float64)
+    return ids, nll, tokens
 
 
 def _arrays(values: Sequence[float] | np.ndarray, weights: Sequence[float] | np.ndarray | None,

@@ -76,12 +76,14 @@ def _documents(files: list[str], max_docs: int | None, flag: str = "--data") -> 
 
 
 def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
-                wrap_retriever: Callable[[Retriever], Retriever] | None = None) -> dict:
+                wrap_retriever: Callable[[Retriever], Retriever] | None = None,
+                per_target: dict[str, torch.Tensor] | None = None) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.data`` with ``cfg.method``; return the metrics dict.
 
     ``loaded``: an already loaded ``LoadedLM`` to reuse (e.g. across the points of a scaling curve);
     ``wrap_retriever``: wraps the retriever the method reads neighbours from (``ralm.core.retriever``: e.g.
-    ``EmptyRetriever``, or ``lambda r: RandomRetriever(r, seed)``).
+    ``EmptyRetriever``, or ``lambda r: RandomRetriever(r, seed)``); ``per_target``: filled with each document's
+    per-target NLL (doc id -> (n_targets,) nats), the units ``ralm.eval.bootstrap`` resamples.
     """
     method = get_method(cfg.method)
     options = method.options_of(cfg)
@@ -97,14 +99,14 @@ def run_eval_lm(cfg: EvalLMConfig, progress: bool = True, loaded: Any = None,
                         progress=progress, wrap_retriever=wrap_retriever)
     session = method.open(ctx)
     extra: dict[str, Any] = {"model": cfg.model}
-    per_target: dict[str, torch.Tensor] = {}
+    per_target = {} if per_target is None else per_target
     try:
         extra.update(session.info)
         if method.store != "none":
             extra.update(datastore=cfg.datastore, exclude_same_doc=cfg.exclude_same_doc,
                          decontaminate=cfg.decontaminate, subset=cfg.subset)
         result = evaluate_lm(model, tok, docs, cfg.lm, scorer=session.scorer, method=cfg.method, progress=progress,
-                             per_target=per_target if cfg.leakage_report else None)
+                             per_target=per_target)
         if session.window_stride is not None:
             result["window_stride"] = session.window_stride
         extra.update(session.extras())
