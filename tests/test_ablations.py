@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import test_registry as reg
+import test_tune
 from ralm.core.ablations import (
     ABLATIONS,
     RandomTextRetriever,
@@ -36,6 +37,7 @@ from ralm.eval.bootstrap import bootstrap, document_units
 from ralm.methods.task_inputs import TaskRetrieval
 
 stores = reg.stores
+tune_setup = test_tune.setup  # a SQuAD store and a RETRO-fit that reads its neighbours
 K = 4
 
 
@@ -267,3 +269,22 @@ def test_task_retrieval_wraps_its_searches(ds, tiny_lm):
     assert text.rows(examples) == real and text.store is not ds  # the encoder reads the random-text view
     row = real[0][0]
     assert text.store.chunk(row)["tokens"] != ds.chunk(row)["tokens"]
+
+
+@pytest.mark.parametrize("arch", ["gpt", "retro"])
+def test_ablations_through_a_task_run(tune_setup, tiny_lm, arch):
+    """``run_eval_task(wrap_retriever=)``: the examples' chunks are shuffled among them, or read as random
+    text by the encoder (both archs), and the loss moves; the real run is the plain one."""
+    from ralm.eval.task import EvalTaskConfig, run_eval_task
+
+    _, squad, ds_path, ckpt = tune_setup
+    cfg = EvalTaskConfig(zero_shot=True, arch=arch, task="squad", task_file=str(squad), datastore=str(ds_path),
+                         model=tiny_lm, split="validation", limit=4, docs=2, doc_tokens=8, max_len=96,
+                         max_new_tokens=4, max_target=8, checkpoint=str(ckpt) if arch == "retro" else None)
+    log, got = RetrievalLog(), RetrievalLog()
+    real = run_eval_task(cfg, wrap_retriever=lambda r: RecordingRetriever(r, log))
+    assert real["loss"] == run_eval_task(cfg)["loss"] and len(log) == real["examples"] >= 2
+    shuffled = run_eval_task(cfg, wrap_retriever=lambda r: RecordingRetriever(ablation_wrap("shuffled", log)(r), got))
+    assert all(set(a) != set(b) for a, b in zip(log.ids(), got.ids(), strict=True))
+    text = run_eval_task(cfg, wrap_retriever=ablation_wrap("random-text"))
+    assert shuffled["loss"] != real["loss"] and text["loss"] != real["loss"]
