@@ -11,6 +11,7 @@ import pytest
 from ralm.errors import RalmError
 from ralm.eval.bootstrap import bootstrap, paired_difference
 from ralm.eval.context_variance import (
+    context_embeddings,
     context_variance,
     id_distribution,
     mean_cosine_to_mean,
@@ -61,6 +62,14 @@ def test_query_sensitivity_and_cosine_by_hand():
         mean_cosine_to_mean(np.array([[0.0, 0.0], [1.0, 0.0]]))
     with pytest.raises(RalmError, match="non-empty"):
         mean_cosine_to_mean(np.zeros(3))
+
+
+def test_context_embeddings_are_the_mean_key_of_each_inputs_rows():
+    keys = np.arange(20, dtype=np.float64).reshape(10, 2)  # row r's key: (2r, 2r + 1)
+    e = context_embeddings([[1, 3], [2, -1], [9]], lambda rows: keys[rows])
+    np.testing.assert_allclose(e, [[4.0, 5.0], [4.0, 5.0], [18.0, 19.0]])
+    with pytest.raises(RalmError, match="1 input\\(s\\) retrieved no rows"):
+        context_embeddings([[1], [-1, -1]], lambda rows: keys[rows])
 
 
 def test_context_variance_collects_every_metric():

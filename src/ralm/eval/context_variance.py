@@ -11,15 +11,16 @@ A retriever that has become a soft prompt hands (nearly) every input the same co
 - ``top1pct_share``: share of all retrievals that go to the most retrieved 1% of the distinct ids (at least one).
 - ``query_sensitivity``: share of inputs whose retrieved id set changes when their query is perturbed
   (a second log, input by input). 0 = the query does not matter.
-- ``mean_cosine_to_mean``: mean cosine of each input's context embedding to the mean of all the inputs'
-  (unit-normalised) context embeddings. 1 = every input's context points the same way.
+- ``mean_cosine_to_mean``: mean cosine of each input's context embedding (by default the mean key vector of
+  its retrieved rows) to the mean of all the inputs' unit-normalised context embeddings. 1 = every input's
+  context points the same way.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,15 @@ def mean_cosine_to_mean(embeddings: np.ndarray) -> float:
     if np.linalg.norm(m) == 0:
         return 0.0
     return float((u @ (m / np.linalg.norm(m))).mean())
+
+
+def context_embeddings(log: Log, keys: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """(inputs, dim): each input's context embedding, the mean of its retrieved rows' key vectors (``keys``: rows
+    -> (n, dim), e.g. a dense store's ``_keys().get``); an input that retrieved nothing has no context."""
+    sets = [np.array([i for i in ids if i >= 0], dtype=np.int64) for ids in log]
+    if empty := sum(len(s) == 0 for s in sets):
+        raise RalmError(f"context embeddings: {empty} input(s) retrieved no rows")
+    return np.stack([np.asarray(keys(s), dtype=np.float64).mean(axis=0) for s in sets])
 
 
 def context_variance(log: Log, embeddings: np.ndarray | None = None, perturbed: Log | None = None,
