@@ -55,8 +55,8 @@ def record_accuracy(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_zero_shot_is_the_untrained_p_model_and_knn_only_is_lambda_one(base, monkeypatch):
     cfg = ft.cell_config(base, 4, 13, base.out)
-    bb, _ = build_backbone(replace(cfg, peft=replace(cfg.peft, method="full")))
     d = draw(cfg)
+    bb, _ = build_backbone(replace(cfg, peft=replace(cfg.peft, method="full")), d)
     calls = record_accuracy(monkeypatch)
     cells = ft.untrained_cells(ft.Features(bb, 3), d, cfg.knn)
     # independently: the untrained model's p_model on the test split, and p_kNN from a store of train

@@ -222,10 +222,11 @@ def run_table(bases: dict[str, RetroPromptConfig], cells: Iterable[Cell], root: 
         key = (cell.data, cell.shots, cell.seed)
         if key not in groups:
             cfg = cell_config(bases[cell.data], cell.shots, cell.seed, root)
-            if cell.data not in features:
-                bb, _ = build_backbone(replace(cfg, peft=replace(cfg.peft, method="full")))  # nothing injected
+            d = draw(cfg)
+            if cell.data not in features:  # peft "full" with nothing trained: the pretrained model as it is
+                bb, _ = build_backbone(replace(cfg, peft=replace(cfg.peft, method="full")), d)
                 features[cell.data] = Features(bb, cfg.batch_size)
-            groups[key] = untrained_cells(features[cell.data], draw(cfg), cfg.knn)
+            groups[key] = untrained_cells(features[cell.data], d, cfg.knn)
         return groups[key][cell.row]
 
     for cell in cells:
