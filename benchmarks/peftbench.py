@@ -594,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gemma-retro", action="store_true", help="skip Gemma-3-270M's RETRO-fit and retro row")
     ap.add_argument("--no-reuse-retro", action="store_true", help="RETRO-fit here even if benchmarks/.cache/retro fits")
     ap.add_argument("--max-minutes", type=float, default=None, help="start no new row after this long")
+    ap.add_argument("--tasks", default=None, help="comma-separated: only the rows of these tasks (squad, aclsum, "
+                    "truthfulqa-mc)")
+    ap.add_argument("--models", default=None, help=f"comma-separated: only the rows of these models ({SMOL}, {GEMMA})")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cache-dir", default=str(CACHE), help="stores, RETRO-fits and run folders (weights)")
     ap.add_argument("--results-dir", default=str(RESULTS), help="the measured JSON of every stage and the results")
@@ -615,6 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         g = Grid(rows=full_rows(not args.no_gemma_retro), steps=200, batch_size=8, limit=200, retrofit_steps=400,
                  skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
+    for flag, col, allowed in (("tasks", 1, tuple(METRIC)), ("models", 0, (SMOL, GEMMA))):
+        if getattr(args, flag):
+            keep = set(getattr(args, flag).split(","))
+            if bad := sorted(keep - set(allowed)):
+                ap.error(f"--{flag} {bad[0]!r}: choose from {', '.join(allowed)}")
+            dropped = sorted({r[col] for r in g.rows} - keep)
+            g = replace(g, rows=[r for r in g.rows if r[col] in keep],
+                        skipped=g.skipped + [f"{', '.join(dropped)} rows (--{flag})"] if dropped else g.skipped)
     over = {"limit": args.limit, "steps": args.steps, "batch_size": args.batch_size, "retrofit_steps": args.retrofit_steps}
     g = replace(g, lr=args.lr, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
                 results=args.results_dir,

@@ -113,3 +113,16 @@ def test_rerun_reads_the_cache_and_a_child_run_reports_rss(bench, result, tiny_l
                                    isolate=True))
     r = iso["rows"][0]
     assert r["peak_rss_mb"] > 50 and r["tuned"]["examples"] == res["rows"][0]["tuned"]["examples"]
+
+
+def test_task_and_model_filters(bench, monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(bench, "run_grid", lambda g: seen.setdefault("g", g) and {})
+    assert bench.main(["--cpu", "--tasks", "squad", "--models", bench.SMOL]) == 0
+    g = seen["g"]
+    assert g.rows and {r[1] for r in g.rows} == {"squad"} and {r[0] for r in g.rows} == {bench.SMOL}
+    assert len(g.rows) == 10 and g.steps == 200 and g.batch_size == 2
+    assert any("--tasks" in s for s in g.skipped) and any("--models" in s for s in g.skipped)
+    with pytest.raises(SystemExit):
+        bench.main(["--cpu", "--tasks", "squad,nope"])
+    assert "--tasks 'nope'" in capsys.readouterr().err
