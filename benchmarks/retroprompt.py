@@ -26,7 +26,12 @@ over seeds, per-seed values), training examples/s and the store's share of train
 and the sentence "RetroPrompt vs prompt FT at 16 shots: +x.x ± y.y (seed spread z)" computed from the cells
 (paired by seed; at the grid's largest shots), and the same for the example kept in vs left out. The store's
 share of training includes its first encoding (prompt FT builds one too: the trainer logs p_kNN(gold)).
-The memorization table is not run here.
+Memorization (``ralm.tuning.retroprompt_memo``): for the prompt-FT and RetroPrompt cells at the grid's largest
+shots and the seeds in ``--memo-seeds`` (default: the first seed; LiSSA over a LoRA run costs ``depth`` Hessian-
+vector products per group of examples), the self-influence of every training example over the run's trained
+parameters, summarised over all examples and the atypical 10 % (lowest p_kNN of the gold label under that run's
+own final store, self left out): text runs by LiSSA (the reference's damping 5e-3 and scale 1e4, ``--memo-depth``
+steps), image runs by an exact solve over the head's last layer. ``--no-memo`` skips it.
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ class Grid:
     threads: int | None = None
     max_minutes: float | None = None
     preset: str = "paper"
+    memo: bool = True  # memorization scores of the prompt-FT and RetroPrompt cells (see the module docstring)
+    memo_seeds: tuple[int, ...] = (13,)
+    memo_depth: int = 100
 
     def settings(self) -> dict[str, Any]:
         keys = ("model", "peft", "lora_rank", "n_virtual", "steps", "lr", "batch_size", "test_limit", "max_tokens",
@@ -140,17 +148,39 @@ def plan(g: Grid) -> list[Any]:
 
 
 # ---- measuring ---------------------------------------------------------------------------------------
-def train_isolated(cfg: Any, g: Grid) -> dict[str, Any]:
-    """``fewshot_table.trained_cell(cfg)`` in a child process (or in this one); peak RSS of the child."""
-    from ralm.tuning.fewshot_table import trained_cell
+def memo_job(cfg: Any, g: Grid) -> dict[str, Any] | None:
+    """How to score memorization after this cell trains (``memorization_scores``' keywords), or None."""
+    if not g.memo or cfg.seed not in g.memo_seeds:
+        return None
+    if cfg.data == "fashion-mnist":
+        return {"method": "exact", "params": "head"}
+    return {"method": "lissa", "params": "all", "depth": g.memo_depth}
 
+
+def cell_result(cfg: Any, memo: dict[str, Any] | None) -> dict[str, Any]:
+    """``trained_cell(cfg)``, then (``memo``) the memorization summary of its run, before the run is deleted."""
+    from ralm.methods.retroprompt.memorization import MemoConfig
+    from ralm.tuning.fewshot_table import trained_cell
+    from ralm.tuning.retroprompt_memo import memorization_scores
+
+    res = trained_cell(cfg)
+    if memo is not None:
+        lissa = MemoConfig(depth=memo["depth"]) if memo["method"] == "lissa" else None
+        m = memorization_scores(cfg.out, method=memo["method"], params=memo["params"], lissa=lissa)
+        res["memorization"] = {k: m[k] for k in ("method", "approximation", "params", "summary", "seconds",
+                                                 "scores", "knn_gold")}
+    return res
+
+
+def train_isolated(cfg: Any, g: Grid, memo: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``cell_result(cfg, memo)`` in a child process (or in this one); peak RSS of the child."""
     t0 = time.perf_counter()
     if not g.isolate:
-        res = trained_cell(cfg)
+        res = cell_result(cfg, memo)
     else:
         job = Path(cfg.out + ".job")
         job.mkdir(parents=True, exist_ok=True)
-        (job / "config.json").write_text(json.dumps({"config": cfg.to_json(), "threads": g.threads}))
+        (job / "config.json").write_text(json.dumps({"config": cfg.to_json(), "threads": g.threads, "memo": memo}))
         proc = subprocess.Popen([sys.executable, __file__, "--child", str(job)], stdout=sys.stderr)
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
@@ -163,7 +193,6 @@ def train_isolated(cfg: Any, g: Grid) -> dict[str, Any]:
 
 
 def child(job: Path) -> None:
-    from ralm.tuning.fewshot_table import trained_cell
     from ralm.tuning.retroprompt_config import RetroPromptConfig
 
     spec = json.loads((job / "config.json").read_text())
@@ -171,7 +200,7 @@ def child(job: Path) -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
-    res = trained_cell(RetroPromptConfig.from_json(spec["config"]))
+    res = cell_result(RetroPromptConfig.from_json(spec["config"]), spec.get("memo"))
     (job / "result.json").write_text(json.dumps(res))
 
 
@@ -186,7 +215,7 @@ def run_grid(g: Grid) -> dict[str, Any]:
 
         torch.set_num_threads(g.threads)
     t_start = time.perf_counter()
-    skipped = ["memorization table: not run by this benchmark"]
+    skipped = [] if g.memo else ["memorization table (--no-memo)"]
     bases, data = {}, []
     for d in g.data:
         try:
@@ -208,8 +237,17 @@ def run_grid(g: Grid) -> dict[str, Any]:
     def stop() -> bool:
         return g.max_minutes is not None and time.perf_counter() - t_start > 60 * g.max_minutes
 
-    measured, left = ft.run_table(bases, plan(g), g.folder("runs"), train=lambda cfg: train_isolated(cfg, g),
-                                  cache=cache, stop=stop)
+    def memo_for(cfg: Any) -> dict[str, Any] | None:  # the prompt-FT and RetroPrompt cells at the largest shots
+        if cfg.shots != max(g.shots):
+            return None
+        for row in ("prompt-ft", "retroprompt"):
+            ref = ft.row_config(bases[cfg.data], ft.Cell(cfg.data, cfg.shots, cfg.seed, row), cfg.out)
+            if (ref.knn, ref.lmbda, ref.refresh) == (cfg.knn, cfg.lmbda, cfg.refresh):
+                return memo_job(cfg, g)
+        return None
+
+    measured, left = ft.run_table(bases, plan(g), g.folder("runs"),
+                                  train=lambda cfg: train_isolated(cfg, g, memo_for(cfg)), cache=cache, stop=stop)
     if left:
         skipped.append(f"{len(left)} cells not run (--max-minutes {g.max_minutes:g} reached), from "
                        f"{left[0].name()}")
@@ -218,13 +256,25 @@ def run_grid(g: Grid) -> dict[str, Any]:
            "row_meaning": {r: ft.ROWS[r] for r in g.rows}, "table": ft.aggregate(measured),
            "comparison": [ft.comparison(measured, d, max(g.shots)) for d in g.data],
            "kept_in_vs_left_out": [ft.comparison(measured, d, max(g.shots), "kept-in", "retroprompt") for d in g.data],
-           "cells": measured,
+           "memorization": memorization_table(measured), "cells": measured,
            "skipped": skipped, "wall_s": round(time.perf_counter() - t_start, 1)}
     write_outputs(res, Path(g.results), markdown, chart)
     return res
 
 
 # ---- results -----------------------------------------------------------------------------------------
+def memorization_table(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell that scored memorization: its summary over all examples and the atypical share."""
+    out = []
+    for c in measured:
+        m = c.get("memorization")
+        if m:
+            out.append({"data": c["data"], "shots": c["shots"], "seed": c["seed"], "row": c["row"],
+                        "method": m["method"], "params": m["params"]["count"], **m["summary"],
+                        "seconds": m["seconds"]["total"]})
+    return out
+
+
 def markdown(res: dict[str, Any]) -> str:
     lines = ["# RetroPrompt few-shot table (benchmarks/retroprompt.py)", "",
              f"Preset {res['preset']}; settings: " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
@@ -247,6 +297,14 @@ def markdown(res: dict[str, Any]) -> str:
                              f"{len(r['seeds'])} | {', '.join(f'{x:.1f}' for x in r['per_seed'])} | "
                              f"{r.get('examples_per_second', '')} | "
                              f"{'' if share is None else f'{100 * share:.1f} %'} | {r.get('train_p_knn_gold', '')} |")
+    if res.get("memorization"):
+        lines += ["", "## Memorization (self-influence; atypical = the 10 % lowest p_kNN(gold))", "",
+                  "| data | shots | seed | row | method | scored params | mean (all) | median (all) | mean (atypical) "
+                  "| median (atypical) | seconds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m in res["memorization"]:
+            lines.append(f"| {m['data']} | {m['shots']} | {m['seed']} | {m['row']} | {m['method']} | {m['params']:,} "
+                         f"| {m['mean']:.4g} | {m['median']:.4g} | {m['atypical_mean']:.4g} | "
+                         f"{m['atypical_median']:.4g} | {m['seconds']:.0f} |")
     if res["skipped"]:
         lines += ["", "Not run: " + "; ".join(res["skipped"])]
     return "\n".join(lines) + "\n"
@@ -286,6 +344,8 @@ def grid_from(args: argparse.Namespace) -> Grid:
     over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
             "peft": args.peft, "model": args.model, "beta": args.beta}
     picked = {"data": args.data, "shots": args.shots, "seeds": args.seeds, "rows": args.rows}
+    memo = {"memo_seeds": tuple(args.memo_seeds) if args.memo_seeds else None, "memo_depth": args.memo_depth}
+    g = replace(g, memo=not args.no_memo, **{k: v for k, v in memo.items() if v is not None})
     return replace(g, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
                    results=args.results_dir, isolate=not args.in_process, keep_runs=args.keep_runs,
                    **{k: v for k, v in over.items() if v is not None},
@@ -309,6 +369,10 @@ def parser() -> argparse.ArgumentParser:
                     "scales CE by ~1.0001: the no-loss-scaling row then differs from RetroPrompt by ~nothing)")
     ap.add_argument("--test-limit", type=int, help="score the first N test examples (default: all; --cpu 200)")
     ap.add_argument("--max-minutes", type=float, help="start no new cell after this long")
+    ap.add_argument("--no-memo", action="store_true", help="skip the memorization scores")
+    ap.add_argument("--memo-seeds", nargs="+", type=int, help="seeds whose prompt-FT and RetroPrompt cells score "
+                    "memorization (default: 13)")
+    ap.add_argument("--memo-depth", type=int, help="LiSSA recursion depth of text runs (default 100)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--in-process", action="store_true", help="train in this process (no peak RSS per run)")
     ap.add_argument("--keep-runs", action="store_true", help="keep each trained cell's run folder (weights)")

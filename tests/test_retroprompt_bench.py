@@ -27,7 +27,7 @@ def bench():
 def tiny_grid(bench, root: Path, data: Path, lm: str, **kw):
     base = dict(cache=str(root / "cache"), results=str(root / "results"), data=(str(data), "no-such-set"),
                 shots=(4, 2), seeds=(13, 21), model=lm, steps=2, lr=1e-2, batch_size=4, test_limit=8,
-                max_tokens=64, k=16, demos=8, beta=1.0, bf16=False, isolate=False, threads=1,
+                max_tokens=64, k=16, demos=8, beta=1.0, bf16=False, isolate=False, threads=1, memo_depth=3,
                 overrides={"template": TEMPLATE, "verbalizer": VERBALIZER, "warmup": 0, "lmbda_grid": (0.0, 0.2, 1.0)})
     return bench.Grid(**{**base, **kw})
 
@@ -45,7 +45,13 @@ def test_results_structure(bench, result):
     assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(res))
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert res["data"] == [str(data)] and any(s.startswith("no-such-set: --data no-such-set") for s in res["skipped"])
-    assert "memorization table: not run by this benchmark" in res["skipped"]
+    memo = res["memorization"]  # prompt FT and RetroPrompt at the largest shots, the memo seed only
+    assert [(m["shots"], m["seed"], m["row"]) for m in memo] == [(4, 13, "prompt-ft"), (4, 13, "retroprompt")]
+    for m in memo:
+        cell = next(c for c in res["cells"] if (c["shots"], c["seed"], c["row"]) == (4, 13, m["row"]))
+        assert m["n"] == len(cell["memorization"]["scores"]) == len(cell["memorization"]["knn_gold"]) > 0
+        assert m["method"] == "lissa" and m["params"] > 0 and 1 <= m["n_atypical"] < m["n"]
+    assert not any("memorization" in c for c in res["cells"] if (c["seed"], c["shots"]) != (13, 4))
     assert len(res["cells"]) == 2 * 2 * len(ft.ROWS) and all(c["computed"] for c in res["cells"])
     order = (*bench.HEADLINE, *bench.ABLATIONS)  # most informative first
     assert [(r["shots"], r["row"]) for r in res["table"]] == [(s, r) for s in (4, 2) for r in order]
@@ -60,7 +66,8 @@ def test_results_structure(bench, result):
     assert cells[(4, 13, "prompt-ft")]["lmbda"] == 0.0 and cells[(4, 13, "prompt-ft")]["refreshes"] == 0
     assert not list((root / "cache").rglob("weights.safetensors"))  # measured runs are deleted (no --keep-runs)
     md = (out / "results.md").read_text()
-    assert md.count("\n| ") == 2 * (1 + len(ft.ROWS))  # header + rows, per shots
+    assert md.count("\n| ") == 2 * (1 + len(ft.ROWS)) + 1 + 2  # header + rows, per shots; the memorization table
+    assert "## Memorization" in md
     assert res["comparison"][0]["sentence"] in md and "Not run: " in md
     kept = res["kept_in_vs_left_out"][0]
     assert kept["sentence"].startswith("RetroPrompt with the example kept in vs RetroPrompt at 4 shots: ")
@@ -111,3 +118,7 @@ def test_the_presets_and_flags(bench):
     assert (cpu.peft, cpu.steps, cpu.test_limit, cpu.max_tokens, cpu.beta) == ("lora", 96, 200, 128, 1.0)
     assert cpu.data == ("bbc-news",) and cpu.seeds == (13,) and cpu.digest() != paper.digest()
     assert replace(cpu, seeds=(13, 21), max_minutes=5).digest() == cpu.digest()  # cells of one grid, not another
+    assert paper.memo and paper.memo_seeds == (13,) and paper.memo_depth == 100
+    memo = bench.grid_from(bench.parser().parse_args(["--memo-seeds", "21", "42", "--memo-depth", "7"]))
+    assert memo.memo_seeds == (21, 42) and memo.memo_depth == 7 and memo.digest() == paper.digest()
+    assert not bench.grid_from(bench.parser().parse_args(["--no-memo"])).memo
