@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "ralm.core": 2,  # targets, windows, start token, neighbour logs: no model code
     "ralm.lm": 3,  # loading an LM, its tokenizer, its final states
     "ralm.datastore": 4,  # chunking, encoders, indexes, stores, build steps; the kNN-LM store reader
+    "ralm.serve": 4,  # the retrieval service over stores, and the client that opens a served store as one
     "ralm.methods": 5,  # scorers on a loaded LM, and what builds their stores
     "ralm.eval": 6, "ralm.tuning": 6, "ralm.generate": 6,
     "ralm.cli": 7, "ralm.cli_retro": 7, "ralm.cli_options": 7, "ralm": 7,  # "ralm": the package __init__

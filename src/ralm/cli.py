@@ -15,8 +15,8 @@ from ralm import cli_retro, cli_retroprompt, cli_task
 from ralm.cli_config import Spec, config_command
 from ralm.cli_options import Inputs, Quiet, fail, method_options
 from ralm.data import registry
-from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
+from ralm.serve.client import open_store
 from ralm.utils.atomic import disk_error
 
 # Each command imports its API inside the function, and the commands whose flags come from a config
@@ -83,7 +83,7 @@ def build(
 
 @app.command()
 def search(
-    datastore: Annotated[str, typer.Argument(help="datastore directory")],
+    datastore: Annotated[str, typer.Argument(help="datastore directory, or the URL of a served one (http://HOST:PORT)")],
     queries: Annotated[list[str] | None, typer.Argument(help="query texts")] = None,
     queries_file: Annotated[Path | None, typer.Option(help="file with one query per line")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="hits per query")] = 5,
@@ -102,7 +102,7 @@ def search(
             qs += _read_queries(queries_file)
         if not qs:
             raise RalmError("no queries: give QUERY arguments or --queries-file")
-        ds = Datastore.open(datastore, verify=verify)
+        ds = open_store(datastore, verify=verify)
         ds.check_compatible(encoder=encoder)
         results = ds.search(qs, k=k)
     except RalmError as e:
@@ -134,13 +134,13 @@ def _read_queries(path: Path) -> list[str]:
 
 @app.command()
 def info(
-    datastore: Annotated[str, typer.Argument(help="datastore directory")],
+    datastore: Annotated[str, typer.Argument(help="datastore directory, or the URL of a served one (http://HOST:PORT)")],
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="check every file's sha256")] = False,
 ) -> None:
     """Summarise a datastore's manifest (documents, chunks, encoder, index, recall)."""
     try:
-        summary = Datastore.open(datastore, verify=verify).info()
+        summary = open_store(datastore, verify=verify).info()
     except RalmError as e:
         fail(e)
     if json_out:
@@ -148,6 +148,33 @@ def info(
     else:
         for key, value in summary.items():
             typer.echo(f"{key:>15}: {value}")
+
+
+def _serve_spec() -> Spec:
+    from ralm.serve.config import ServeConfig
+
+    return Spec(ServeConfig)
+
+
+@config_command(app, "serve", _serve_spec)
+def serve(
+    stores: Annotated[list[str], typer.Argument(help="datastore directories (each served under its directory name)")],
+    config: Callable[..., Any],
+) -> None:
+    """Serve datastores over HTTP (POST /search, POST /chunks, GET /info, GET /health; docs at /docs) until
+    SIGTERM or Ctrl-C, which let in-flight requests finish. Point a method at it with --datastore http://HOST:PORT."""
+    from ralm.serve.app import open_stores
+    from ralm.serve.app import serve as run_serve
+
+    try:
+        cfg = config(stores=list(stores))
+        opened = open_stores(cfg.stores)
+        cfg.token()  # a bad --token-file is refused before the port is taken
+    except RalmError as e:
+        fail(e)
+    names = ", ".join(f"{n} ({len(s):,} rows)" for n, s in opened.items())
+    typer.echo(f"serving {names} at http://{cfg.host}:{cfg.port}", err=True)
+    run_serve(cfg, opened)
 
 
 def _eval_lm_spec() -> Spec:

@@ -10,9 +10,9 @@ import typer
 
 from ralm.cli_config import Spec
 from ralm.cli_options import Model, Quiet, fail
-from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
 from ralm.lm.presets import tokenizer_fingerprint
+from ralm.serve.client import open_store
 
 # as in cli.py, the commands import torch-backed modules inside the function: not at CLI start
 
@@ -74,7 +74,7 @@ def generate(
         lm = load(model)
         state = ds = None
         if m.store != "none":
-            ds = Datastore.open(cfg.datastore)
+            ds = open_store(cfg.datastore)
             ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(lm.tokenizer), tokenizer_name=model)
         if m.load_generation is not None:
             state = m.load_generation(lm, model, cfg, ds)

@@ -47,10 +47,10 @@ from ralm.core.task_metrics import (  # noqa: F401 (squad_em, squad_f1: imported
     squad_scores,
 )
 from ralm.data.squad import load_squad, parse_squad
-from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
 from ralm.lm.models import load
 from ralm.lm.presets import tokenizer_fingerprint
+from ralm.serve.client import open_store
 
 # ---- retrieval metric ---------------------------------------------------------------------------
 
@@ -370,7 +370,7 @@ def run_eval_qa(cfg: EvalQAConfig, progress: bool = True) -> dict:
     examples = select_questions(load_squad(cfg.data), cfg.limit, cfg.seed)
     ds = None
     if cfg.datastore:
-        ds = Datastore.open(cfg.datastore)
+        ds = open_store(cfg.datastore)
         if cfg.docs > len(ds):
             raise RalmError(f"--docs {cfg.docs}: the store {cfg.datastore} has only {len(ds)} chunks")
     lm = load(cfg.model)

@@ -37,8 +37,9 @@ class EvalLMConfig:
                                                                     "folder); repeatable"})
     method: str = field(default="none", metadata={"help": "scoring method (`ralm methods` lists them)"})
     datastore: str | None = field(default=None, metadata={"help": "the method's store: a retrieval store (in-context, "
-                                                                  "replug, retro; retro defaults to its "
-                                                                  "checkpoint's) or a kNN-LM store (knn-lm)"})
+                                                                  "replug, retro; retro defaults to its checkpoint's; "
+                                                                  "a directory or `ralm serve`'s http://HOST:PORT) or "
+                                                                  "a kNN-LM store (knn-lm)"})
     lm: LMEvalConfig = field(default_factory=LMEvalConfig)
     # every registered method's options by Method.options key (defaults filled in from the registry); only the
     # chosen method's may differ from their defaults

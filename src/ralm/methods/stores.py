@@ -11,6 +11,7 @@ from ralm.datastore.knn_store import KNNStore
 from ralm.datastore.store import Datastore
 from ralm.datastore.subset import nested_rows
 from ralm.lm.presets import tokenizer_fingerprint
+from ralm.serve.client import RemoteStore, open_store
 
 
 def restrict(store: Any, n_rows: int, ctx: MethodContext) -> Any:
@@ -20,16 +21,16 @@ def restrict(store: Any, n_rows: int, ctx: MethodContext) -> Any:
     return store.restrict(nested_rows(n_rows, ctx.subset, ctx.subset_seed))
 
 
-def open_retrieval_store(ctx: MethodContext, check: bool = True) -> Datastore:
+def open_retrieval_store(ctx: MethodContext, check: bool = True) -> Datastore | RemoteStore:
     """The run's retrieval store; ``check``: its passages are the store's own token ids, so they must be the
-    model's tokens."""
-    ds = Datastore.open(ctx.store)
+    model's tokens. ``ctx.store``: a store directory or a served store's http(s) URL."""
+    ds = open_store(ctx.store)
     if check:
         ds.check_compatible(tokenizer_fingerprint=tokenizer_fingerprint(ctx.tokenizer), tokenizer_name=ctx.model_name)
     return ds
 
 
-def method_retriever(store: Datastore | KNNStore, ctx: MethodContext) -> Retriever:
+def method_retriever(store: Datastore | RemoteStore | KNNStore, ctx: MethodContext) -> Retriever:
     """The retriever a method reads its neighbours from: the store's adapter (of its subset, if restricted),
     wrapped by ``ctx.wrap_retriever``: the one place every method's retrieval passes."""
     return ctx.wrapped(KNNRetriever(store) if isinstance(store, KNNStore) else StoreRetriever(store))

@@ -29,6 +29,7 @@ from ralm.methods.retro.model import RetroFit
 from ralm.methods.retro.neighbours import check_store_fits
 from ralm.methods.task_forward import greedy, target_nll
 from ralm.methods.task_inputs import Example, TaskEncoder, TaskRetrieval, gold_target, targets
+from ralm.serve.client import RemoteStore, open_store
 
 
 @dataclass
@@ -66,13 +67,13 @@ def device() -> torch.device:
 
 
 def build_base(arch: str, model: str, checkpoint: str | None, datastore: str | None
-               ) -> tuple[Any, Any, Datastore | None, tuple[str, ...]]:
+               ) -> tuple[Any, Any, Datastore | RemoteStore | None, tuple[str, ...]]:
     """(model, tokenizer, store or None, the base LM's weight fingerprints) on ``device()``, in eval mode."""
     if arch == "retro" and not checkpoint:
         raise RalmError("--arch retro needs --checkpoint (a `ralm retrofit` folder)")
     if arch == "retro" and not datastore:
         raise RalmError("--arch retro needs --datastore (its chunks are the neighbours)")
-    ds = Datastore.open(datastore) if datastore else None
+    ds = open_store(datastore) if datastore else None
     lm = load(model)
     net, fps = lm.model, model_fingerprints(lm.model)
     if arch == "retro":
@@ -81,7 +82,7 @@ def build_base(arch: str, model: str, checkpoint: str | None, datastore: str | N
     return net.to(device()).eval(), lm.tokenizer, ds, fps
 
 
-def encoder_for(model: Any, tokenizer: Any, arch: str, ds: Datastore | None, s: TaskSettings) -> TaskEncoder:
+def encoder_for(model: Any, tokenizer: Any, arch: str, ds: Datastore | RemoteStore | None, s: TaskSettings) -> TaskEncoder:
     r = model.cfg if isinstance(model, RetroFit) else None
     return TaskEncoder(tokenizer, arch, ds, s.doc_tokens, s.max_len, s.max_target,
                        r.chunk_size if r else None, r.neighbour_len if r else None, s.max_new_tokens)

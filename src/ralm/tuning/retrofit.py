@@ -27,7 +27,6 @@ from ralm.core.start_token import start_token
 from ralm.core.targets import make_targets
 from ralm.data.corpus import CorpusConfig, iter_documents
 from ralm.datastore.build import input_files_fingerprint
-from ralm.datastore.store import Datastore
 from ralm.errors import RalmError, refuse_below
 from ralm.lm.hidden import model_fingerprints
 from ralm.lm.models import load
@@ -35,6 +34,7 @@ from ralm.lm.presets import DEFAULT_LM, tokenizer_fingerprint
 from ralm.methods.retro.checkpoint import CONFIG, LEGACY_TRAINER_STATE, VERSION, WEIGHTS, save_checkpoint
 from ralm.methods.retro.model import PAD, RetroConfig, RetroFit
 from ralm.methods.retro.neighbours import NeighbourCache, check_store_fits, document_neighbours, store_id, window_neighbours
+from ralm.serve.client import is_url, open_store
 from ralm.tuning import loop
 from ralm.tuning.loop import LOG, STATE, TrainConfig
 from ralm.tuning.state import TrainerState
@@ -168,7 +168,8 @@ def _train(cfg: RetrofitConfig, progress: bool) -> dict[str, Any]:
     counts = model.parameter_counts()
     meta = {"model": cfg.model, "model_fingerprint": model_fps[0], "tokenizer_fingerprint": tok_fp,
             "start_token": start_token(lm.tokenizer),  # what its layers saw plain text start with
-            "datastore": str(Path(cfg.datastore).resolve()), "train": cfg.train, "parameters": counts}
+            "datastore": cfg.datastore if is_url(cfg.datastore) else str(Path(cfg.datastore).resolve()),
+            "train": cfg.train, "parameters": counts}
     pad_id, m = lm.tokenizer.pad_token_id, cfg.retro.chunk_size
     off_loss = _eval_loss(model, eval_w, eval_ids, eval_nbs, m, pad_id, bf16, retrieval=False) if eval_w else 0.0
 
@@ -210,7 +211,7 @@ def _eval_loss(model: RetroFit, ws: list[Window], ids: list[torch.Tensor], nbs: 
 def _data(cfg: RetrofitConfig, lm: Any, files: list[str], split: str, progress: bool
           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Token ids of every document of ``files`` and the neighbours of their whole chunks (cached)."""
-    ds = Datastore.open(cfg.datastore)
+    ds = open_store(cfg.datastore)
     tok_fp = tokenizer_fingerprint(lm.tokenizer)
     check_store_fits(ds, cfg.retro, tok_fp, cfg.model)
     docs = list(iter_documents(files, CorpusConfig()))

@@ -47,7 +47,8 @@ def check_store_fits(ds: Any, cfg: RetroConfig, tokenizer_fp: str, model_name: s
 
 def store_id(ds: Any) -> str:
     """A short hash of the store's manifest: which store, which build, which index."""
-    return hashlib.sha256((Path(ds.root) / "manifest.json").read_bytes()).hexdigest()[:16]
+    served = getattr(ds, "manifest_sha256", None)  # a served store (ralm.serve.client): the service hashed it
+    return (served or hashlib.sha256((Path(ds.root) / "manifest.json").read_bytes()).hexdigest())[:16]
 
 
 def chunk_queries(t: Targets, tokenizer: Any, m: int) -> list[str]:
