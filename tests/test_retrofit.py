@@ -291,3 +291,33 @@ def test_same_doc_fraction_lets_training_chunks_find_themselves(setup, tiny_lm, 
     assert top in runs and abs(runs.index(top) - M) <= 1  # the store's grid has no BOS: off by at most one
     with pytest.raises(RalmError, match="same-doc-fraction"):
         train_cfg(setup, tiny_lm, out, same_doc_fraction=1.5)
+
+
+def test_retro_over_a_served_store_equals_the_directory(setup, tiny_lm, trained):
+    """Issue 16: `--datastore http://...` for RETRO: same store id (the neighbour caches), same neighbours
+    (what training reads), same perplexity (evaluation)."""
+    from ralm.core.targets import make_targets
+    from ralm.data.corpus import CorpusConfig, iter_documents
+    from ralm.datastore.store import Datastore
+    from ralm.methods.retro.model import PAD
+    from ralm.methods.retro.neighbours import document_neighbours, store_id
+    from ralm.serve.app import create_app
+    from ralm.serve.client import RemoteStore
+    from ralm.serve.config import ServeConfig
+    from serve_helpers import ThreadServer
+
+    root, corpus, held, ds = setup
+    local = Datastore.open(ds)
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    with ThreadServer(create_app({"ds": local}, ServeConfig())) as srv:
+        remote = RemoteStore(srv.url)
+        assert store_id(remote) == store_id(local)
+        targets = [make_targets(d, tok) for d in iter_documents([str(corpus)], CorpusConfig())][:3]
+        for a, b in zip(document_neighbours(local, tok, targets, small_retro(), decontaminate=8),
+                        document_neighbours(remote, tok, targets, small_retro(), decontaminate=8), strict=True):
+            assert torch.equal(a, b) and (b != PAD).any()
+        runs = [run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="retro", datastore=where,
+                                         options={"retro": RetroRunConfig(str(trained[0]))},
+                                         lm=LMEvalConfig(context=64, window_stride=24)), progress=False)
+                for where in (str(ds), srv.url)]
+    assert runs[0]["ppl"] == runs[1]["ppl"] and runs[1]["datastore"] == srv.url

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from typer.testing import CliRunner
 
 from ralm.cli import app as cli_app
@@ -29,38 +28,11 @@ from ralm.errors import RalmError
 from ralm.serve.app import create_app
 from ralm.serve.client import TOKEN_ENV, RemoteStore, open_store
 from ralm.serve.config import ServeConfig
+from serve_helpers import ThreadServer, free_port
 from test_eval_cli import setup  # noqa: F401  (the module's store, built once)
 
 TOKEN = "s3cret-token"
 SRC = str(Path(__file__).resolve().parent.parent / "src")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ThreadServer:
-    """uvicorn on 127.0.0.1 in a thread of the test, stopped through its own handle."""
-
-    def __init__(self, app) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ThreadServer:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(20)
 
 
 @pytest.fixture(scope="module")

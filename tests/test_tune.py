@@ -425,3 +425,32 @@ def test_a_run_refuses_a_changed_base_model(setup, tiny_lm, runs, tmp_path):
     meta["model_fingerprint"] = "0" * 16
     (run / "run.json").write_text(json.dumps(meta))
     fails(invoke(["eval-task", "--run", str(run), "--split", "validation"]), "tuned on other weights", only=False)
+
+
+def test_task_retrieval_over_served_stores_equals_the_directories(setup, tiny_lm, other_tasks):
+    """Issue 16: tune / eval-task with `--datastore http://HOST:PORT/NAME` (two stores on one service): the same
+    rows (SQuAD's search, ACLSum's search of the paper's own chunks) and the same model inputs."""
+    from ralm.errors import RalmError
+    from ralm.serve.app import create_app
+    from ralm.serve.client import open_store
+    from ralm.serve.config import ServeConfig
+    from serve_helpers import ThreadServer
+
+    _, squad, ds_path, _ = setup
+    acl, acl_ds, _ = other_tasks
+    local = {"squad": Datastore.open(ds_path), "acl": Datastore.open(acl_ds)}
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    with ThreadServer(create_app(local, ServeConfig())) as srv:
+        for name, task, path, split in (("squad", "squad", squad, "train"), ("acl", "aclsum", acl, "validation")):
+            examples = list(load_task(task, split, path))[:4]
+            remote = open_store(f"{srv.url}/{name}")
+            want = TaskRetrieval(local[name], docs=3).rows(examples)
+            assert TaskRetrieval(remote, docs=3).rows(examples) == want and all(want)
+            for arch in ("gpt", "retro"):
+                encoders = [TaskEncoder(tok, arch, ds, doc_tokens=8, max_len=400, chunk_size=M, neighbour_len=2 * M)
+                            for ds in (local[name], remote)]
+                for ex, rows in zip(examples, want, strict=True):
+                    a, b = (e.encode(ex, rows, None) for e in encoders)
+                    assert a.prompt == b.prompt and (a.neighbours is None or torch.equal(a.neighbours, b.neighbours))
+        with pytest.raises(RalmError, match="serves 2 stores"):
+            open_store(srv.url)
