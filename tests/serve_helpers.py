@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 
+import httpx
+import pytest
 import uvicorn
 
 
@@ -35,3 +38,17 @@ class ThreadServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(20)
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
+    """Until the server process ``proc`` answers ``/health``; it is killed (by its handle) if it dies or hangs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {proc.communicate()[1].decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)

@@ -402,3 +402,21 @@ def test_cli_eval_qa(qa_setup, lively_lm, tmp_path):
                          (["--data", str(squad), "--limit", "0"], "--limit 0")]:
         r = runner.invoke(app, ["eval-qa", "--model", lively_lm, *args, "--quiet"])
         assert r.exit_code == 2 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_open_book_over_a_served_store_equals_the_directory(qa_setup, lively_lm):
+    """Issue 16: `eval-qa --datastore http://HOST:PORT`: the same passages retrieved, the same answers."""
+    from ralm.datastore.store import Datastore
+    from ralm.serve.app import create_app
+    from ralm.serve.config import ServeConfig
+    from serve_helpers import ThreadServer
+
+    base, squad = qa_setup
+    with ThreadServer(create_app({"ds": Datastore.open(base / "ds")}, ServeConfig())) as srv:
+        runs = [run_eval_qa(EvalQAConfig(data=str(squad), model=lively_lm, datastore=where, docs=2, limit=4,
+                                         max_new_tokens=4, batch_size=4, demos=False, closed_book=False),
+                            progress=False) for where in (str(base / "ds"), srv.url)]
+    local, http = runs
+    assert [ex["retrieved"] for ex in local["examples"]] == [ex["retrieved"] for ex in http["examples"]]
+    assert all(ex["retrieved"] for ex in http["examples"])
+    assert (local["f1"], local["recall_at"]) == (http["f1"], http["recall_at"]) and http["datastore"] == srv.url

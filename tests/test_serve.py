@@ -28,7 +28,7 @@ from ralm.errors import RalmError
 from ralm.serve.app import create_app
 from ralm.serve.client import TOKEN_ENV, RemoteStore, open_store
 from ralm.serve.config import ServeConfig
-from serve_helpers import ThreadServer, free_port
+from serve_helpers import ThreadServer, free_port, wait_healthy
 from test_eval_cli import setup  # noqa: F401  (the module's store, built once)
 
 TOKEN = "s3cret-token"
@@ -166,16 +166,7 @@ def test_sigterm_drains_in_flight_requests(store):
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {proc.communicate()[1].decode()[-2000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(proc, url)
         vec = ds.encode(["river"]).tolist()
         result: dict = {}
         t = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/search", timeout=20,
@@ -271,3 +262,76 @@ def test_info_describes_the_store(served, store):
     assert (info["rows"], info["dim"], info["metric"], info["encoder"]) == (len(ds), 32, ds.metric, ds.encoder_name)
     assert info["manifest"]["tokenizer"]["fingerprint"] == ds.manifest["tokenizer"]["fingerprint"]
     assert json.dumps(info)  # plain JSON
+
+
+class Misbehaving:
+    """The store, but its next search raises a non-RalmError or takes too long (``mode``)."""
+
+    def __init__(self, ds: Datastore) -> None:
+        self.ds, self.mode = ds, None
+
+    def __getattr__(self, name):
+        return getattr(self.ds, name)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def search_rows(self, *a, **kw):
+        mode, self.mode = self.mode, None
+        if mode == "boom":
+            raise ValueError("index exploded\nsecond line")
+        if mode == "slow":
+            time.sleep(0.6)
+        return self.ds.search_rows(*a, **kw)
+
+
+def test_internal_error_and_timeout_are_json_and_the_server_goes_on(store):
+    _, _, ds = store
+    bad = Misbehaving(ds)
+
+    async def run() -> list[httpx.Response]:
+        app = create_app({"ds": bad}, ServeConfig(timeout_s=0.3))
+        out = []
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for mode in ("boom", "slow", None):
+                bad.mode = mode
+                out.append(await client.post("/search", json={"queries": ["river"], "k": 2}))
+                await asyncio.sleep(0.5 if mode == "slow" else 0)  # the slow search ends before the next
+        return out
+
+    boom, slow, fine = asyncio.run(run())
+    assert boom.status_code == 500 and boom.json() == {"error": "internal error: ValueError: index exploded"}
+    assert slow.status_code == 504 and "--timeout-s" in slow.json()["error"]
+    assert fine.status_code == 200 and fine.json()["ids"] == ds.search_rows(["river"], 2)[1].tolist()
+
+
+def test_serve_command_starts_answers_and_stops(store, tmp_path):
+    """`ralm serve DS --port N --token-file F` as a user starts it, stopped by SIGTERM to its own pid."""
+    path, _, ds = store
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ralm.cli", "serve", str(path), "--port", str(port),
+                             "--token-file", str(tmp_path / "token")], env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url)
+        r = post(url, {"queries": ["river mountain"], "k": 3})
+        assert r.status_code == 200 and r.json()["ids"] == ds.search_rows(["river mountain"], 3)[1].tolist()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert f"serving ds ({len(ds):,} rows) at {url}" in proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_knn_lm_refuses_a_served_store(store, served, tiny_lm):
+    from ralm.eval.runner import EvalLMConfig, run_eval_lm
+
+    _, held, _ = store
+    with pytest.raises(RalmError, match="serves retrieval stores, not kNN-LM stores"):
+        run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="knn-lm", datastore=served.url),
+                    progress=False)

@@ -26,6 +26,7 @@ from ralm.errors import IncompatibleError, RalmError
 from ralm.lm.hidden import head_inputs, model_fingerprints
 from ralm.lm.presets import start_token_change, tokenizer_fingerprint
 from ralm.methods.stores import method_retriever, restrict
+from ralm.serve.client import is_url
 
 LMBDA_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # distances between final hidden states run in the hundreds: T = 1 makes p_kNN the nearest neighbour's token
@@ -234,6 +235,9 @@ def sweep(scorer: KNNScorer, grid: tuple[float, ...], temperature: float | None 
 def _open(ctx: MethodContext) -> Session:
     """kNN-LM on the plain LM's windows; with validation documents, λ and T are chosen on them first (the LM and
     kNN parts do not depend on λ, so one pass prices the whole grid)."""
+    if is_url(ctx.store):
+        raise RalmError(f"--datastore {ctx.store}: `ralm serve` serves retrieval stores, not kNN-LM stores; "
+                        "give the kNN-LM store's directory")
     store = open_knn_store(ctx.store, ctx.model_name, ctx.model, ctx.tokenizer)
     store = restrict(store, len(store.values), ctx)
     retriever = method_retriever(store, ctx)

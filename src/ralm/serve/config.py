@@ -22,7 +22,8 @@ class ServeConfig:
     max_batch: int = field(default=64, metadata={"help": "most queries merged into one index search"})
     max_wait_ms: float = field(default=5.0, metadata={"help": "longest a query waits for others to join its "
                                                               "search (0: no waiting)"})
-    max_queries: int = field(default=256, metadata={"help": "most queries (or chunk rows / 16) in one request"})
+    max_queries: int = field(default=256, metadata={"help": "most queries in one /search request (/chunks: 16x as "
+                                                            "many rows)"})
     max_k: int = field(default=1024, metadata={"help": "largest k a request may ask for"})
     max_query_bytes: int = field(default=8192, metadata={"help": "longest query text, in UTF-8 bytes"})
     max_body_bytes: int = field(default=16 * 2**20, metadata={"help": "largest request body, in bytes"})
@@ -38,7 +39,7 @@ class ServeConfig:
             raise RalmError(f"--timeout-s {self.timeout_s}: must be > 0")
 
     def token(self) -> str | None:
-        """The bearer token of ``--token-file`` (its first line), or None without one."""
+        """The bearer token of ``--token-file`` (the file's text, stripped), or None without one."""
         if self.token_file is None:
             return None
         path = Path(self.token_file)
@@ -46,5 +47,5 @@ class ServeConfig:
             raise RalmError(f"--token-file {path}: no such file")
         token = path.read_text(encoding="utf-8").strip()
         if not token or any(c.isspace() for c in token):
-            raise RalmError(f"--token-file {path}: must hold one token (no blanks) on its first line")
+            raise RalmError(f"--token-file {path}: must hold one token and nothing else (no blanks)")
         return token
