@@ -198,8 +198,8 @@ class Recorder(RetrieverWrapper):
         return D, I
 
 
-@pytest.mark.parametrize("method", ["in-context", "replug"])
-def test_eval_lm_over_http_equals_local(store, served, remote, tiny_lm, method):
+@pytest.mark.parametrize("method,subset", [("in-context", None), ("replug", 0.5)])
+def test_eval_lm_over_http_equals_local(store, served, remote, tiny_lm, method, subset):
     from ralm.eval.lm import LMEvalConfig
     from ralm.eval.runner import EvalLMConfig, run_eval_lm
     from ralm.lm.models import load
@@ -210,7 +210,7 @@ def test_eval_lm_over_http_equals_local(store, served, remote, tiny_lm, method):
     runs = {}
     for where in (str(path), served.url):
         seen: list = []
-        cfg = EvalLMConfig(model=tiny_lm, data=[str(held)], method=method, datastore=where, decontaminate=8,
+        cfg = EvalLMConfig(model=tiny_lm, data=[str(held)], method=method, datastore=where, decontaminate=8, subset=subset,
                            options={"in_context": InContextConfig(stride=8, docs=2, doc_tokens=16)},
                            lm=LMEvalConfig(context=64))
         runs[where] = run_eval_lm(cfg, progress=False, loaded=lm, wrap_retriever=lambda r, s=seen: Recorder(r, s)), seen
@@ -335,3 +335,16 @@ def test_knn_lm_refuses_a_served_store(store, served, tiny_lm):
     with pytest.raises(RalmError, match="serves retrieval stores, not kNN-LM stores"):
         run_eval_lm(EvalLMConfig(model=tiny_lm, data=[str(held)], method="knn-lm", datastore=served.url),
                     progress=False)
+
+
+def test_search_and_info_commands_take_a_url(store, served, monkeypatch):
+    path, _, _ = store
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    runner = CliRunner()
+    here, there = (runner.invoke(cli_app, ["search", where, "river mountain", "--k", "3", "--json"])
+                   for where in (str(path), served.url))
+    assert here.exit_code == there.exit_code == 0 and json.loads(here.stdout) == json.loads(there.stdout)
+    info = runner.invoke(cli_app, ["info", served.url, "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["url"] == served.url
+    verify = runner.invoke(cli_app, ["info", served.url, "--verify"])
+    assert verify.exit_code == 2 and "--verify: checks a store's own files" in verify.stderr
