@@ -82,9 +82,11 @@ def read_run(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def run_eval_task(cfg: EvalTaskConfig, wrap_retriever: Callable[[Retriever], Retriever] | None = None) -> dict[str, Any]:
+def run_eval_task(cfg: EvalTaskConfig, wrap_retriever: Callable[[Retriever], Retriever] | None = None,
+                  per_example: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Score the split; returns the metrics and what was scored. ``wrap_retriever``: wraps the retriever the
-    examples' chunks are found through (a store ablation, ralm.core.ablations), as in ``run_eval_lm``."""
+    examples' chunks are found through (a store ablation, ralm.core.ablations), as in ``run_eval_lm``;
+    ``per_example``: filled with each metric's per-example values (``task_model.score``)."""
     if cfg.run is not None:
         meta = read_run(cfg.run)
         arch, task, model, ckpt, ds_path = (meta["arch"], meta["task"], meta["model"], meta["checkpoint"],
@@ -109,7 +111,7 @@ def run_eval_task(cfg: EvalTaskConfig, wrap_retriever: Callable[[Retriever], Ret
         handle, method = PlainHandle(net), "zero-shot"
     check_room(net, handle.n_virtual, s)
     retrieval = TaskRetrieval(ds, s.docs, wrap_retriever)
-    result = score(handle, encoder_for(net, tok, arch, retrieval.store, s), retrieval, examples, s)
+    result = score(handle, encoder_for(net, tok, arch, retrieval.store, s), retrieval, examples, s, per_example)
     return {"task": task, "split": cfg.split, "arch": arch, "method": method, "model": model, **result}
 
 

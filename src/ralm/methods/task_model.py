@@ -6,7 +6,9 @@ is the number training computed, by construction.
   base model) and a store that fits its chunk grid.
 - ``score``: QA = greedy answers, SQuAD EM / F1; summaries = greedy (``max_new_tokens``), ROUGE-1/2/L;
   multiple choice = per-choice log-likelihood, accuracy under every normalisation (``acc`` = per-byte, the
-  primary one); plus the validation-style target loss on the gold targets.
+  primary one); plus the validation-style target loss on the gold targets. ``per_example``, when given,
+  receives each metric's per-example values in points (their mean is the aggregate): the units
+  ``ralm.eval.bootstrap`` resamples.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import Any
 
 import torch
 
-from ralm.core.task_metrics import choice_scores, rouge_scores, squad_scores
+from ralm.core.task_metrics import (
+    DEFAULT_NORMALISATION,
+    choice_accuracy,
+    choice_scores,
+    rouge,
+    rouge_scores,
+    squad_em,
+    squad_f1,
+    squad_scores,
+)
 from ralm.data.tasks import ChoiceExample, QAExample, SummaryExample
 from ralm.datastore.store import Datastore
 from ralm.errors import RalmError
@@ -107,8 +118,10 @@ def kind_of(ex: Example) -> str:
 
 @torch.no_grad()
 def score(handle: Any, enc: TaskEncoder, retrieval: TaskRetrieval, examples: Sequence[Example],
-          s: TaskSettings) -> dict[str, Any]:
-    """The task metric and the mean gold-target loss of ``examples`` (deterministic: greedy, eval mode)."""
+          s: TaskSettings, per_example: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """The task metric and the mean gold-target loss of ``examples`` (deterministic: greedy, eval mode);
+    ``per_example`` is filled with metric -> one value (points) per example (QA: em, f1; summaries: rouge1/2/L;
+    multiple choice: acc, the per-byte credit)."""
     if not examples:
         raise RalmError("no examples to score")
     handle.model.eval()
@@ -116,7 +129,7 @@ def score(handle: Any, enc: TaskEncoder, retrieval: TaskRetrieval, examples: Seq
     kind = kind_of(examples[0])
     out: dict[str, Any] = {"examples": len(examples), "loss": round(_loss(handle, enc, examples, rows, s), 6)}
     if kind == "choice":
-        out.update(_choices(handle, enc, examples, rows, s))
+        out.update(_choices(handle, enc, examples, rows, s, per_example))
         return out
     preds = []
     for i in range(0, len(examples), s.batch_size):
@@ -128,8 +141,14 @@ def score(handle: Any, enc: TaskEncoder, retrieval: TaskRetrieval, examples: Seq
             preds.append(text.split("\n")[0].strip() if kind == "qa" else text)
     if kind == "qa":
         m = squad_scores(preds, [ex.answers for ex in examples])
+        if per_example is not None:
+            per_example["em"] = [100 * squad_em(p, ex.answers) for p, ex in zip(preds, examples, strict=True)]
+            per_example["f1"] = [100 * squad_f1(p, ex.answers) for p, ex in zip(preds, examples, strict=True)]
     else:
         m = rouge_scores(preds, [ex.summary for ex in examples])
+        if per_example is not None:
+            per = [rouge(p, ex.summary) for p, ex in zip(preds, examples, strict=True)]
+            per_example.update({t: [100 * r[t] for r in per] for t in m})
     out.update({k: round(v, 4) for k, v in m.items()})
     out["predictions"] = preds[:5]
     return out
@@ -147,7 +166,7 @@ def _loss(handle: Any, enc: TaskEncoder, examples: Sequence[Example], rows: list
 
 
 def _choices(handle: Any, enc: TaskEncoder, examples: Sequence[Example], rows: list[list[int]],
-             s: TaskSettings) -> dict[str, float]:
+             s: TaskSettings, per_example: dict[str, list[float]] | None = None) -> dict[str, float]:
     flat = [(i, enc.encode(ex, r, c), c) for i, (ex, r) in enumerate(zip(examples, rows, strict=True))
             for c in targets(ex)]
     ll: list[list[float]] = [[] for _ in examples]
@@ -161,4 +180,7 @@ def _choices(handle: Any, enc: TaskEncoder, examples: Sequence[Example], rows: l
             n_tok[i].append(c)
             n_byte[i].append(len((" " + text.strip()).encode()))
     labels = [ex.label for ex in examples if isinstance(ex, ChoiceExample)]
+    if per_example is not None:  # each example's credit under the primary normalisation (acc's)
+        per_example["acc"] = [100 * choice_accuracy([ll[i]], [labels[i]], [n_tok[i]], [n_byte[i]],
+                                                    DEFAULT_NORMALISATION) for i in range(len(examples))]
     return {k: round(v, 4) for k, v in choice_scores(ll, labels, n_tok, n_byte).items()}
