@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ralm import cli_retro, cli_retroprompt, cli_task
+from ralm import cli_diagnose, cli_retro, cli_retroprompt, cli_task
 from ralm.cli_config import Spec, config_command
 from ralm.cli_options import Inputs, Quiet, fail, method_options
 from ralm.data import registry
@@ -289,6 +289,7 @@ config_command(app, "retrofit", cli_retro.retrofit_spec)(cli_retro.retrofit)
 config_command(app, "generate", cli_retro.generate_spec)(cli_retro.generate)
 config_command(app, "tune", cli_task.tune_spec)(cli_task.tune)
 config_command(app, "eval-task", cli_task.eval_task_spec)(cli_task.eval_task)
+config_command(app, "diagnose", cli_diagnose.diagnose_spec)(cli_diagnose.diagnose)
 
 
 def _knnlm_build_spec() -> Spec:
