@@ -158,8 +158,8 @@ def test_every_exposed_config_field_has_help_and_the_lazy_commands_build():
         built += 1
         for p in real.params:
             assert p.help, (path, p.name)
-    assert built == 12  # build, eval-lm, eval-qa, scale, retrofit, generate, tune, eval-task, knnlm build,
-    # retroprompt train, retroprompt memo, serve
+    assert built == 13  # build, eval-lm, eval-qa, scale, retrofit, generate, tune, eval-task, knnlm build,
+    # retroprompt train, retroprompt memo, serve, diagnose
 
 
 def test_flags_come_from_the_configs():
