@@ -289,30 +289,45 @@ def run_tune(spec: dict[str, Any]) -> dict[str, Any]:
     return tune(TuneConfig(**{**spec, "peft": PeftConfig(**spec["peft"])}), progress=False)
 
 
-def tune_isolated(spec: dict[str, Any], g: Grid) -> dict[str, Any]:
-    """``run_tune`` in a child process; its peak RSS from ``os.wait4`` (this process's own is not counted)."""
-    work = Path(spec["out"] + ".child")
+def run_child(script: str, work: Path, job: dict[str, Any], what: str) -> dict[str, Any]:
+    """``script --child work`` in a child process on ``job`` (written to ``work/job.json``); its
+    ``work/result.json`` with the child's peak RSS from ``os.wait4`` (this process's own is not counted).
+    Shared by the benchmarks that isolate their runs (``child_job`` / ``child_result`` are the child's side)."""
     work.mkdir(parents=True, exist_ok=True)
-    (work / "spec.json").write_text(json.dumps({"spec": spec, "threads": g.threads}))
+    (work / "job.json").write_text(json.dumps(job))
     # the loop's progress lines go to stderr: stdout carries the one JSON object
-    proc = subprocess.Popen([sys.executable, __file__, "--child", str(work)], env=os.environ.copy(), stdout=sys.stderr)
+    proc = subprocess.Popen([sys.executable, script, "--child", str(work)], stdout=sys.stderr)
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tuning child for {spec['out']} exited with {proc.returncode}")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{what} exited with {code}")
     res = json.loads((work / "result.json").read_text())
     res["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)  # Linux: kilobytes
     return res
 
 
-def child(work: Path) -> None:
-    job = json.loads((work / "spec.json").read_text())
-    if job["threads"]:
+def child_job(work: Path) -> dict[str, Any]:
+    """The child's side of ``run_child``: its job, with torch's CPU threads set as the job asks."""
+    job = json.loads((work / "job.json").read_text())
+    if job.get("threads"):
         import torch
 
         torch.set_num_threads(job["threads"])
-    res = run_tune(job["spec"])
+    return job
+
+
+def child_result(work: Path, res: dict[str, Any]) -> None:
     (work / "result.json").write_text(json.dumps(res))
+
+
+def tune_isolated(spec: dict[str, Any], g: Grid) -> dict[str, Any]:
+    """``run_tune`` in a child process (``run_child``), with its peak RSS."""
+    return run_child(__file__, Path(spec["out"] + ".child"), {"spec": spec, "threads": g.threads},
+                     f"tuning child for {spec['out']}")
+
+
+def child(work: Path) -> None:
+    child_result(work, run_tune(child_job(work)["spec"]))
 
 
 def row(g: Grid, model: str, task: str, arch: str, method: str, store: dict | None, ckpt: str | None) -> dict:

@@ -42,7 +42,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -50,7 +49,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peftbench import cached, write_outputs  # noqa: E402  (sibling benchmark: the stage cache, the three outputs)
+from peftbench import cached, child_job, child_result, run_child, write_outputs  # noqa: E402  (sibling benchmark:
+
+# the stage cache, isolated child runs, the three outputs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "retroprompt"  # run folders (weights): never committed
@@ -179,13 +180,8 @@ def train_isolated(cfg: Any, g: Grid, memo: dict[str, Any] | None = None) -> dic
         res = cell_result(cfg, memo)
     else:
         job = Path(cfg.out + ".job")
-        job.mkdir(parents=True, exist_ok=True)
-        (job / "config.json").write_text(json.dumps({"config": cfg.to_json(), "threads": g.threads, "memo": memo}))
-        proc = subprocess.Popen([sys.executable, __file__, "--child", str(job)], stdout=sys.stderr)
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"training child for {cfg.out} exited with {os.waitstatus_to_exitcode(status)}")
-        res = {**json.loads((job / "result.json").read_text()), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        res = run_child(__file__, job, {"config": cfg.to_json(), "threads": g.threads, "memo": memo},
+                        f"training child for {cfg.out}")
         shutil.rmtree(job, ignore_errors=True)
     if not g.keep_runs:
         shutil.rmtree(cfg.out, ignore_errors=True)
@@ -195,13 +191,8 @@ def train_isolated(cfg: Any, g: Grid, memo: dict[str, Any] | None = None) -> dic
 def child(job: Path) -> None:
     from ralm.tuning.retroprompt_config import RetroPromptConfig
 
-    spec = json.loads((job / "config.json").read_text())
-    if spec["threads"]:
-        import torch
-
-        torch.set_num_threads(spec["threads"])
-    res = cell_result(RetroPromptConfig.from_json(spec["config"]), spec.get("memo"))
-    (job / "result.json").write_text(json.dumps(res))
+    spec = child_job(job)
+    child_result(job, cell_result(RetroPromptConfig.from_json(spec["config"]), spec.get("memo")))
 
 
 def run_grid(g: Grid) -> dict[str, Any]:
