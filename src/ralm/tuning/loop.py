@@ -256,7 +256,7 @@ def train(model: nn.Module, cfg: TrainConfig, task: Task, out: str | Path, *, st
     seconds = time.perf_counter() - t0
     speed = {"positions_per_second": round(positions / max(train_s, 1e-9), 1)} if task.positions is not None else {}
     return {"steps": step, "trained_tokens": tokens_before + tokens,
-            "resumed_at_step": state.step if state is not None else 0, "seconds": round(seconds, 1),
+            "resumed_at_step": state.step if state is not None else 0, "seconds": round(seconds, 3),
             "train_seconds": round(train_s, 3), "tokens_per_second": round(tokens / max(train_s, 1e-9), 1),
             **speed, "bf16": bf16, "device": device.type,
             "final_loss": None if final_loss is None else round(final_loss, 4), **last_eval}
