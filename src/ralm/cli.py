@@ -133,6 +133,26 @@ def _read_queries(path: Path) -> list[str]:
 
 
 @app.command()
+def storeset(
+    out: Annotated[Path, typer.Argument(help="folder to write storeset.json in")],
+    stores: Annotated[list[Path], typer.Argument(help="finished datastore directories, one per shard")],
+    no_dedup: Annotated[bool, typer.Option("--no-dedup", help="keep identical chunks that several shards hold")
+                        ] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing storeset.json")] = False,
+) -> None:
+    """Make a store set: several datastores searched as one (global top-k merged from each shard's top-k).
+
+    Use the folder wherever a datastore directory goes (search, info, serve, the methods' --datastore)."""
+    from ralm.datastore.store_set import create_store_set
+
+    try:
+        path = create_store_set(out, list(stores), dedup=not no_dedup, force=force)
+    except RalmError as e:
+        fail(e)
+    typer.echo(f"{path}: {len(stores)} shards" + ("" if no_dedup else ", identical chunks deduplicated"))
+
+
+@app.command()
 def info(
     datastore: Annotated[str, typer.Argument(help="datastore directory, or the URL of a served one (http://HOST:PORT)")],
     json_out: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,

@@ -353,6 +353,10 @@ class Datastore:
         rec["continuation_text"] = table["text"][nxt] if same_doc and rec["continuation"] else ""
         return rec
 
+    def chunks(self, rows: list[int]) -> list[dict[str, Any]]:
+        """The records of ``rows`` (``chunk`` of each): what a store set asks its shards for in one call."""
+        return [self.chunk(int(r)) for r in rows]
+
     @lru_cache(maxsize=64)  # noqa: B019 (one store object lives as long as its cache should)
     def _part_table(self, p: int) -> dict[str, list]:
         import pyarrow as pa  # ~0.6 s: only when chunk texts are read, not at every CLI start

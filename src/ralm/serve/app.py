@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from ralm.core.retriever import per_query_exclusions
 from ralm.datastore.store import Datastore
+from ralm.datastore.store_set import StoreSet, is_store_set
 from ralm.errors import RalmError
 from ralm.serve.batcher import MicroBatcher, Pending
 from ralm.serve.config import ServeConfig
@@ -113,11 +114,11 @@ def store_name(path: str | Path) -> str:
     return os.path.basename(os.path.abspath(path))
 
 
-def open_stores(paths: list[str]) -> dict[str, Datastore]:
-    """Each store of ``paths`` opened and warmed (index loaded, encoder loaded), by its directory name."""
+def open_stores(paths: list[str]) -> dict[str, Datastore | StoreSet]:
+    """Each store (or store set) of ``paths`` opened and warmed (index and encoder loaded), by its folder name."""
     if not paths:
         raise RalmError("ralm serve: give at least one datastore directory")
-    out: dict[str, Datastore] = {}
+    out: dict[str, Datastore | StoreSet] = {}
     for p in paths:
         name = store_name(p)
         if name in out:
@@ -125,8 +126,9 @@ def open_stores(paths: list[str]) -> dict[str, Datastore]:
                             "directory name; rename or link one)")
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise RalmError(f"DS {p}: its name {name!r} must be letters, digits, '-', '_' or '.' (it is a URL part)")
-        ds = Datastore.open(p)
-        ds._get_index()  # noqa: SLF001 (load the index now, not in the first request)
+        ds = StoreSet.open(p) if is_store_set(p) else Datastore.open(p)
+        for shard in getattr(ds, "shards", [ds]):
+            shard._get_index()  # noqa: SLF001 (load the index now, not in the first request)
         if not ds.sparse:
             ds.encode(["warm up"])
         out[name] = ds
@@ -134,7 +136,11 @@ def open_stores(paths: list[str]) -> dict[str, Datastore]:
 
 
 def manifest_sha256(store: Any) -> str:
-    """sha256 of the store's manifest file (what ``ralm.methods.retro.neighbours.store_id`` hashes)."""
+    """sha256 of the store's manifest file (what ``ralm.methods.retro.neighbours.store_id`` hashes); a store set
+    carries its own (of its storeset.json)."""
+    own = getattr(store, "manifest_sha256", None)
+    if isinstance(own, str):
+        return own
     return hashlib.sha256((Path(store.root) / "manifest.json").read_bytes()).hexdigest()
 
 

@@ -1,11 +1,12 @@
 """``--datastore http://HOST:PORT[/NAME]``: a served store used where a store directory is.
 
 ``open_store(path_or_url)`` is what the commands open a retrieval store with: a ``Datastore`` for a directory,
-a ``RemoteStore`` for a URL. ``RemoteStore`` answers what the methods read of a ``Datastore``: ``search_rows``
-(the Retriever contract, so ``StoreRetriever`` wraps it as it wraps a local store), ``search`` / ``hits``,
-``chunk(row)`` and the manifest, ``restrict(rows)``, ``check_compatible``, ``len``, ``metric``. Chunk records
-come from ``POST /chunks`` into a bounded LRU cache; after each search the returned rows' records are fetched
-in one call (the methods read them next). The token, where the service wants one, is ``$RALM_SERVE_TOKEN``.
+a ``StoreSet`` for a store set's folder, a ``RemoteStore`` for a URL. ``RemoteStore`` answers what the methods
+read of a ``Datastore``: ``search_rows`` (the Retriever contract, so ``StoreRetriever`` wraps it as it wraps a
+local store), ``search`` / ``hits``, ``chunk(row)`` and the manifest, ``restrict(rows)``, ``check_compatible``,
+``len``, ``metric``. Chunk records come from ``POST /chunks`` into a bounded LRU cache; after each search the
+returned rows' records are fetched in one call (the methods read them next). The token, where the service wants
+one, is ``$RALM_SERVE_TOKEN``.
 Every failure (no answer, refused connection, an error status) is one ``RalmError`` line naming the URL.
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from ralm.core.retriever import Exclusions, check_k, per_query_exclusions, worst
 from ralm.datastore.store import Datastore
+from ralm.datastore.store_set import StoreSet, is_store_set
 from ralm.errors import RalmError
 
 TOKEN_ENV = "RALM_SERVE_TOKEN"
@@ -31,11 +33,16 @@ def is_url(path: str | Path | None) -> bool:
 
 
 def open_store(path: str | Path, verify: bool = False) -> Any:
-    """A retrieval store: ``Datastore.open(path)`` for a directory, ``RemoteStore(path)`` for an http(s) URL."""
+    """A retrieval store: ``Datastore.open(path)`` for a directory, ``StoreSet.open(path)`` for a store set's
+    folder (``ralm storeset``), ``RemoteStore(path)`` for an http(s) URL."""
     if is_url(path):
         if verify:
             raise RalmError(f"--verify: checks a store's own files; run it where {path} is served")
         return RemoteStore(str(path))
+    if is_store_set(path):
+        if verify:
+            raise RalmError(f"--verify: checks one store's files; run `ralm info SHARD --verify` on each shard of {path}")
+        return StoreSet.open(path)
     return Datastore.open(path, verify=verify)
 
 

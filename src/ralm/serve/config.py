@@ -13,7 +13,7 @@ from ralm.errors import RalmError, refuse_below
 
 @dataclass
 class ServeConfig:
-    stores: list[str] = field(default_factory=list, metadata={"help": "datastore directories to serve",
+    stores: list[str] = field(default_factory=list, metadata={"help": "datastore directories or store sets to serve",
                                                               "cli": False})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (loopback unless told otherwise)"})
     port: int = field(default=8765, metadata={"help": "TCP port to listen on"})
