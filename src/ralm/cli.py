@@ -178,7 +178,7 @@ def _serve_spec() -> Spec:
 
 @config_command(app, "serve", _serve_spec)
 def serve(
-    stores: Annotated[list[str], typer.Argument(help="datastore directories (each served under its directory name)")],
+    stores: Annotated[list[str], typer.Argument(help="datastore directories or store sets (each served under its folder name)")],
     config: Callable[..., Any],
 ) -> None:
     """Serve datastores over HTTP (POST /search, POST /chunks, GET /info, GET /health; docs at /docs) until
@@ -188,7 +188,7 @@ def serve(
 
     try:
         cfg = config(stores=list(stores))
-        opened = open_stores(cfg.stores)
+        opened = open_stores(cfg.stores, cfg.ray_address, cfg.replicas, cfg.timeout_s)
         cfg.token()  # a bad --token-file is refused before the port is taken
     except RalmError as e:
         fail(e)

@@ -32,27 +32,8 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None, max_in_flight: int | None = None, num_cpus: float = 1.0):
-        if not address:
-            # Without an address ray.init() would start (or silently join) a cluster on whatever interface
-            # Ray picks; ralm only ever connects to a cluster the user started and named.
-            raise RalmError("--ray-address is required with --executor ray (the address of a running "
-                            "cluster, e.g. 127.0.0.1:6379)")
-        try:
-            import ray
-        except ImportError:
-            raise RalmError("--executor ray: ray is not installed (pip install 'ralm[ray]')") from None
-        self.ray = ray
-        # Ray >= 2.5x clusters started with `ray start` expect token auth from clients; the token itself comes
-        # from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (set RAY_AUTH_MODE=disabled to opt out)
-        self._owns_connection = not ray.is_initialized()
-        if self._owns_connection and "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = "token"
-            _refresh_ray_auth_config()
-        try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR")
-        except Exception as e:
-            raise RalmError(f"--ray-address {address}: cannot connect to a Ray cluster "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.ray, self._owns_connection = connect_ray(address, "--executor ray")
+        ray = self.ray
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.max_in_flight = max_in_flight or max(2, 2 * cpus)
         self.num_cpus = num_cpus
@@ -73,6 +54,31 @@ class RayExecutor:
         """Disconnect this driver (never stops the cluster; keeps a connection the caller made itself)."""
         if self._owns_connection:
             self.ray.shutdown()
+
+
+def connect_ray(address: str | None, what: str) -> tuple[Any, bool]:
+    """``ray`` connected to the running cluster at ``address`` (never a new one); whether this call connected."""
+    if not address:
+        # Without an address ray.init() would start (or silently join) a cluster on whatever interface
+        # Ray picks; ralm only ever connects to a cluster the user started and named.
+        raise RalmError(f"--ray-address is required with {what} (the address of a running "
+                        "cluster, e.g. 127.0.0.1:6379)")
+    try:
+        import ray
+    except ImportError:
+        raise RalmError(f"{what}: ray is not installed (pip install 'ralm[ray]')") from None
+    # Ray >= 2.5x clusters started with `ray start` expect token auth from clients; the token itself comes
+    # from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (set RAY_AUTH_MODE=disabled to opt out)
+    owns = not ray.is_initialized()
+    if owns and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _refresh_ray_auth_config()
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR")
+    except Exception as e:
+        raise RalmError(f"--ray-address {address}: cannot connect to a Ray cluster "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    return ray, owns
 
 
 def _refresh_ray_auth_config() -> None:

@@ -86,7 +86,7 @@ def read_store_set(path: str | Path) -> tuple[dict[str, Any], list[Path]]:
         shards = rec["shards"]
         if not isinstance(shards, list) or not shards:
             raise ValueError("'shards' must be a non-empty list")
-        paths = [(Path(path) / s["path"]) if not Path(s["path"]).is_absolute() else Path(s["path"]) for s in shards]
+        paths = [(Path(path) / s["path"]).resolve() for s in shards]  # an absolute path stays itself
     except (OSError, ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         raise StoreError(f"{f}: not a readable store set ({e})") from None
     return rec, paths
@@ -149,13 +149,8 @@ class StoreSet:
         return cls(path, shards, dedup=bool(rec.get("dedup", True)), set_sha256=sha)
 
     # ---- what the methods read of a store ----------------------------------------------------
-    @property
-    def encoder_name(self) -> str:
-        return self.manifest["encoder"]["name"]
-
-    @property
-    def sparse(self) -> bool:
-        return self.manifest["encoder"]["kind"] == "sparse"
+    encoder_name = Datastore.encoder_name  # read from the set's manifest, as a store's from its own
+    sparse = Datastore.sparse
 
     @property
     def metric(self) -> str:

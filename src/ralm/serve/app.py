@@ -114,7 +114,8 @@ def store_name(path: str | Path) -> str:
     return os.path.basename(os.path.abspath(path))
 
 
-def open_stores(paths: list[str]) -> dict[str, Datastore | StoreSet]:
+def open_stores(paths: list[str], ray_address: str | None = None, replicas: int = 1,
+                timeout_s: float = 60.0) -> dict[str, Datastore | StoreSet]:
     """Each store (or store set) of ``paths`` opened and warmed (index and encoder loaded), by its folder name."""
     if not paths:
         raise RalmError("ralm serve: give at least one datastore directory")
@@ -126,9 +127,15 @@ def open_stores(paths: list[str]) -> dict[str, Datastore | StoreSet]:
                             "directory name; rename or link one)")
         if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise RalmError(f"DS {p}: its name {name!r} must be letters, digits, '-', '_' or '.' (it is a URL part)")
-        ds = StoreSet.open(p) if is_store_set(p) else Datastore.open(p)
+        if is_store_set(p):  # its shards: here, or in Ray actors that load them as they start
+            ds: Datastore | StoreSet = StoreSet.open(p, ray_address, replicas, timeout_s)
+        elif ray_address is not None:
+            raise RalmError(f"DS {p}: --ray-address holds the shards of store sets (`ralm storeset`); this is one store")
+        else:
+            ds = Datastore.open(p)
         for shard in getattr(ds, "shards", [ds]):
-            shard._get_index()  # noqa: SLF001 (load the index now, not in the first request)
+            if isinstance(shard, Datastore):
+                shard._get_index()  # noqa: SLF001 (load the index now, not in the first request)
         if not ds.sparse:
             ds.encode(["warm up"])
         out[name] = ds
@@ -283,7 +290,9 @@ def serve(cfg: ServeConfig, stores: dict[str, Any] | None = None) -> None:
     """Serve ``stores`` (default: ``cfg.stores`` opened) on ``cfg.host:cfg.port`` until SIGINT/SIGTERM, which
     stop accepting, let in-flight requests finish (at most ``timeout_s``) and return."""
     token = cfg.token()
-    app = create_app(stores if stores is not None else open_stores(cfg.stores), cfg, token)
+    if stores is None:
+        stores = open_stores(cfg.stores, cfg.ray_address, cfg.replicas, cfg.timeout_s)
+    app = create_app(stores, cfg, token)
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=cfg.timeout_s)
     uvicorn.Server(config).run()

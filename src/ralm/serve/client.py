@@ -53,6 +53,7 @@ class RemoteStore:
     search = Datastore.search
     hits = Datastore.hits
     check_compatible = Datastore.check_compatible
+    _doc_ids = StoreSet._doc_ids  # doc ids from the chunk records: one batched call
 
     def __init__(self, url: str, timeout: float = 60.0, cache_rows: int = 65536, prefetch: bool = True) -> None:
         try:
@@ -179,11 +180,3 @@ class RemoteStore:
         while len(self._cache) > max(self.cache_rows, len(rows)):
             self._cache.popitem(last=False)
         return out
-
-    def _doc_ids(self, rows: np.ndarray) -> np.ndarray:
-        """The document id of every row of ``rows`` (any shape; -1 rows get ""), as ``Datastore._doc_ids``."""
-        flat = rows.reshape(-1)
-        out = np.full(len(flat), "", dtype=object)
-        real = flat >= 0
-        out[real] = [rec["doc_id"] for rec in self.chunks(flat[real].tolist())]
-        return out.reshape(rows.shape)

@@ -28,9 +28,13 @@ class ServeConfig:
     max_query_bytes: int = field(default=8192, metadata={"help": "longest query text, in UTF-8 bytes"})
     max_body_bytes: int = field(default=16 * 2**20, metadata={"help": "largest request body, in bytes"})
     timeout_s: float = field(default=60.0, metadata={"help": "a request whose search takes longer gets a 504"})
+    ray_address: str | None = field(default=None, metadata={"help": "a running Ray cluster (HOST:PORT) whose "
+                                                                    "actors hold the shards of served store sets"})
+    replicas: int = field(default=1, metadata={"help": "Ray actors per shard (with --ray-address): a dead one's "
+                                                       "searches go to the next"})
 
     def __post_init__(self) -> None:
-        refuse_below(self, ("max_batch", "max_queries", "max_k", "max_query_bytes", "max_body_bytes"))
+        refuse_below(self, ("replicas", "max_batch", "max_queries", "max_k", "max_query_bytes", "max_body_bytes"))
         if not 0 <= self.port <= 65535:
             raise RalmError(f"--port {self.port}: must be in 0..65535")
         if self.max_wait_ms < 0:
