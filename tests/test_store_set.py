@@ -18,6 +18,7 @@ from ralm.datastore.store import Datastore
 from ralm.datastore.store_set import FILE, StoreSet, create_store_set, is_store_set
 from ralm.errors import IncompatibleError, RalmError, StoreError
 from ralm.serve.client import open_store
+from test_eval_cli import setup  # noqa: F401  (its tiny store and held-out documents, built once)
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +160,28 @@ def test_a_served_set_answers_as_the_local_set(stores):
         np.testing.assert_array_equal(I2, I1)
         np.testing.assert_allclose(D2, D1, rtol=1e-6)
         assert remote.chunk(int(I1[1, 0]))["text"] == q[1] and remote.manifest_sha256 == local.manifest_sha256
+
+
+@pytest.mark.parametrize("method,subset", [("in-context", None), ("replug", 0.5)])
+def test_a_method_over_a_one_shard_set_equals_its_store(setup, tiny_lm, tmp_path, method, subset):  # noqa: F811
+    from ralm.eval.lm import LMEvalConfig
+    from ralm.eval.runner import EvalLMConfig, run_eval_lm
+    from ralm.lm.models import load
+    from ralm.methods.in_context import InContextConfig
+    from test_serve import Recorder
+
+    base, held = setup
+    create_store_set(tmp_path / "set", [base / "ds"])
+    lm, runs = load(tiny_lm), []
+    for where in (str(base / "ds"), str(tmp_path / "set")):
+        seen: list = []
+        cfg = EvalLMConfig(model=tiny_lm, data=[str(held)], method=method, datastore=where, decontaminate=8,
+                           subset=subset, options={"in_context": InContextConfig(stride=8, docs=2, doc_tokens=16)},
+                           lm=LMEvalConfig(context=64))
+        runs.append((run_eval_lm(cfg, progress=False, loaded=lm, wrap_retriever=lambda r, s=seen: Recorder(r, s)),
+                     seen))
+    (one, seen_one), (many, seen_set) = runs
+    assert len(seen_one) == len(seen_set) > 0
+    for (D, I), (Ds, Is) in zip(seen_one, seen_set, strict=True):  # noqa: E741
+        assert np.array_equal(I, Is) and np.allclose(D, Ds, atol=1e-6)
+    assert one["ppl"] == pytest.approx(many["ppl"], rel=1e-6) and one["tokens"] == many["tokens"]
