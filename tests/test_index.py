@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import faiss
 import numpy as np
 import pytest
 
@@ -41,6 +42,24 @@ def test_auto_choice_follows_size_and_budget():
     factory, rerank = choose_factory(1_000_000, 384, IndexConfig(memory_budget="512MB"))
     assert ",PQ" in factory and rerank > 1
     assert choose_factory(10, 8, IndexConfig(kind="HNSW16"))[0] == "HNSW16"
+    assert ",PQ" in choose_factory(50_000, 384, IndexConfig(memory_budget="32MB"))[0]  # small, but over budget
+
+
+def test_over_budget_index_stays_on_disk_and_reranks_exactly(tmp_path, keys):
+    """A memory budget below the fp32 keys: auto builds IVF-PQ, whose lists load memory-mapped (paged in as
+    searched, not read into RAM) and whose candidates are re-ranked by exact scores from the fp16 keys."""
+    rows = np.arange(len(keys))
+    cfg = IndexConfig(memory_budget=f"{len(keys) * keys.dim * 2}B", target_recall=0.9, n_queries=200)
+    meta = build_index(keys, rows, cfg, tmp_path / "i.faiss", log=lambda m: None)
+    assert ",PQ" in meta["factory"] and meta["rerank"] > 1 and meta["recall_at_10"] >= 0.9
+    index = load_index(tmp_path / "i.faiss", meta, keys)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index.index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists)  # memory-mapped, not an in-RAM ArrayInvertedLists
+    D, I = index.search(QUERIES, 10)  # noqa: E741
+    exact = np.einsum("qd,qkd->qk", QUERIES, keys.get(I))  # the returned scores are the keys' exact ones
+    np.testing.assert_allclose(D, exact, rtol=1e-4, atol=1e-4)
+    _, I_exact = exact_search(keys, QUERIES, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(I, I_exact, strict=True)]) >= 0.85
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])

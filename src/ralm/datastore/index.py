@@ -46,7 +46,9 @@ def parse_bytes(text: str) -> int:
 class IndexConfig:
     kind: str = field(default="auto", metadata={"help": "auto, flat, ivf, ivfpq, hnsw, or a FAISS factory string",
                                                 "flag": "--index"})
-    memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may use at search time (e.g. 4GB)"})
+    memory_budget: str = field(default="4GB", metadata={"help": "RAM the index may hold at search time (e.g. 4GB); "
+                                                             "past it, auto keeps PQ codes on disk (memory-mapped) "
+                                                             "and re-ranks exactly from the fp16 keys"})
     target_recall: float = field(default=0.95, metadata={"help": "recall@10 vs exact search to tune for"})
     n_queries: int = field(default=500, metadata={"help": "held-out keys used to measure recall"})
     # the kind of store fixes the metric (the builder sets it), so it is no command-line option
@@ -104,12 +106,10 @@ def choose_factory(n: int, dim: int, cfg: IndexConfig) -> tuple[str, int]:
     nlist = max(16, min(65536, 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))))
     kind = cfg.kind
     if kind == "auto":
-        if n <= FLAT_MAX:
-            kind = "flat"
-        elif n * dim * 4 * 1.1 <= cfg.budget_bytes:
-            kind = "ivf"
-        else:
-            kind = "ivfpq"
+        # fp32 vectors (flat, IVF-Flat) are resident; past the budget, PQ codes in inverted lists that
+        # load_index memory-maps, re-ranked exactly from the (memory-mapped) fp16 keys
+        fits = n * dim * 4 * 1.1 <= cfg.budget_bytes
+        kind = "flat" if fits and n <= FLAT_MAX else "ivf" if fits else "ivfpq"
     if kind == "flat":
         return "IDMap,Flat", 1
     if kind == "ivf":
@@ -383,7 +383,8 @@ def build_index(keys: KeyParts, rows: np.ndarray, cfg: IndexConfig, path: Path, 
 
 
 def load_index(path: Path, meta: dict, keys: KeyParts | None) -> DenseIndex:
-    """Load an index, memory-mapped where FAISS supports it for that index type."""
+    """Load an index, memory-mapped where FAISS supports it for that index type (an IVF's inverted lists: they
+    stay on disk, and a search pages in only the lists it probes)."""
     try:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
     except RuntimeError:
