@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python benchmarks/exact.py
 	$(BIN)/python benchmarks/qa.py
 	$(BIN)/python benchmarks/lm.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
