@@ -260,8 +260,10 @@ def test_prompt_methods_grow_the_input_by_n_and_keep_causality(arch, method, kw)
         later = ids.clone()
         later[:, t] = (later[:, t] + 1) % V
         got = peft_logits(h, later, nb)
-        assert torch.equal(got[:, :t], h.strip(full)[:, :t]), f"changing token {t} changed earlier logits"
-        assert not torch.equal(got[:, t], h.strip(full)[:, t])
+        # to float rounding: a busy machine can split a matmul over fewer threads, which reorders its sums
+        assert torch.allclose(got[:, :t], h.strip(full)[:, :t], atol=1e-5, rtol=0), \
+            f"changing token {t} changed earlier logits"
+        assert (got[:, t] - h.strip(full)[:, t]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
