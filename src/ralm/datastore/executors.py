@@ -33,8 +33,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None, max_in_flight: int | None = None, num_cpus: float = 1.0):
         self.ray, self._owns_connection = connect_ray(address, "--executor ray")
-        ray = self.ray
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(self.ray.cluster_resources().get("CPU", 1))
         self.max_in_flight = max_in_flight or max(2, 2 * cpus)
         self.num_cpus = num_cpus
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ralm.core.retriever import Exclusions
 from ralm.datastore.executors import connect_ray
-from ralm.datastore.store import Datastore
+from ralm.datastore.store import Datastore, store_sha256
 from ralm.errors import RalmError
 
 
@@ -33,9 +33,8 @@ class ShardActor:
         self._views: dict[bytes, Datastore] = {}
 
     def describe(self) -> dict[str, Any]:
-        root = Path(self.ds.root)
         return {"manifest": self.ds.manifest, "metric": self.ds.metric, "pid": os.getpid(),
-                "manifest_sha256": hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()}
+                "manifest_sha256": store_sha256(self.ds)}
 
     def _view(self, allowed: np.ndarray | None) -> Datastore:
         if allowed is None:
@@ -67,8 +66,7 @@ class RayShard:
         self.allowed: np.ndarray | None = None
         self._next = 0
 
-    def __len__(self) -> int:
-        return int(self.manifest["index"]["meta"]["ntotal"]) if self.allowed is None else len(self.allowed)
+    __len__ = Datastore.__len__  # the manifest's row count, or the restricted rows'
 
     def restrict(self, rows: np.ndarray) -> RayShard:
         view = RayShard.__new__(RayShard)

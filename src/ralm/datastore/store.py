@@ -133,6 +133,13 @@ def check_files(files: list[tuple[Path, dict]], checksums: bool, where: str) -> 
             raise StoreError(f"{path}: checksum mismatch (file is corrupt)")
 
 
+def store_sha256(store: Any) -> str:
+    """The sha256 that names one build of a store (RETRO neighbour caches, the service's /info): its manifest
+    file's, or what the store carries itself (a store set, a served or Ray-held store)."""
+    own = getattr(store, "manifest_sha256", None)
+    return own if isinstance(own, str) else sha256_file(Path(store.root) / layout.MANIFEST)
+
+
 class Datastore:
     """A finished datastore, opened read-only. Keys are memory-mapped; chunk parts load on demand."""
 

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from ralm.core.retriever import Exclusions, check_k, per_query_exclusions, worst
-from ralm.datastore.store import Datastore, Hit
+from ralm.datastore.store import Datastore, store_sha256
 from ralm.errors import IncompatibleError, RalmError, StoreError
-from ralm.utils.atomic import write_json
+from ralm.utils.atomic import sha256_file, write_json
 
 FILE = "storeset.json"
 FORMAT, VERSION = "ralm-storeset", 1
@@ -46,10 +46,6 @@ _SAME = (("encoder", "fingerprint"), ("encoder", "dim"), ("tokenizer", "fingerpr
 
 def is_store_set(path: str | Path) -> bool:
     return (Path(path) / FILE).is_file()
-
-
-def manifest_sha256(root: str | Path) -> str:
-    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
 
 
 def create_store_set(out: str | Path, shards: list[str | Path], dedup: bool = True, force: bool = False) -> Path:
@@ -69,7 +65,7 @@ def create_store_set(out: str | Path, shards: list[str | Path], dedup: bool = Tr
             rel = Path(os.path.relpath(root, out.resolve()))
         except ValueError:  # another drive: keep it absolute
             rel = root
-        entries.append({"path": str(rel), "manifest_sha256": manifest_sha256(root), "chunks": len(s)})
+        entries.append({"path": str(rel), "manifest_sha256": store_sha256(s), "chunks": len(s)})
     write_json(out / FILE, {"format": FORMAT, "version": VERSION, "dedup": dedup, "shards": entries})
     return out / FILE
 
@@ -110,6 +106,7 @@ class StoreSet:
     encode = Datastore.encode  # the shards' shared encoder, loaded here once
     check_compatible = Datastore.check_compatible
     hits = Datastore.hits
+    search = Datastore.search  # search_rows with each row's record
     _validate_queries = Datastore._validate_queries
 
     def __init__(self, root: str | Path, shards: list[Any], dedup: bool = True, set_sha256: str | None = None) -> None:
@@ -118,14 +115,15 @@ class StoreSet:
         self.root, self.shards, self.dedup = Path(root), list(shards), dedup
         _check_agree([str(s.root) for s in self.shards], [s.manifest for s in self.shards],
                      [s.metric for s in self.shards])
-        self.sizes = np.array([_full_len(s) for s in self.shards], dtype=np.int64)
+        self.sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.manifest = _set_manifest([s.manifest for s in self.shards], int(self.offsets[-1]),
                                       [str(s.root) for s in self.shards])
         self.manifest_sha256 = set_sha256 or hashlib.sha256(
-            "".join(_shard_sha(s) for s in self.shards).encode()).hexdigest()
+            "".join(store_sha256(s) for s in self.shards).encode()).hexdigest()
         self._encoder: Any = None
         self.allowed: np.ndarray | None = None
+        self._searched: dict[int, Any] = dict(enumerate(self.shards))  # shard number -> what a search asks
 
     @classmethod
     def open(cls, path: str | Path, ray_address: str | None = None, replicas: int = 1,
@@ -136,7 +134,7 @@ class StoreSet:
         for entry, p in zip(rec["shards"], paths, strict=True):
             if not (p / "manifest.json").is_file():
                 raise StoreError(f"{Path(path) / FILE}: shard {entry['path']} has no store at {p}")
-            if manifest_sha256(p) != entry.get("manifest_sha256"):
+            if sha256_file(p / "manifest.json") != entry.get("manifest_sha256"):
                 raise StoreError(f"{Path(path) / FILE}: shard {p} changed since the set was made (its manifest "
                                  f"sha256 differs); rerun `ralm storeset {path} ...` over the current stores")
         if ray_address is None:
@@ -145,7 +143,7 @@ class StoreSet:
             from ralm.datastore.ray_shards import ray_shards  # ray: only for a set on a cluster
 
             shards = ray_shards(paths, ray_address, replicas=replicas, timeout_s=timeout_s)
-        sha = hashlib.sha256((Path(path) / FILE).read_bytes()).hexdigest()
+        sha = sha256_file(Path(path) / FILE)
         return cls(path, shards, dedup=bool(rec.get("dedup", True)), set_sha256=sha)
 
     # ---- what the methods read of a store ----------------------------------------------------
@@ -179,12 +177,8 @@ class StoreSet:
         view.__dict__.update(self.__dict__)
         view.allowed = rows
         shard, local = self._locate(rows)
-        view.views = {int(s): self.shards[s].restrict(local[shard == s]) for s in np.unique(shard)}
+        view._searched = {int(s): self.shards[s].restrict(local[shard == s]) for s in np.unique(shard)}
         return view
-
-    def _searched(self) -> dict[int, Any]:
-        """shard number -> the shard (or its restricted view) a search asks."""
-        return getattr(self, "views", None) if self.allowed is not None else dict(enumerate(self.shards))
 
     # ---- search ------------------------------------------------------------------------------
     def search_rows(self, queries: list[str] | np.ndarray, k: int = 10,
@@ -197,11 +191,10 @@ class StoreSet:
         excl = per_query_exclusions(exclude_doc_ids, nq)
         if not self.sparse and not isinstance(queries, np.ndarray):
             queries = self.encode(queries)  # once for every shard
-        searched = self._searched()
         fetch = k if not self.dedup else min(2 * k, len(self))
         while True:
             Ds, Is, full = [], [], False
-            for s, shard in searched.items():
+            for s, shard in self._searched.items():
                 f = min(fetch, len(shard))
                 D, I = shard.search_rows(queries, f, excl if any(excl) else None)  # noqa: E741
                 full |= f < len(shard) and bool((I[:, -1] >= 0).any())  # it may hold more rows than it gave
@@ -242,10 +235,6 @@ class StoreSet:
         text = dict(zip(rows.tolist(), (r["text"] for r in self.chunks(rows.tolist())), strict=True))
         return np.array([text.get(int(r), "") for r in flat], dtype=object).reshape(I.shape)
 
-    def search(self, queries: list[str] | np.ndarray, k: int = 10,
-               exclude_doc_ids: Exclusions = None) -> list[list[Hit]]:
-        return self.hits(*self.search_rows(queries, k, exclude_doc_ids))
-
     # ---- chunk records -----------------------------------------------------------------------
     def chunks(self, rows: list[int]) -> list[dict[str, Any]]:
         """The records of global ``rows``, one batched call per shard."""
@@ -276,14 +265,6 @@ def _merge(D: np.ndarray, I: np.ndarray, metric: str) -> tuple[np.ndarray, np.nd
     key = np.where(I >= 0, D if metric == "l2" else -D, np.inf)
     order = np.argsort(key, axis=1, kind="stable")
     return np.take_along_axis(D, order, 1), np.take_along_axis(I, order, 1)
-
-
-def _full_len(shard: Any) -> int:
-    return int(shard.manifest["index"]["meta"]["ntotal"])
-
-
-def _shard_sha(shard: Any) -> str:
-    return getattr(shard, "manifest_sha256", None) or manifest_sha256(shard.root)
 
 
 def _set_manifest(manifests: list[dict], total: int, names: list[str]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from ralm.core.retriever import per_query_exclusions
-from ralm.datastore.store import Datastore
+from ralm.datastore.store import Datastore, store_sha256
 from ralm.datastore.store_set import StoreSet, is_store_set
 from ralm.errors import RalmError
 from ralm.serve.batcher import MicroBatcher, Pending
@@ -142,19 +142,10 @@ def open_stores(paths: list[str], ray_address: str | None = None, replicas: int 
     return out
 
 
-def manifest_sha256(store: Any) -> str:
-    """sha256 of the store's manifest file (what ``ralm.methods.retro.neighbours.store_id`` hashes); a store set
-    carries its own (of its storeset.json)."""
-    own = getattr(store, "manifest_sha256", None)
-    if isinstance(own, str):
-        return own
-    return hashlib.sha256((Path(store.root) / "manifest.json").read_bytes()).hexdigest()
-
-
 def store_info(store: Any, cfg: ServeConfig) -> dict[str, Any]:
     enc = store.manifest["encoder"]
     return {**store.info(), "rows": len(store), "metric": store.metric, "sparse": store.sparse,
-            "dim": enc.get("dim"), "manifest": store.manifest, "manifest_sha256": manifest_sha256(store),
+            "dim": enc.get("dim"), "manifest": store.manifest, "manifest_sha256": store_sha256(store),
             "limits": {"max_queries": cfg.max_queries, "max_k": cfg.max_k, "max_chunk_rows": 16 * cfg.max_queries,
                        "max_query_bytes": cfg.max_query_bytes, "max_body_bytes": cfg.max_body_bytes}}
 

@@ -12,7 +12,6 @@ names exactly what it was computed from), so every epoch reads them from disk.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from ralm.core.retriever import Retriever
 from ralm.core.targets import Targets
+from ralm.datastore.store import store_sha256
 from ralm.errors import IncompatibleError, RalmError
 from ralm.methods.in_context import store_retriever
 from ralm.methods.retro.model import PAD, RetroConfig, pad_neighbours, window_chunks
@@ -47,8 +47,7 @@ def check_store_fits(ds: Any, cfg: RetroConfig, tokenizer_fp: str, model_name: s
 
 def store_id(ds: Any) -> str:
     """A short hash of the store's manifest: which store, which build, which index."""
-    served = getattr(ds, "manifest_sha256", None)  # a served store (ralm.serve.client): the service hashed it
-    return (served or hashlib.sha256((Path(ds.root) / "manifest.json").read_bytes()).hexdigest())[:16]
+    return store_sha256(ds)[:16]
 
 
 def chunk_queries(t: Targets, tokenizer: Any, m: int) -> list[str]:
