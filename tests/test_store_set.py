@@ -185,3 +185,23 @@ def test_a_method_over_a_one_shard_set_equals_its_store(setup, tiny_lm, tmp_path
     for (D, I), (Ds, Is) in zip(seen_one, seen_set, strict=True):  # noqa: E741
         assert np.array_equal(I, Is) and np.allclose(D, Ds, atol=1e-6)
     assert one["ppl"] == pytest.approx(many["ppl"], rel=1e-6) and one["tokens"] == many["tokens"]
+
+
+def test_served_stores_restricted_to_the_same_rows_each_search_their_own(stores):
+    """Two served stores asked for the same ``rows``: each request searches its own store's view (views are
+    kept per store, not by the rows alone)."""
+    from ralm.serve.app import create_app
+    from ralm.serve.client import RemoteStore
+    from ralm.serve.config import ServeConfig
+    from serve_helpers import ThreadServer
+
+    _, a, b, _, _ = stores
+    local = {"A": Datastore.open(a), "B": Datastore.open(b)}
+    rows = np.arange(0, min(len(s) for s in local.values()), 2)
+    with ThreadServer(create_app(local, ServeConfig())) as srv:
+        for name, ds in local.items():
+            remote = RemoteStore(f"{srv.url}/{name}").restrict(rows)
+            D, I = remote.search_rows(["music river"], 5)  # noqa: E741
+            D0, I0 = ds.restrict(rows).search_rows(["music river"], 5)  # noqa: E741
+            np.testing.assert_array_equal(I, I0)
+            np.testing.assert_allclose(D, D0, rtol=1e-6)

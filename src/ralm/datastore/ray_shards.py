@@ -11,7 +11,6 @@ replica; with none left, or past the timeout, the call is one ``RalmError`` nami
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 
 from ralm.core.retriever import Exclusions
 from ralm.datastore.executors import connect_ray
-from ralm.datastore.store import Datastore, store_sha256
+from ralm.datastore.store import Datastore, RestrictedViews, store_sha256
 from ralm.errors import RalmError
 
 
@@ -30,21 +29,14 @@ class ShardActor:
     def __init__(self, path: str) -> None:
         self.ds = Datastore.open(path)
         self.ds._get_index()  # noqa: SLF001 (load it now, not in the first search)
-        self._views: dict[bytes, Datastore] = {}
+        self._views = RestrictedViews(self.ds)
 
     def describe(self) -> dict[str, Any]:
         return {"manifest": self.ds.manifest, "metric": self.ds.metric, "pid": os.getpid(),
                 "manifest_sha256": store_sha256(self.ds)}
 
     def _view(self, allowed: np.ndarray | None) -> Datastore:
-        if allowed is None:
-            return self.ds
-        key = hashlib.sha1(allowed.tobytes()).digest()
-        if key not in self._views:
-            if len(self._views) >= 8:
-                self._views.pop(next(iter(self._views)))
-            self._views[key] = self.ds.restrict(allowed)
-        return self._views[key]
+        return self.ds if allowed is None else self._views.get(allowed)[0]
 
     def search_rows(self, queries: Any, k: int, exclude_doc_ids: Exclusions,
                     allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

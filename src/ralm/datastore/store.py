@@ -3,8 +3,10 @@ records) or ``.search_rows(queries, k)`` ((D, I) rows, what ``ralm.core.retrieve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -131,6 +133,25 @@ def check_files(files: list[tuple[Path, dict]], checksums: bool, where: str) -> 
             raise StoreError(f"{path}: truncated or altered ({size} bytes, manifest says {rec['bytes']})")
         if checksums and sha256_file(path) != rec["sha256"]:
             raise StoreError(f"{path}: checksum mismatch (file is corrupt)")
+
+
+class RestrictedViews:
+    """``store.restrict(rows)`` views of one store, the ``size`` last used kept: a service or a shard actor is
+    asked for the same subset (``--subset``) request after request, and a view is cheap to keep, not to make."""
+
+    def __init__(self, store: Any, size: int = 8) -> None:
+        self.store, self.size = store, size
+        self._views: OrderedDict[bytes, Any] = OrderedDict()
+
+    def get(self, rows: np.ndarray) -> tuple[Any, bytes]:
+        """The view searching ``rows`` and its key (the rows' digest: requests with equal keys search alike)."""
+        key = hashlib.sha1(np.ascontiguousarray(rows, dtype=np.int64).tobytes()).digest()
+        if key not in self._views:
+            self._views[key] = self.store.restrict(rows)
+            while len(self._views) > self.size:
+                self._views.popitem(last=False)
+        self._views.move_to_end(key)
+        return self._views[key], key
 
 
 def store_sha256(store: Any) -> str:

@@ -21,11 +21,9 @@ but /health when ``--token-file`` is given), 404 unknown store or route, 413 bod
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import math
 import os
-from collections import OrderedDict
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from ralm.core.retriever import per_query_exclusions
-from ralm.datastore.store import Datastore, store_sha256
+from ralm.datastore.store import Datastore, RestrictedViews, store_sha256
 from ralm.datastore.store_set import StoreSet, is_store_set
 from ralm.errors import RalmError
 from ralm.serve.batcher import MicroBatcher, Pending
@@ -158,7 +156,7 @@ def _scores(D: np.ndarray) -> list[list[float | None]]:
 def create_app(stores: dict[str, Any], cfg: ServeConfig, token: str | None = None) -> FastAPI:
     """The service over ``stores`` (name -> opened store); ``app.state.batcher`` counts its index calls."""
     batcher = MicroBatcher(cfg.max_batch, cfg.max_wait_ms / 1000)
-    views: OrderedDict[bytes, Any] = OrderedDict()  # restricted views by their rows, the last few
+    views = {name: RestrictedViews(s) for name, s in stores.items()}  # each store's, by their rows
     infos = {name: store_info(s, cfg) for name, s in stores.items()}
 
     @asynccontextmanager
@@ -179,20 +177,14 @@ def create_app(stores: dict[str, Any], cfg: ServeConfig, token: str | None = Non
             raise ApiError(404, f"no store {name!r} is served (served: {', '.join(stores)})")
         return name, stores[name]
 
-    def view(store: Any, rows: list[int] | None) -> tuple[Any, bytes | None]:
+    def view(name: str, store: Any, rows: list[int] | None) -> tuple[Any, bytes | None]:
         if rows is None:
             return store, None
         arr = np.asarray(rows, dtype=np.int64)
         n = int(store.manifest["index"]["meta"]["ntotal"])
         if len(arr) == 0 or arr.min() < 0 or arr.max() >= n:
             raise ApiError(400, f"rows: must be a non-empty list of rows in 0..{n - 1}")
-        key = hashlib.sha1(arr.tobytes()).digest()
-        if key not in views:
-            views[key] = store.restrict(arr)
-            while len(views) > 8:
-                views.popitem(last=False)
-        views.move_to_end(key)
-        return views[key], key
+        return views[name].get(arr)
 
     def queries_of(req: SearchRequest, store: Any) -> list[str] | np.ndarray:
         if (req.queries is None) == (req.vectors is None):
@@ -216,7 +208,7 @@ def create_app(stores: dict[str, Any], cfg: ServeConfig, token: str | None = Non
     @app.post("/search", summary="top-k rows per query: ids and scores (the Retriever contract)")
     async def search(req: SearchRequest) -> dict[str, Any]:
         name, store = pick(req.store)
-        store, rows_key = view(store, req.rows)
+        store, rows_key = view(name, store, req.rows)
         queries = queries_of(req, store)
         if not 1 <= req.k <= min(cfg.max_k, len(store)):
             raise ApiError(400, f"k={req.k}: must be in 1..{min(cfg.max_k, len(store))} (--max-k, store size)")
