@@ -49,9 +49,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peftbench import cached, child_job, child_result, run_child, write_outputs  # noqa: E402  (sibling benchmark:
-
-# the stage cache, isolated child runs, the three outputs)
+from peft_results import write_outputs  # noqa: E402  (sibling benchmarks: the three outputs,
+from peftbench import cached, child_job, child_result, run_child  # noqa: E402  (and the stage cache, child runs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache" / "retroprompt"  # run folders (weights): never committed

@@ -5,6 +5,7 @@ results JSON / markdown / PNG, and claims computed from the numbers (not hand-wr
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,11 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("peftbench.py", "peft_bench")
+
+
+@pytest.fixture(scope="module")
+def results_mod():
+    return load_benchmark("peft_results.py", "peft_results_under_test")
 
 
 def tiny_grid(bench, root: Path, squad: Path, lm: str, encoder: str, rows, isolate: bool = False):
@@ -72,7 +78,7 @@ def test_results_structure(result, tiny_lm):
         assert text in md
 
 
-def test_claims_are_computed_from_the_rows(bench, result):
+def test_claims_are_computed_from_the_rows(bench, results_mod, result):
     _, _, res = result
     c = res["claims"]
     g0 = next(r for r in res["rows"] if r["arch"] == "gpt")["zero_shot"]
@@ -88,15 +94,13 @@ def test_claims_are_computed_from_the_rows(bench, result):
         r["tuned_score"] = {"gpt": 50.0, "retro": 35.0}[r["arch"]] - (20.0 if r["method"] == "ptuning" else 0.0)
     rows.append({**rows[0], "model": bench.GEMMA, "arch": "gpt", "method": "lora", "zero_shot": 20.0,
                  "tuned_score": 40.0})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "SMOL", rows[0]["model"])
-        c = bench.claims(rows)
+    c = results_mod.claims(rows, rows[0]["model"], bench.GEMMA)  # the tiny model plays the small size
     assert c["retro_beats_gpt_zero_shot"]["supported"] and c["retro_beats_gpt_zero_shot"]["value"] == 20.0
     assert c["gpt_gains_more_from_peft"]["supported"] and c["gpt_gains_more_from_peft"]["value"] > 0
     assert c["ptuning_trails_adapters_and_lora"]["value"] == {"gpt": -20.0, "retro": -20.0}
     assert c["gains_saturate_with_size"]["value"] == {"gpt": {rows[0]["model"]: 40.0, bench.GEMMA: 20.0}}
     assert c["gains_saturate_with_size"]["supported"] is True
-    assert "contradicts" not in bench.markdown({**res, "rows": rows, "claims": c})
+    assert "contradicts" not in results_mod.markdown({**res, "rows": rows, "claims": c})
 
 
 def test_rerun_reads_the_cache_and_a_child_run_reports_rss(bench, result, tiny_lm, tiny_encoder, monkeypatch):
@@ -106,6 +110,14 @@ def test_rerun_reads_the_cache_and_a_child_run_reports_rss(bench, result, tiny_l
     again = bench.run_grid(tiny_grid(bench, root, squad, tiny_lm, tiny_encoder,
                                      [(tiny_lm, "squad", "gpt", "lora")]))
     assert again["rows"][0]["tuned"] == res["rows"][0]["tuned"]
+    # a fresh clone: the measured JSON without the cache (stores, RETRO-fits): rows are read, nothing is rebuilt
+    monkeypatch.setattr(bench, "store_for", lambda *a: pytest.fail("a store was built for a measured row"))
+    monkeypatch.setattr(bench, "retro_checkpoint", lambda *a: pytest.fail("RETRO-fit for a measured row"))
+    fresh = replace(tiny_grid(bench, root, squad, tiny_lm, tiny_encoder,
+                              [(tiny_lm, "squad", a, "lora") for a in ("gpt", "retro")]), cache=str(root / "clone"))
+    again = bench.run_grid(fresh)
+    same = [r["tuned"] for r in res["rows"] if r["method"] == "lora"]
+    assert json.dumps([r["tuned"] for r in again["rows"]]) == json.dumps(same)  # as JSON: a NaN loss equals itself
     monkeypatch.undo()
     monkeypatch.setattr(bench, "SMOL", tiny_lm)
     # one row in its own process: the peak RSS of that process
