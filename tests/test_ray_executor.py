@@ -1,9 +1,8 @@
 """`--executor ray` on a real local Ray cluster: same chunks, keys and search results as a local build.
 
-The module fixture starts its own head with ``ray start --head --block`` in a new session, bound to
-127.0.0.1 only (every port picked free on loopback, no dashboard, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
-with HOME and Ray's temp dir in a throw-away folder and a fresh auth token. Teardown kills that process
-group (and any worker left in its session) by id, never by name, and checks that nothing is left.
+The module fixture starts its own head (benchmarks/ray_local.py: ``ray start --head --block`` in a new session,
+bound to 127.0.0.1 only, a throw-away HOME and temp dir, a fresh auth token); teardown kills that process group
+(and any worker left in its session) by id, never by name, and fails if anything is left.
 
 The Ray build runs the ``ralm build`` CLI in a driver subprocess (so this pytest process never imports
 Ray), with the token in RAY_AUTH_TOKEN and RAY_AUTH_MODE left unset: the executor must set it itself.
@@ -13,23 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from bench_module import load_benchmark
 from conftest import write_corpus
 from ralm.errors import RalmError
 
@@ -37,142 +29,17 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                 reason="ray is not installed (pip install 'ralm[ray]'); "
                                        "the Ray executor test needs it to start a local cluster")
 
-LOOPBACK = "127.0.0.1"
-START_TIMEOUT_S = 90
+ray_local = load_benchmark("ray_local.py", "ray_local")  # the loopback cluster, shared with benchmarks/serve.py
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "domain", "position", "char_start", "text", "tokens", "continuation"]
-
-
-@dataclass
-class RayCluster:
-    address: str
-    token: str
-    proc: subprocess.Popen
-    root: Path
-    log: Path
-
-    def client_env(self, home: Path) -> dict[str, str]:
-        """Environment of a driver: own HOME (the token travels in RAY_AUTH_TOKEN), loopback only."""
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
-        home.mkdir(parents=True, exist_ok=True)
-        env.update(HOME=str(home), RAY_AUTH_TOKEN=self.token, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                   RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(self.root / "tmp"))
-        return env
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct ports free on 127.0.0.1 (all sockets held open until every port is picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((LOOPBACK, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((LOOPBACK, port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def _session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``: the head's group plus workers in their own groups."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def _kill(pid: int, sig: int, group: bool = False) -> None:
-    try:
-        os.killpg(pid, sig) if group else os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _stop(proc: subprocess.Popen) -> list[int]:
-    """Stop the head's process group by id (SIGTERM, wait, SIGKILL), then any straggler of its session."""
-    sid = proc.pid  # start_new_session=True: pid == pgid == sid
-    _kill(sid, signal.SIGTERM, group=True)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + 10
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    _kill(sid, signal.SIGKILL, group=True)
-    for pid in _session_pids(sid):  # workers run in their own process groups inside the session
-        _kill(pid, signal.SIGKILL)
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while _session_pids(sid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _session_pids(sid)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    root = Path(tempfile.mkdtemp(prefix="ralm-ray-", dir="/tmp"))  # short: Ray's unix socket paths are limited
-    for sub in ("home", "tmp", "ray"):
-        (root / sub).mkdir()
-    (gcs, node_manager, object_manager, client_server, agent, agent_grpc, runtime_env, metrics,
-     autoscaler_metrics, dashboard_metrics) = _free_ports(10)
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(HOME=str(root / "home"), TMPDIR=str(root / "tmp"), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM: stop at once instead of draining 30 s
-               # head-only metrics servers default to fixed ports 44217 / 44227 (on loopback, as the node IP is)
-               AUTOSCALER_METRIC_PORT=str(autoscaler_metrics), DASHBOARD_METRIC_PORT=str(dashboard_metrics),
-               # what the workers (children of the head, with its environment) need for the tiny models
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RALM_CACHE_DIR=str(root / "ralm-cache"))
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [str(ray_bin) if ray_bin.exists() else sys.executable, *([] if ray_bin.exists() else
-                                                                     ["-m", "ray.scripts.scripts"]),
-           "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={gcs}",
-           f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-           f"--ray-client-server-port={client_server}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-           f"--metrics-export-port={metrics}", "--include-dashboard=false", "--num-cpus=2",
-           f"--object-store-memory={200 * 1024 * 1024}", f"--temp-dir={root / 'ray'}", "--disable-usage-stats"]
-    log = root / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=root)
-    cluster = RayCluster(f"{LOOPBACK}:{gcs}", token, proc, root, log)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`ray start` exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if "Ray runtime started" in log.read_text() and _accepts(gcs) and _accepts(node_manager):
-                break
-            if time.monotonic() > deadline:
-                pytest.fail(f"Ray head not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield cluster
-    finally:
-        left = _stop(proc)
-        shutil.rmtree(root, ignore_errors=True)
-        assert not left, f"Ray processes still running after teardown: {left}"
+        with ray_local.local_cluster(num_cpus=2) as cluster:
+            yield cluster
+    except ray_local.ClusterError as e:
+        pytest.fail(str(e))
 
 
 # The driver: the `ralm build` CLI, with the shard step wrapped so each task also records the pid that ran it.
@@ -262,14 +129,14 @@ def test_ray_build_equals_local_build(ray_cluster, tmp_path, build_config, build
 
     # the executor's close() only disconnected the driver: the cluster is still up
     assert ray_cluster.proc.poll() is None
-    assert _accepts(int(ray_cluster.address.rsplit(":", 1)[1]))
+    assert ray_local.accepts(int(ray_cluster.address.rsplit(":", 1)[1]))
 
 
 def test_ray_cluster_only_on_loopback(ray_cluster):
     import psutil
 
     loopback = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
-    for pid in _session_pids(ray_cluster.proc.pid):
+    for pid in ray_local.session_pids(ray_cluster.proc.pid):
         try:
             conns = psutil.Process(pid).net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.ZombieProcess):
