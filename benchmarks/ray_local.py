@@ -176,3 +176,17 @@ def local_cluster(num_cpus: int = 2, object_store_mb: int = 200) -> Iterator[Ray
         shutil.rmtree(cluster.root, ignore_errors=True)
         if left:
             raise ClusterError(f"Ray processes still running after teardown: {left}")
+
+
+def actor_pids(cluster: RayCluster, actor_class: str) -> list[int]:
+    """Pids of the cluster's worker processes running an actor of ``actor_class`` (Ray titles them
+    ``ray::<Class>...``): found through the head's own session, so only this cluster's processes."""
+    out = []
+    for pid in session_pids(cluster.proc.pid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if cmd.startswith(f"ray::{actor_class}"):
+            out.append(pid)
+    return sorted(out)

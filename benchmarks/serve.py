@@ -1,6 +1,6 @@
 """Retrieval service benchmark (issue 16), loopback only, bounded in count and time.
 
-On one real store (MiniLM keys of real text, built once and cached; ``--store`` to use another):
+On real stores (MiniLM keys of wiki_en articles, built once and cached; ``--store`` for the load part's):
 
 - ``ralm serve`` started as a subprocess on a free 127.0.0.1 port (stopped by SIGTERM to its own pid), once with
   micro-batching (``--max-batch 64 --max-wait-ms 5``) and once without (``--max-batch 1 --max-wait-ms 0``);
@@ -9,6 +9,10 @@ On one real store (MiniLM keys of real text, built once and cached; ``--store`` 
   clients >= 3x the throughput without.
 - batch 64: one client sending 64-question requests vs ``Datastore.search_rows`` on the same 64 questions in
   this process, alternated, same run. Target: the service >= 0.8x in-process.
+
+With ``--parts`` (default all): ``load`` is the two items above; ``ray`` (4 shards on a local Ray cluster vs one
+store), ``disk`` (an over-budget store served from memory-mapped files) and ``faults`` (a shard actor killed,
+the service restarted, under load) are benchmarks/serve_scale.py's, on the default wiki_en stores.
 
 Queries are SQuAD dev questions (texts: the service encodes them, as a method's requests make it). Prints one
 JSON object; ratios are measured in the same run, as the machine is shared.
@@ -19,134 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-
-
-def log(msg: str) -> None:
-    print(f"[serve-bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def questions(n: int) -> list[str]:
-    squad = json.loads((DATA / "squad_dev_v1.1.json").read_text())
-    qs = [q["question"] for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
-    return qs[:n]
-
-
-def build_store(cache: Path, docs: int) -> Path:
-    """A MiniLM store over the first ``docs`` wiki_en articles (64-token chunks), built once."""
-    out = cache / f"wiki-{docs}"
-    if (out / "manifest.json").exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    corpus = cache / f"wiki-{docs}.jsonl"
-    with open(DATA / "wiki_en.jsonl") as src, open(corpus, "w") as dst:
-        for i, line in enumerate(src):
-            if i >= docs:
-                break
-            dst.write(line)
-    log(f"building {out} from {docs} wiki_en articles")
-    subprocess.run([sys.executable, "-m", "ralm.cli", "build", str(corpus), "--out", str(out), "--encoder",
-                    "minilm", "--chunk-tokens", "64", "--quiet"], check=True)
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``ralm serve STORE`` on a free loopback port, with extra flags; stopped by SIGTERM to its own pid."""
-
-    def __init__(self, store: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [sys.executable, "-m", "ralm.cli", "serve", str(store), "--host", "127.0.0.1", "--port",
-                    str(self.port), *flags]
-
-    def __enter__(self) -> Server:
-        import httpx
-
-        self.proc = subprocess.Popen(self.cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise SystemExit(f"ralm serve did not start: {' '.join(self.cmd)}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def load(url: str, qs: list[str], clients: int, seconds: float, max_requests: int, k: int,
-         batch: int = 1) -> dict:
-    """``clients`` threads, each sending ``batch``-question requests back to back until the time or the request
-    budget is spent: requests/s, questions/s, p50/p99 latency (ms), errors."""
-    import httpx
-
-    lat: list[float] = []
-    errors = [0]
-    sent = [0]
-    lock = threading.Lock()
-    stop = time.monotonic() + seconds
-
-    def client(c: int) -> None:
-        with httpx.Client(timeout=60) as http:
-            i = c
-            while time.monotonic() < stop:
-                with lock:
-                    if sent[0] >= max_requests:
-                        return
-                    sent[0] += 1
-                body = {"queries": [qs[(i + j) % len(qs)] for j in range(batch)], "k": k}
-                i += clients
-                t0 = time.perf_counter()
-                try:
-                    r = http.post(url + "/search", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                dt = time.perf_counter() - t0
-                with lock:
-                    lat.append(dt) if ok else None
-                    errors[0] += 0 if ok else 1
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    ms = np.array(lat) * 1000 if lat else np.array([np.nan])
-    return {"clients": clients, "batch": batch, "requests": len(lat), "errors": errors[0],
-            "seconds": round(wall, 2), "requests_per_second": round(len(lat) / wall, 1),
-            "questions_per_second": round(len(lat) * batch / wall, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ray_local  # noqa: E402  (sibling: the loopback Ray cluster)
+import serve_scale  # noqa: E402  (sibling: the Ray, larger-than-memory and fault parts)
+from serve_load import HERE, Server, build_store, load, log, questions  # noqa: E402  (sibling: the plumbing)
 
 
 def in_process(ds: Any, qs: list[str], seconds: float, k: int, batch: int) -> dict:
@@ -159,25 +46,12 @@ def in_process(ds: Any, qs: list[str], seconds: float, k: int, batch: int) -> di
     return {"batch": batch, "requests": n, "questions_per_second": round(n * batch / wall, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--store", type=Path, help="a finished store to serve (default: a wiki_en store, built once)")
-    ap.add_argument("--docs", type=int, default=300, help="wiki_en articles in the default store")
-    ap.add_argument("--clients", default="1,8,32", help="comma-separated concurrent client counts")
-    ap.add_argument("--seconds", type=float, default=10.0, help="load per client count and server setting")
-    ap.add_argument("--max-requests", type=int, default=2000, help="most requests per load (the bound)")
-    ap.add_argument("--questions", type=int, default=2000, help="SQuAD dev questions to cycle through")
-    ap.add_argument("-k", type=int, default=10, help="neighbours per question")
-    ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache" / "serve", help="where the store is built")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    store = args.store or build_store(args.cache_dir, args.docs)
-    qs = questions(args.questions)
+def load_part(store: Path, qs: list[str], args: argparse.Namespace) -> dict:
+    """Micro-batching at 1/8/32 clients, and batch 64 over HTTP vs in-process."""
     counts = [int(c) for c in args.clients.split(",")]
     settings = {"batched": ("--max-batch", "64", "--max-wait-ms", "5"), "unbatched": ("--max-batch", "1",
                                                                                       "--max-wait-ms", "0")}
-    out: dict = {"store": str(store), "k": args.k, "questions": len(qs), "load": {}}
+    out: dict = {"load": {}}
     for name, flags in settings.items():
         with Server(store, *flags) as srv:
             load(srv.url, qs, 1, 1.0, 20, args.k)  # warm-up: the first requests pay for lazy loads
@@ -206,6 +80,52 @@ def main(argv: list[str] | None = None) -> None:
     u = next(r for r in out["load"]["unbatched"] if r["clients"] == top)["requests_per_second"]
     out["micro_batching"] = {"clients": top, "batched_over_unbatched": round(b / max(u, 1e-9), 2),
                              "target": ">= 3"}
+    return out
+
+
+PARTS = ("load", "ray", "disk", "faults")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--store", type=Path, help="a finished store for the load part (default: the wiki_en store, "
+                    "built once)")
+    ap.add_argument("--docs", type=int, default=300, help="wiki_en articles in the stores built here")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
+    ap.add_argument("--clients", default="1,8,32", help="comma-separated concurrent client counts")
+    ap.add_argument("--seconds", type=float, default=10.0, help="load per client count and server setting")
+    ap.add_argument("--fault-seconds", type=float, default=90.0, help="most seconds of load around each fault "
+                    "(a restarted service must come back within it)")
+    ap.add_argument("--settle-s", type=float, default=5.0, help="load kept on after a fault was dealt with")
+    ap.add_argument("--max-requests", type=int, default=2000, help="most requests per load (the bound)")
+    ap.add_argument("--questions", type=int, default=2000, help="SQuAD dev questions to cycle through")
+    ap.add_argument("-k", type=int, default=10, help="neighbours per question")
+    ap.add_argument("--cache-dir", type=Path, default=HERE / ".cache" / "serve", help="where the stores are built")
+    args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    if bad := sorted(set(parts) - set(PARTS)):
+        ap.error(f"--parts {bad[0]!r}: choose from {', '.join(PARTS)}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    qs = questions(args.questions)
+    one = build_store(args.cache_dir, args.docs) if set(parts) - {"load"} or not args.store else None
+    out: dict = {"k": args.k, "questions": len(qs), "docs": args.docs}
+    if "load" in parts:
+        out["store"] = str(args.store or one)
+        out.update(load_part(args.store or one, qs, args))
+    if {"ray", "faults"} & set(parts):
+        shards = build_store(args.cache_dir, args.docs, f"wiki-{args.docs}-4-shards", "--shards", "4")
+    if "disk" in parts:
+        f = serve_scale.files_mb(one)
+        budget = f"{max(0.25, (f['index_mb'] + f['keys_mb']) / 4):.2f}MB"  # a quarter of what Flat holds
+        on_disk = build_store(args.cache_dir, args.docs, f"wiki-{args.docs}-on-disk", "--memory-budget", budget)
+        out["disk"] = serve_scale.disk_part(one, on_disk, qs, args)
+    if {"ray", "faults"} & set(parts):
+        with ray_local.local_cluster(num_cpus=2) as cluster:  # 127.0.0.1, stopped by its pid
+            if "ray" in parts:
+                out["ray"] = serve_scale.ray_part(one, shards, qs, args, cluster)
+            if "faults" in parts:
+                out["faults"] = serve_scale.faults_part(one, shards, qs, args, cluster)
     print(json.dumps(out, indent=2))
 
 

@@ -21,8 +21,8 @@ def test_serve_bench_on_the_tiny_store(setup, capsys, monkeypatch):  # noqa: F81
     real = bench.Server.__enter__
     monkeypatch.setattr(bench.Server, "__enter__", lambda self: started.append(self) or real(self))
     base, _ = setup
-    bench.main(["--store", str(base / "ds"), "--clients", "1,3", "--seconds", "0.5", "--max-requests", "30",
-                "-k", "3"])
+    bench.main(["--store", str(base / "ds"), "--parts", "load", "--clients", "1,3", "--seconds", "0.5",
+                "--max-requests", "30", "-k", "3"])
     out = json.loads(capsys.readouterr().out)
     for name in ("batched", "unbatched"):
         assert [r["clients"] for r in out["load"][name]] == [1, 3]

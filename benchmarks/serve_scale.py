@@ -1,0 +1,172 @@
+"""The retrieval service's scale-out figures (issue 16), run by benchmarks/serve.py; loopback only.
+
+- ``ray``: a store set of 4 shards of one corpus (``ralm build --shards 4``), its shards held by actors on a
+  local Ray cluster (benchmarks/ray_local.py: 127.0.0.1, stopped by pid), served by ``ralm serve --ray-address``,
+  vs ``ralm serve`` of one store built over the same corpus: the same top-10 (chunk texts and scores) for the
+  same questions, and the throughput ratio (alternated rounds, same load).
+- ``disk``: the same corpus built with ``--memory-budget`` below its index + keys, so ``--index auto`` keeps the
+  IVF-PQ lists and the fp16 keys on disk (memory-mapped, exact re-rank): the server's peak RSS under load vs the
+  files' size, next to serving the in-RAM Flat store; recall@10 vs exact search over the same keys.
+- ``faults``: under load (8 clients), one of two replicas of a shard killed (by pid); and the service restarted
+  (SIGTERM, a new ``ralm serve`` on the same port): requests answered, errors returned (HTTP), requests lost
+  (sent, no HTTP answer), dropped (a keep-alive connection the stopping server closed as the request went
+  out), connections refused while nothing listened (clients retry every 0.2 s), and the time to recover (from
+  the fault to the end of the last request that failed).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import ray_local  # sibling: the loopback Ray cluster
+from ralm.datastore.store_set import read_store_set
+from serve_load import Server, load, log, search
+
+BATCHED = ("--max-batch", "64", "--max-wait-ms", "5")
+
+
+def _top10_agree(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-4) -> dict[str, Any]:
+    """Per query: the same scores (to ``tol``) and the same chunk texts, order aside (ties may swap)."""
+    same, diffs = 0, []
+    for ta, tb, sa, sb in zip(a["texts"], b["texts"], a["scores"], b["scores"], strict=True):
+        d = float(np.max(np.abs(np.sort(sa) - np.sort(sb))))
+        diffs.append(d)
+        same += int(d <= tol and sorted(ta) == sorted(tb))
+    return {"queries": len(diffs), "same_top10": same, "max_score_diff": round(max(diffs), 6)}
+
+
+def _rounds(servers: dict[str, Server], qs: list[str], args: Any, rounds: int = 2) -> dict[str, Any]:
+    """Each server in turn under the same load, ``rounds`` times (a load change hits both)."""
+    out: dict[str, list] = {n: [] for n in servers}
+    for _ in range(rounds):
+        for name, srv in servers.items():
+            r = load(srv.url, qs, 8, args.seconds, args.max_requests, args.k)
+            log(f"{name}: {r['requests_per_second']} req/s at 8 clients, p99 {r['p99_ms']} ms, {r['errors']} errors")
+            out[name].append(r)
+    return out
+
+
+def _driver_env(cluster: ray_local.RayCluster, args: Any) -> dict[str, str]:
+    """The service's environment as a Ray driver of ``cluster`` (its token), with the user's HOME (models)."""
+    return {**cluster.client_env(args.cache_dir / "ray-driver"), "HOME": str(Path.home())}
+
+
+def ray_part(one: Path, shards: Path, qs: list[str], args: Any, cluster: ray_local.RayCluster) -> dict[str, Any]:
+    env = _driver_env(cluster, args)
+    with Server(one, *BATCHED) as local, \
+            Server(shards, *BATCHED, "--ray-address", cluster.address, "--replicas", "1", env=env) as on_ray:
+        agree = _top10_agree(search(local.url, qs[:100], args.k), search(on_ray.url, qs[:100], args.k))
+        log(f"ray: {agree['same_top10']}/{agree['queries']} queries with the same top-{args.k}")
+        runs = _rounds({"one_store": local, "ray_shards": on_ray}, qs, args)
+    ratios = [b["requests_per_second"] / max(a["requests_per_second"], 1e-9)
+              for a, b in zip(runs["one_store"], runs["ray_shards"], strict=True)]
+    return {"shards": len(read_store_set(shards)[1]), "replicas": 1, "clients": 8, **agree, "runs": runs,
+            "ray_over_one_store": round(float(np.median(ratios)), 3), "ratios": [round(r, 3) for r in ratios]}
+
+
+def files_mb(store: Path) -> dict[str, float]:
+    def mb(paths: list[Path]) -> float:
+        return round(sum(p.stat().st_size for p in paths) / 2**20, 2)
+
+    return {"index_mb": mb([p for p in (store / "index").rglob("*") if p.is_file()]),
+            "keys_mb": mb(sorted((store / "keys").glob("*.npy")))}
+
+
+def disk_part(flat: Path, on_disk: Path, qs: list[str], args: Any) -> dict[str, Any]:
+    from ralm.datastore.keys import exact_search, tie_recall
+    from ralm.datastore.store import Datastore
+
+    out: dict[str, Any] = {}
+    for name, store in (("flat_in_ram", flat), ("on_disk", on_disk)):
+        with Server(store, *BATCHED) as srv:
+            load(srv.url, qs, 1, 1.0, 20, args.k)  # warm: the index is loaded
+            before = srv.memory()
+            r = load(srv.url, qs, 8, args.seconds, args.max_requests, args.k)
+            after = srv.memory()
+            ds = Datastore.open(store)
+            meta = ds.manifest["index"]["meta"]
+            out[name] = {"index": meta["factory"], "chunks": len(ds), **files_mb(store), "rss_mb_after_warmup":
+                         before["VmRSS"], "peak_rss_mb": after["VmHWM"], "rss_anon_mb": after["RssAnon"],
+                         "rss_file_mb": after["RssFile"], "requests_per_second": r["requests_per_second"],
+                         "p99_ms": r["p99_ms"], "errors": r["errors"]}
+            if name == "on_disk":
+                import httpx
+
+                xq = ds.encode(qs[:200])
+                res = httpx.post(srv.url + "/search", json={"vectors": xq.tolist(), "k": 10}, timeout=120).json()
+                keys = ds._keys()  # noqa: SLF001 (the store's own fp16 keys: the ground truth)
+                D, I = exact_search(keys, xq, 10, metric=ds.metric)  # noqa: E741
+                out["recall_at_10_vs_exact"] = round(tie_recall(keys, xq, np.array(res["ids"]), D, I, ds.metric), 4)
+                out["budget"] = ds.manifest["index"]["meta"].get("memory_budget_bytes")
+        log(f"disk {name}: {out[name]}")
+    f, d = out["flat_in_ram"], out["on_disk"]
+    out["on_disk_files_mb"] = round(d["index_mb"] + d["keys_mb"], 2)
+    out["peak_rss_on_disk_minus_flat_mb"] = round(d["peak_rss_mb"] - f["peak_rss_mb"], 1)
+    return out
+
+
+def _outcomes(timeline: list, fault_at: float) -> dict[str, Any]:
+    after = [t for t in timeline if t[1] >= fault_at]
+    failed = [t for t in timeline if t[2] != "ok"]
+    return {"requests": len(timeline), "answered": sum(t[2] == "ok" for t in timeline),
+            "errors_returned": sum(t[2] not in ("ok", "lost", "dropped", "refused") for t in timeline),
+            **{k: sum(t[2] == k for t in timeline) for k in ("lost", "dropped", "refused")},
+            "statuses": sorted({str(t[2]) for t in failed}),
+            "recover_s": round(max((t[1] for t in failed), default=fault_at) - fault_at, 3),
+            "answered_after_fault": sum(t[2] == "ok" for t in after)}
+
+
+def _under_load(url: str, qs: list[str], args: Any, fault, at_s: float) -> dict[str, Any]:
+    """8 clients; ``fault()`` runs ``at_s`` seconds in, and the load goes on ``args.settle_s`` after it returns
+    (at most ``args.fault_seconds`` in all; every request counts toward the bound): each request's outcome."""
+    timeline: list = []
+    done = threading.Event()
+    t = threading.Thread(target=load, args=(url, qs, 8, args.fault_seconds, 4 * args.max_requests, args.k),
+                         kwargs={"timeline": timeline, "request_timeout_s": 30, "stop_event": done})
+    t.start()
+    time.sleep(at_s)
+    fault_at = time.monotonic()
+    extra = fault() or {}
+    time.sleep(args.settle_s)
+    done.set()
+    t.join()
+    return {**_outcomes(timeline, fault_at), **extra, "fault_at_s": at_s, "settle_s": args.settle_s}
+
+
+def faults_part(one: Path, shards: Path, qs: list[str], args: Any, cluster: ray_local.RayCluster) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    before = set(ray_local.actor_pids(cluster, "ShardActor"))  # actors of earlier parts, not this service's
+    with Server(shards, *BATCHED, "--ray-address", cluster.address, "--replicas", "2", "--timeout-s", "10",
+                env=_driver_env(cluster, args)) as srv:
+        load(srv.url, qs, 1, 1.0, 20, args.k)
+        pids = sorted(set(ray_local.actor_pids(cluster, "ShardActor")) - before)
+
+        def kill() -> dict[str, Any]:
+            os.kill(pids[0], signal.SIGKILL)  # one replica of one shard, by its pid
+            return {"actors": len(pids), "killed_pid": pids[0]}
+
+        out["actor_killed"] = {"replicas": 2, **_under_load(srv.url, qs, args, kill, 2.0)}
+        log(f"faults, actor killed: {out['actor_killed']}")
+    servers = [Server(one, *BATCHED).__enter__()]  # the live one last
+
+    def restart() -> dict[str, Any]:
+        servers[-1].__exit__()  # SIGTERM: in-flight requests drain, then it exits
+        t0 = time.monotonic()
+        servers.append(Server(one, *BATCHED, port=servers[-1].port).__enter__())  # the same port, as a supervisor
+        return {"restart_s": round(time.monotonic() - t0, 2)}
+
+    try:
+        load(servers[0].url, qs, 1, 1.0, 20, args.k)
+        out["service_restarted"] = _under_load(servers[0].url, qs, args, restart, 2.0)
+        log(f"faults, service restarted: {out['service_restarted']}")
+    finally:
+        for srv in servers:
+            srv.__exit__()
+    return out
