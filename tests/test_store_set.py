@@ -85,6 +85,28 @@ def test_dedup_drops_identical_chunks_across_shards(stores):
     assert texts[0] == texts[1] and len(set(texts)) == 3  # without dedup each chunk comes twice
 
 
+def test_a_shard_built_with_dedup_keeps_its_row_numbers(stores, tmp_path, build_config):
+    """A --dedup store indexes only some of its chunks, under their own row numbers: the set offsets the next
+    shard's rows by the chunk count (not the indexed count), and its length is what a search can return."""
+    root, _, b, _, _ = stores
+    text = (root / "a.jsonl").read_text()
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text(text + text.replace('"id": "a', '"id": "c'))  # every document twice, under other ids
+    build(build_config([dup], tmp_path / "D", dedup=True), progress=False)
+    d, sb = Datastore.open(tmp_path / "D"), Datastore.open(b)
+    assert len(d) < d.manifest["counts"]["chunks"]
+    one = StoreSet.open(create_store_set(tmp_path / "one", [tmp_path / "D"], dedup=False).parent)
+    q = [d.chunk(r)["text"] for r in (0, d.manifest["counts"]["chunks"] - 1)] + ["music river"]
+    D0, I0 = d.search_rows(q, 6)  # noqa: E741
+    D1, I1 = one.search_rows(q, 6)  # noqa: E741
+    np.testing.assert_array_equal(I1, I0)
+    ss = StoreSet.open(create_store_set(tmp_path / "two", [tmp_path / "D", b], dedup=False).parent)
+    assert len(ss) == len(d) + len(sb) and ss.offsets[1] == d.manifest["counts"]["chunks"]
+    q = [sb.chunk(len(sb) - 1)["text"], d.chunk(d.manifest["counts"]["chunks"] - 1)["text"]]
+    _, I = ss.search_rows(q, 3)  # noqa: E741
+    assert ss.chunk(int(I[0, 0])) == sb.chunk(len(sb) - 1) and ss.chunk(int(I[1, 0]))["text"] == q[1]
+
+
 def test_restrict_searches_only_the_given_rows(stores):
     root, a, b, _, _ = stores
     ss = StoreSet.open(create_store_set(root / "sub", [a, b], dedup=False).parent)

@@ -115,9 +115,12 @@ class StoreSet:
         self.root, self.shards, self.dedup = Path(root), list(shards), dedup
         _check_agree([str(s.root) for s in self.shards], [s.manifest for s in self.shards],
                      [s.metric for s in self.shards])
-        self.sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
+        # a shard's rows are its chunks' (a --dedup store indexes only some, under their row numbers): the set's
+        # rows are offset by the shards' chunk counts, its length (what a search can return) sums the indexed ones
+        self.sizes = np.array([int(s.manifest["counts"]["chunks"]) for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.manifest = _set_manifest([s.manifest for s in self.shards], int(self.offsets[-1]),
+        self.indexed = int(sum(len(s) for s in self.shards))
+        self.manifest = _set_manifest([s.manifest for s in self.shards], self.indexed,
                                       [str(s.root) for s in self.shards])
         self.manifest_sha256 = set_sha256 or hashlib.sha256(
             "".join(store_sha256(s) for s in self.shards).encode()).hexdigest()
@@ -155,7 +158,7 @@ class StoreSet:
         return self.shards[0].metric
 
     def __len__(self) -> int:
-        return int(self.offsets[-1]) if self.allowed is None else len(self.allowed)
+        return self.indexed if self.allowed is None else len(self.allowed)
 
     def info(self) -> dict[str, Any]:
         return {"path": str(self.root), "chunks": len(self), "shards": len(self.shards), "dedup": self.dedup,
