@@ -73,7 +73,8 @@ def build(
         s = summary
         sk = s["skipped"]
         typer.echo(
-            f"{out}: {s['documents']:,} documents, {s['chunks']:,} chunks ({s['indexed_chunks']:,} indexed), "
+            f"{out}: " + (f"a store set of {s['shards']} shards, " if s.get("shards") else "") +
+            f"{s['documents']:,} documents, {s['chunks']:,} chunks ({s['indexed_chunks']:,} indexed), "
             f"{s['tokens']:,} tokens; skipped {sk['blank']} blank, {sk['too_large']} too large, "
             f"{sk['invalid_utf8_skipped']} invalid UTF-8 ({sk['invalid_utf8']} seen), "
             f"{sk['near_duplicate_documents']} near-duplicate docs, {sk['duplicate_chunks']} duplicate chunks; "

@@ -23,6 +23,7 @@ from ralm.data.corpus import CorpusConfig, ReadStats, iter_documents, list_input
 from ralm.data.document import Document
 from ralm.datastore import layout
 from ralm.datastore.bm25 import build_bm25
+from ralm.datastore.build_shards import build_sharded, holds_sharded_build, select_shard
 from ralm.datastore.chunking import ChunkingConfig
 from ralm.datastore.dedup import exact_duplicate_mask, near_duplicate_ordinals
 from ralm.datastore.encoders import EncoderConfig, load_encoder
@@ -32,7 +33,7 @@ from ralm.datastore.keys import KeyParts
 from ralm.datastore.manifest import seal
 from ralm.datastore.shard import ShardTask, process_shard
 from ralm.datastore.store import read_manifest
-from ralm.errors import RalmError
+from ralm.errors import RalmError, refuse_below
 from ralm.lm.presets import DEFAULT_LM, load_tokenizer, tokenizer_fingerprint
 from ralm.utils.atomic import sha256_file, write_json
 from ralm.utils.outdir import OutDir, open_out, remove_owned
@@ -49,6 +50,10 @@ class BuildConfig:
     tokenizer: str = field(default=DEFAULT_LM, metadata={"help": "tokenizer of the LM the store serves (preset, "
                                                                  "folder, GGUF, hub id)"})
     shard_docs: int = field(default=1000, metadata={"help": "documents per shard (memory is bounded by a shard)"})
+    shards: int = field(default=1, metadata={"help": "split the corpus's documents into N stores (OUT/shard-00000 "
+                                                     "...) written as one store set in OUT (1: one store)"})
+    # set by a --shards build for each of its stores: (this shard, of how many); see datastore/build_shards.py
+    shard_of: tuple[int, int] | None = field(default=None, metadata={"cli": False})
     dedup: bool = field(default=False, metadata={"help": "drop exact-duplicate chunks from the index"})
     near_dup: bool = field(default=False, metadata={"help": "drop near-duplicate documents (13-gram Jaccard >= 0.8)"})
     executor: str = field(default="local", metadata={"help": "'local' or 'ray'"})
@@ -57,8 +62,10 @@ class BuildConfig:
     add: bool = field(default=False, metadata={"help": "append these inputs to an existing store"})
 
     def __post_init__(self) -> None:
-        if self.shard_docs < 1:
-            raise RalmError(f"--shard-docs {self.shard_docs}: must be >= 1")
+        refuse_below(self, ("shard_docs", "shards"))
+        if self.shards > 1 and self.add:
+            raise RalmError(f"--add with --shards {self.shards}: appending to a sharded store is not supported; "
+                            "build the new corpus as its own store and join them with `ralm storeset`")
         if self.force and self.add:
             raise RalmError("--force and --add contradict each other: choose one")
         if self.executor not in ("local", "ray"):
@@ -71,13 +78,17 @@ class BuildConfig:
         return {"tokenizer": self.tokenizer, "chunking": asdict(self.chunking), "corpus": asdict(self.corpus),
                 "encoder": {k: v for k, v in asdict(self.encoder).items() if k != "batch_size"},
                 "index": {k: v for k, v in asdict(self.index).items()}, "shard_docs": self.shard_docs,
-                "dedup": self.dedup, "near_dup": self.near_dup}
+                "dedup": self.dedup, "near_dup": self.near_dup,
+                **({"shard_of": list(self.shard_of)} if self.shard_of else {})}  # absent: one store, as before
 
 
 def _prepare(cfg: BuildConfig, out: OutDir, log: Callable[[str], None]) -> tuple[Path, dict | None, bool]:
     """What to do in the locked, checked output folder: (root, finished manifest for --add, already done)."""
     root = out.root
     manifest = None
+    if holds_sharded_build(root):
+        raise RalmError(f"--out {root}: holds a store set of a --shards build (shard-NNNNN folders); rerun "
+                        "that command to finish or reuse it, or use --force to rebuild it as one store")
     if (root / layout.MANIFEST).exists():
         manifest = read_manifest(root)
         if (root / layout.BUILD_DIR).exists() and _finished_build_leftover(root, manifest):
@@ -211,9 +222,15 @@ def _estimate_documents(inputs: list[str]) -> int | None:
     return total
 
 
-def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: bool = True) -> dict:
-    """Build (or resume, or append to) the store at ``cfg.out``; return the build summary."""
+def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: bool = True, *,
+          near_dups: set[int] | None = None) -> dict:
+    """Build (or resume, or append to) the store at ``cfg.out``; return the build summary.
+
+    ``cfg.shards`` > 1: ``cfg.out`` becomes a store set over that many stores (``datastore/build_shards.py``).
+    ``near_dups``: the inputs' near-duplicate ordinals, when the caller (a --shards build) found them already."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if cfg.shards > 1:
+        return build_sharded(cfg, build, log, progress)
     t0 = time.perf_counter()
     list_input_files(cfg.inputs)  # fail fast on a missing path, before touching the output folder
     # writable, locked against a second writer, and ralm's own: checked before any model is loaded
@@ -225,14 +242,15 @@ def build(cfg: BuildConfig, log: Callable[[str], None] | None = None, progress: 
         out.claim()
         fresh_state = not (root / layout.BUILD_DIR / "state.json").exists()
         try:
-            return _build(cfg, root, manifest, log, progress, t0)
+            return _build(cfg, root, manifest, log, progress, t0, near_dups)
         except RalmError as e:
             if fresh_state:
                 _discard_failed_start(out, manifest, e)
             raise
 
 
-def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: bool, t0: float) -> dict:
+def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: bool, t0: float,
+           near_dups: set[int] | None) -> dict:
     state = _resolve_state(cfg, root, manifest, log)
     base = state["base_part"]
     encoder_cfg = EncoderConfig(**state["encoder"]) if state["encoder"] else EncoderConfig(name="bm25")
@@ -245,15 +263,22 @@ def _build(cfg: BuildConfig, root: Path, manifest: dict | None, log, progress: b
         nd_path = root / layout.BUILD_DIR / "near_dup.json"
         if nd_path.exists():
             drop = set(json.loads(nd_path.read_text()))
+        elif near_dups is not None:
+            drop = near_dups
+            write_json(nd_path, sorted(drop))
         else:
             log("finding near-duplicate documents (13-gram MinHash)")
             drop = near_duplicate_ordinals(d.text for d in iter_documents(cfg.inputs, cfg.corpus, ReadStats()))
             write_json(nd_path, sorted(drop))
         near_dup_dropped = len(drop)
         docs = (d for i, d in enumerate(docs) if i not in drop)
+    total = _estimate_documents(cfg.inputs)
+    if cfg.shard_of:  # one store of a --shards build: its documents only
+        docs = select_shard(docs, cfg.shard_of)
+        total = -(-total // cfg.shard_of[1])
 
-    bar = tqdm(total=_estimate_documents(cfg.inputs), unit="doc", desc="build", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    desc = f"shard {cfg.shard_of[0] + 1}/{cfg.shard_of[1]}" if cfg.shard_of else "build"
+    bar = tqdm(total=total, unit="doc", desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
     records: dict[int, dict] = {}
 
     def tasks() -> Iterator[ShardTask]:

@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from ralm.core.retriever import Exclusions, check_k, per_query_exclusions, worst
+from ralm.datastore import layout
 from ralm.datastore.store import Datastore, store_sha256
 from ralm.errors import IncompatibleError, RalmError, StoreError
 from ralm.utils.atomic import sha256_file, write_json
 
-FILE = "storeset.json"
+FILE = layout.STORESET
 FORMAT, VERSION = "ralm-storeset", 1
 # what every shard must agree on for their rows to mean the same thing to a method
 _SAME = (("encoder", "fingerprint"), ("encoder", "dim"), ("tokenizer", "fingerprint"), ("chunking", "chunk_tokens"),
