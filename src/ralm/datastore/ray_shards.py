@@ -5,13 +5,15 @@ the node it lands on: a shared filesystem, as for ``--executor ray`` builds), lo
 ``search_rows`` and ``chunks`` for the driver. ``RayShard`` is the driver's handle: it answers what a store set
 asks of a shard (``ralm.datastore.store_set``), so a set over Ray shards searches exactly as over local ones.
 
-Every call waits at most ``timeout_s``. An actor that died is dropped and the call goes to the shard's next
-replica; with none left, or past the timeout, the call is one ``RalmError`` naming the shard — never a hang.
+Every call waits at most ``timeout_s`` in all. An actor that died, before the call or while it ran the call, is
+dropped and the call goes to the shard's next replica within what is left of the timeout; with no replica left,
+or past the timeout, the call is one ``RalmError`` naming the shard — never a hang.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,26 +69,35 @@ class RayShard:
         return view
 
     def _call(self, method: str, *args: Any) -> Any:
-        """``method(*args)`` on a live replica, round-robin; dead replicas dropped, the timeout enforced."""
+        """``method(*args)`` on a live replica, round-robin; a replica that dies (even mid-call) is dropped and the
+        call retried on the next, all within one ``timeout_s``."""
         exc = self.ray.exceptions
+        deadline = time.monotonic() + self.timeout_s
         while self.actors:
-            i = self._next % len(self.actors)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out()
+            actor = self.actors[self._next % len(self.actors)]
             self._next += 1
-            ref = getattr(self.actors[i], method).remote(*args)
+            ref = getattr(actor, method).remote(*args)
             try:
-                return self.ray.get(ref, timeout=self.timeout_s)
+                return self.ray.get(ref, timeout=left)
             except exc.GetTimeoutError:
                 self.ray.cancel(ref, force=False)
-                raise RalmError(f"shard {self.root}: no answer from its Ray actor within {self.timeout_s:g} s"
-                                ) from None
+                raise self._timed_out() from None
             except (exc.RayActorError, exc.ActorDiedError, exc.ActorUnavailableError):
-                self.actors.pop(i)  # dead: the next replica answers
+                # dead: the next replica answers. By identity, not position: views of this shard share the
+                # list, and another thread's call may have dropped a replica meanwhile
+                self.actors[:] = [a for a in self.actors if a is not actor]
             except exc.RayTaskError as e:  # the search itself failed inside the actor
                 cause = e.as_instanceof_cause()
                 if isinstance(cause, RalmError):
                     raise RalmError(str(cause)) from None
                 raise RalmError(f"shard {self.root}: {type(cause).__name__} in its Ray actor: {cause}") from None
         raise RalmError(f"shard {self.root}: every Ray actor holding it died; restart the service or reopen the set")
+
+    def _timed_out(self) -> RalmError:
+        return RalmError(f"shard {self.root}: no answer from its Ray actor within {self.timeout_s:g} s")
 
     def search_rows(self, queries: Any, k: int, exclude_doc_ids: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
         return self._call("search_rows", queries, k, exclude_doc_ids, self.allowed)
