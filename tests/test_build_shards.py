@@ -211,3 +211,32 @@ def test_a_killed_sharded_build_resumes(tmp_path, corpus, build_config, monkeypa
     assert s["documents"] == 30 and "already_complete" not in s
     assert any("shard-00000: already complete" in m for m in logs)
     assert len(open_store(out).shards) == 3
+
+
+def test_near_dup_and_bm25_apply_to_every_shard(tmp_path, build_config):
+    """--near-dup is decided once over the whole corpus (a near-duplicate is dropped whichever shard it would go
+    to) and the kept documents are dealt round-robin; a BM25 set searches through every shard."""
+    from ralm.datastore.dedup import jaccard
+    from ralm.datastore.encoders import EncoderConfig
+
+    src = write_corpus(tmp_path / "a.jsonl", n_docs=5, seed=4, words=300)
+    recs = [json.loads(x) for x in src.read_text().splitlines()]
+    near = " ".join(recs[0]["text"].split()[:-3] + ["zebra", "yak", "xylophone"])
+    assert jaccard(recs[0]["text"], near) >= 0.8
+    recs.insert(1, {"id": "near0", "text": near})  # ordinal 1: would be shard 1's first document
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    logs: list[str] = []
+    cfg = build_config([path], tmp_path / "ds", near_dup=True, shards=2, encoder=EncoderConfig(name="bm25"))
+    s = build(cfg, log=logs.append, progress=False)
+    assert s["documents"] == 5 and s["skipped"]["near_duplicate_documents"] == 1 and s["shard_documents"] == [3, 2]
+    assert sum("finding near-duplicate" in m for m in logs) == 1  # found once, before the shards, not per shard
+    held = [{r["doc_id"] for r in pq.read_table(f, columns=["doc_id"]).to_pylist()}
+            for p in layout.shard_paths(tmp_path / "ds") for f in sorted((p / "chunks").glob("*.parquet"))]
+    assert held == [{"d0", "d2", "d4"}, {"d1", "d3"}]
+    ss = open_store(tmp_path / "ds")
+    assert ss.sparse and {h.doc_id for h in ss.search([recs[4]["text"][:200]], k=3)[0]} >= {"d3"}
+    with pytest.raises(RalmError, match=r"--shards 6: more shards than documents .*only 5 documents after "
+                                        "dropping near-duplicates"):
+        build(build_config([path], tmp_path / "six", near_dup=True, shards=6), log=lambda m: None, progress=False)
+    assert not (tmp_path / "six").exists()

@@ -111,6 +111,8 @@ def build_sharded(cfg: Any, build_one: Callable[..., dict], log: Callable[[str],
         paths = [layout.shard_path(root, i) for i in range(n)]
         near_dups = None
         if not all(_finished(p) for p in paths):
+            if cfg.near_dup:
+                log("finding near-duplicate documents (13-gram MinHash), once for every shard")
             docs, near_dups = count_documents(cfg)
             if docs < n:
                 what = "an empty corpus" if docs == 0 else f"only {docs} document{'s' * (docs != 1)}"
