@@ -143,7 +143,7 @@ def load(url: str, qs: list[str], clients: int, seconds: float, max_requests: in
     """``clients`` threads, each sending ``batch``-question requests back to back until the time or the request
     budget is spent: requests/s, questions/s, p50/p99 latency (ms), errors. ``timeline`` collects
     (sent at, answered at, outcome) per request: 'ok', an HTTP status, 'refused' (no server listening),
-    'dropped' (the connection closed under the request) or 'lost' (sent, no HTTP answer). ``stop_event``:
+    'dropped' (the connection closed or reset under the request) or 'lost' (no HTTP answer in time). ``stop_event``:
     stop sooner, when it is set."""
     import httpx
 
@@ -171,10 +171,10 @@ def load(url: str, qs: list[str], clients: int, seconds: float, max_requests: in
                 except httpx.ConnectError:  # nothing listening: the request never left (a client retries)
                     outcome = "refused"
                     time.sleep(0.2)  # a refused connection returns at once: do not spin
-                except httpx.RemoteProtocolError:  # the server closed this keep-alive connection as the
-                    outcome = "dropped"  # request went out (a stopping server's race; clients retry these)
-                except httpx.HTTPError:  # sent, but no HTTP answer came back (reset, timed out)
+                except httpx.TimeoutException:  # sent, and no HTTP answer in time
                     outcome = "lost"
+                except httpx.TransportError:  # the connection closed or reset under the request: a stopping
+                    outcome = "dropped"  # server's race on an idle keep-alive connection; clients retry these
                 dt = time.perf_counter() - t0
                 with lock:
                     lat.append(dt) if outcome == "ok" else None

@@ -11,7 +11,8 @@
   (SIGTERM, a new ``ralm serve`` on the same port): requests answered, errors returned (HTTP), requests lost
   (sent, no HTTP answer), dropped (a keep-alive connection the stopping server closed as the request went
   out), connections refused while nothing listened (clients retry every 0.2 s), and the time to recover (from
-  the fault to the end of the last request that failed).
+  the fault to the end of the last request that failed); and meanwhile what a method's client (``RemoteStore``,
+  which retries calls that were not answered) saw: failed calls and its longest call.
 """
 
 from __future__ import annotations
@@ -130,14 +131,37 @@ def _under_load(url: str, qs: list[str], args: Any, fault, at_s: float) -> dict[
     done = threading.Event()
     t = threading.Thread(target=load, args=(url, qs, 8, args.fault_seconds, 4 * args.max_requests, args.k),
                          kwargs={"timeline": timeline, "request_timeout_s": 30, "stop_event": done})
+    method = threading.Thread(target=_method_client, args=(url, qs, args.k, done, seen := {}))
     t.start()
+    method.start()
     time.sleep(at_s)
     fault_at = time.monotonic()
     extra = fault() or {}
     time.sleep(args.settle_s)
     done.set()
     t.join()
-    return {**_outcomes(timeline, fault_at), **extra, "fault_at_s": at_s, "settle_s": args.settle_s}
+    method.join()
+    return {**_outcomes(timeline, fault_at), **extra, "fault_at_s": at_s, "settle_s": args.settle_s,
+            "method_client": seen}
+
+
+def _method_client(url: str, qs: list[str], k: int, done: threading.Event, seen: dict[str, Any]) -> None:
+    """What a method sees meanwhile: ``RemoteStore`` (the ``--datastore URL`` client, which retries calls that
+    could not have been answered) searching one question at a time until ``done``."""
+    from ralm.errors import RalmError
+    from ralm.serve.client import RemoteStore
+
+    remote, n, failed, longest = RemoteStore(url), 0, [], 0.0
+    while not done.is_set():
+        t0 = time.monotonic()
+        try:
+            remote.search_rows([qs[n % len(qs)]], k)
+        except RalmError as e:
+            failed.append(str(e)[:200])
+        longest = max(longest, time.monotonic() - t0)
+        n += 1
+    seen.update(calls=n, failed=len(failed), first_failure=failed[0] if failed else None,
+                longest_call_s=round(longest, 2))
 
 
 def faults_part(one: Path, shards: Path, qs: list[str], args: Any, cluster: ray_local.RayCluster) -> dict[str, Any]:

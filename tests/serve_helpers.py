@@ -21,8 +21,8 @@ def free_port() -> int:
 class ThreadServer:
     """uvicorn on 127.0.0.1 in a thread of the test, stopped through its own handle."""
 
-    def __init__(self, app) -> None:
-        self.port = free_port()
+    def __init__(self, app, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from ralm.cli import app as cli_app
 from ralm.core.retriever import RetrieverWrapper
 from ralm.datastore.store import Datastore
-from ralm.errors import RalmError
+from ralm.errors import RalmError, UnavailableError
 from ralm.serve.app import create_app
 from ralm.serve.client import TOKEN_ENV, RemoteStore, open_store
 from ralm.serve.config import ServeConfig
@@ -233,6 +233,27 @@ def test_unreachable_or_silent_service_is_one_line(monkeypatch):
             RemoteStore(url, timeout=0.3)
 
 
+def test_a_restarted_service_is_retried_and_a_gone_one_is_one_line(store):
+    _, _, ds = store
+    first = ThreadServer(create_app({"ds": ds}, ServeConfig()))
+    with first:
+        remote = RemoteStore(first.url, retry_s=30)
+        want = remote.search_rows(["river"], 3)
+    later = ThreadServer(create_app({"ds": ds}, ServeConfig()), port=first.port)  # the service restarted
+    timer = threading.Timer(1.0, later.__enter__)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        got = remote.search_rows(["river"], 3)  # refused until it is back, then answered
+        assert time.monotonic() - t0 >= 0.5 and all(np.array_equal(a, b) for a, b in zip(want, got, strict=True))
+    finally:
+        timer.join()
+        later.__exit__()
+    remote.retry_s = 0.5  # gone for good: one line once the retries are spent
+    with pytest.raises(RalmError, match=rf"{first.url}: cannot reach the retrieval service"):
+        remote.search_rows(["river"], 3)
+
+
 def test_url_naming_a_store(served, monkeypatch):
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     assert RemoteStore(served.url + "/ds").name == "ds"
@@ -280,6 +301,8 @@ class Misbehaving:
         mode, self.mode = self.mode, None
         if mode == "boom":
             raise ValueError("index exploded\nsecond line")
+        if mode in ("dead", "silent"):  # what a store set's Ray shard raises when its actors died / are silent
+            raise UnavailableError(f"shard s0: {mode}", 503 if mode == "dead" else 504)
         if mode == "slow":
             time.sleep(0.6)
         return self.ds.search_rows(*a, **kw)
@@ -294,15 +317,17 @@ def test_internal_error_and_timeout_are_json_and_the_server_goes_on(store):
         out = []
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-            for mode in ("boom", "slow", None):
+            for mode in ("boom", "slow", "dead", "silent", None):
                 bad.mode = mode
                 out.append(await client.post("/search", json={"queries": ["river"], "k": 2}))
                 await asyncio.sleep(0.5 if mode == "slow" else 0)  # the slow search ends before the next
         return out
 
-    boom, slow, fine = asyncio.run(run())
+    boom, slow, dead, silent, fine = asyncio.run(run())
     assert boom.status_code == 500 and boom.json() == {"error": "internal error: ValueError: index exploded"}
     assert slow.status_code == 504 and "--timeout-s" in slow.json()["error"]
+    assert (dead.status_code, dead.json()) == (503, {"error": "shard s0: dead"})  # not the client's fault: 5xx
+    assert (silent.status_code, silent.json()) == (504, {"error": "shard s0: silent"})
     assert fine.status_code == 200 and fine.json()["ids"] == ds.search_rows(["river"], 2)[1].tolist()
 
 

@@ -76,6 +76,8 @@ def test_ray_shards_serve_the_one_store_top_k_and_survive_faults(scale, stores, 
     restarted = f["service_restarted"]
     assert restarted["lost"] == 0 and restarted["errors_returned"] == 0  # SIGTERM drained what was in flight
     assert restarted["dropped"] <= 8  # at most the race on each client's idle keep-alive connection
+    for fault in (killed, restarted):  # a method's client retried through both: no failed call
+        assert fault["method_client"]["calls"] > 1 and fault["method_client"]["failed"] == 0
     assert restarted["answered_after_fault"] > 0 and 0 <= restarted["recover_s"] < 60.0
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from ralm.core.retriever import Exclusions
 from ralm.datastore.executors import connect_ray
 from ralm.datastore.store import Datastore, RestrictedViews, store_sha256
-from ralm.errors import RalmError
+from ralm.errors import RalmError, UnavailableError
 
 
 class ShardActor:
@@ -94,10 +94,11 @@ class RayShard:
                 if isinstance(cause, RalmError):
                     raise RalmError(str(cause)) from None
                 raise RalmError(f"shard {self.root}: {type(cause).__name__} in its Ray actor: {cause}") from None
-        raise RalmError(f"shard {self.root}: every Ray actor holding it died; restart the service or reopen the set")
+        raise UnavailableError(f"shard {self.root}: every Ray actor holding it died; restart the service or reopen "
+                               "the set")
 
-    def _timed_out(self) -> RalmError:
-        return RalmError(f"shard {self.root}: no answer from its Ray actor within {self.timeout_s:g} s")
+    def _timed_out(self) -> UnavailableError:
+        return UnavailableError(f"shard {self.root}: no answer from its Ray actor within {self.timeout_s:g} s", 504)
 
     def search_rows(self, queries: Any, k: int, exclude_doc_ids: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
         return self._call("search_rows", queries, k, exclude_doc_ids, self.allowed)

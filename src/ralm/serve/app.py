@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException
 from ralm.core.retriever import per_query_exclusions
 from ralm.datastore.store import Datastore, RestrictedViews, store_sha256
 from ralm.datastore.store_set import StoreSet, is_store_set
-from ralm.errors import RalmError
+from ralm.errors import RalmError, UnavailableError
 from ralm.serve.batcher import MicroBatcher, Pending
 from ralm.serve.config import ServeConfig
 
@@ -246,7 +246,7 @@ def create_app(stores: dict[str, Any], cfg: ServeConfig, token: str | None = Non
 
     @app.exception_handler(RalmError)
     async def _ralm(_: Request, e: RalmError) -> JSONResponse:
-        return error(400, str(e))
+        return error(e.status if isinstance(e, UnavailableError) else 400, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:

@@ -7,12 +7,16 @@ local store), ``search`` / ``hits``, ``chunk(row)`` and the manifest, ``restrict
 ``len``, ``metric``. Chunk records come from ``POST /chunks`` into a bounded LRU cache; after each search the
 returned rows' records are fetched in one call (the methods read them next). The token, where the service wants
 one, is ``$RALM_SERVE_TOKEN``.
-Every failure (no answer, refused connection, an error status) is one ``RalmError`` line naming the URL.
+Every route it calls only reads, so a call that could not have been answered (connection refused or closed
+under it, as while the service restarts, or 503: a shard with no live actor) is sent again, backing off, for up
+to ``retry_s`` (once the service has answered: a wrong URL fails at once); past that, and for any other failure
+(no answer in time, an error status), it is one ``RalmError`` line naming the URL.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,8 @@ class RemoteStore:
     check_compatible = Datastore.check_compatible
     _doc_ids = StoreSet._doc_ids  # doc ids from the chunk records: one batched call
 
-    def __init__(self, url: str, timeout: float = 60.0, cache_rows: int = 65536, prefetch: bool = True) -> None:
+    def __init__(self, url: str, timeout: float = 60.0, cache_rows: int = 65536, prefetch: bool = True,
+                 retry_s: float = 60.0) -> None:
         try:
             import httpx  # the serve extra: needed only for a URL
         except ImportError:
@@ -67,12 +72,14 @@ class RemoteStore:
             raise RalmError(f"--datastore {url}: not an http://HOST:PORT[/NAME] URL")
         self.url, self.root = url, url  # root: what error messages name
         self.base = f"{parts.scheme}://{parts.netloc}"
-        self.timeout, self.prefetch, self.cache_rows = timeout, prefetch, cache_rows
+        self.timeout, self.prefetch, self.cache_rows, self.retry_s = timeout, prefetch, cache_rows, retry_s
         token = os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(timeout=timeout, headers=headers)
         self._cache: OrderedDict[int, dict[str, Any]] = OrderedDict()
+        self._reached = False  # retries only once the service has answered: a wrong URL fails at once
         served = self._call("GET", "/info")["stores"]
+        self._reached = True
         name = parts.path.strip("/") or None
         if name is None:
             if len(served) != 1:
@@ -92,13 +99,25 @@ class RemoteStore:
     # ---- HTTP ----------------------------------------------------------------------------------
     def _call(self, method: str, route: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         httpx = self._httpx
-        try:
-            r = self._http.request(method, self.base + route, json=body)
-        except httpx.TimeoutException:
-            raise RalmError(f"{self.url}: no answer to {route} within {self.timeout:g} s") from None
-        except httpx.HTTPError as e:
-            detail = (str(e).strip().splitlines() or [""])[0]
-            raise RalmError(f"{self.url}: cannot reach the retrieval service ({type(e).__name__}: {detail})") from None
+        deadline, wait = time.monotonic() + self.retry_s, 0.2
+        while True:
+            try:
+                r = self._http.request(method, self.base + route, json=body)
+            except httpx.TimeoutException:
+                raise RalmError(f"{self.url}: no answer to {route} within {self.timeout:g} s") from None
+            except httpx.TransportError as e:  # refused, or the connection closed under the request: not answered
+                if self._reached and time.monotonic() + wait < deadline:
+                    time.sleep(wait)
+                    wait = min(2 * wait, 2.0)
+                    continue
+                detail = (str(e).strip().splitlines() or [""])[0]
+                raise RalmError(f"{self.url}: cannot reach the retrieval service ({type(e).__name__}: {detail})"
+                                ) from None
+            if r.status_code == 503 and self._reached and time.monotonic() + wait < deadline:  # a shard: back soon?
+                time.sleep(wait)
+                wait = min(2 * wait, 2.0)
+                continue
+            break
         if r.status_code != 200:
             try:
                 msg = r.json().get("error", r.text)
