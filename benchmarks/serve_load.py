@@ -55,7 +55,7 @@ def build_store(cache: Path, docs: int, name: str | None = None, *flags: str) ->
     corpus = wiki_corpus(cache, docs)
     log(f"building {out} from {docs} wiki_en articles {' '.join(flags)}")
     subprocess.run([sys.executable, "-m", "ralm.cli", "build", str(corpus), "--out", str(out), "--encoder",
-                    "minilm", "--chunk-tokens", "64", "--quiet", *flags], check=True)
+                    "minilm", "--chunk-tokens", "64", "--quiet", *flags], check=True, stdout=sys.stderr)  # stdout: JSON
     return out
 
 

@@ -17,8 +17,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -80,36 +83,86 @@ def files_mb(store: Path) -> dict[str, float]:
             "keys_mb": mb(sorted((store / "keys").glob("*.npy")))}
 
 
+# What the store itself adds to a process, apart from Python, torch and the encoder (which dwarf a small store):
+# a fresh process opens the store, loads its index, searches the given query vectors; RSS (and its anonymous and
+# file-backed parts) read from /proc at each step.
+STORE_PROBE = """
+import json, sys
+import faiss  # noqa: F401  (imported before the first reading: the library's own pages are not the store's)
+import numpy as np
+import ralm.datastore.index  # noqa: F401
+from ralm.datastore.store import Datastore
+
+def mem():
+    out = {}
+    for line in open("/proc/self/status"):
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(val.split()[0]) / 1024
+    return out
+
+store, qfile, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+xq = np.load(qfile)
+ds = Datastore.open(store)
+before = mem()
+ds._get_index()
+loaded = mem()
+for s in range(0, len(xq), 16):
+    ds.search_rows(xq[s:s + 16], k)
+searched = mem()
+print(json.dumps({"before": before, "loaded": loaded, "searched": searched}))
+"""
+
+
+def store_memory(store: Path, qfile: Path, k: int) -> dict[str, float]:
+    """``STORE_PROBE`` in a fresh process: MB the index adds at load, and after searching, over the open store."""
+    r = subprocess.run([sys.executable, "-c", STORE_PROBE, str(store), str(qfile), str(k)], capture_output=True,
+                       text=True, check=True)
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    b = m["before"]
+    return {"added_at_load_mb": round(m["loaded"]["VmRSS"] - b["VmRSS"], 1),
+            "added_after_search_mb": round(m["searched"]["VmRSS"] - b["VmRSS"], 1),
+            "added_peak_mb": round(m["searched"]["VmHWM"] - b["VmRSS"], 1),
+            "added_file_backed_mb": round(m["searched"]["RssFile"] - b["RssFile"], 1),
+            "added_anonymous_mb": round(m["searched"]["RssAnon"] - b["RssAnon"], 1)}
+
+
 def disk_part(flat: Path, on_disk: Path, qs: list[str], args: Any) -> dict[str, Any]:
     from ralm.datastore.keys import exact_search, tie_recall
     from ralm.datastore.store import Datastore
 
     out: dict[str, Any] = {}
+    xq = Datastore.open(on_disk).encode(qs[:200])  # both stores share the encoder
+    qfile = args.cache_dir / "disk-queries.npy"
+    np.save(qfile, xq)
     for name, store in (("flat_in_ram", flat), ("on_disk", on_disk)):
+        ds = Datastore.open(store)
+        meta = ds.manifest["index"]["meta"]
+        out[name] = {"index": meta["factory"], "params": meta.get("params"), "chunks": len(ds), **files_mb(store),
+                     "store_in_a_process": store_memory(store, qfile, args.k)}
         with Server(store, *BATCHED) as srv:
             load(srv.url, qs, 1, 1.0, 20, args.k)  # warm: the index is loaded
             before = srv.memory()
             r = load(srv.url, qs, 8, args.seconds, args.max_requests, args.k)
             after = srv.memory()
-            ds = Datastore.open(store)
-            meta = ds.manifest["index"]["meta"]
-            out[name] = {"index": meta["factory"], "chunks": len(ds), **files_mb(store), "rss_mb_after_warmup":
-                         before["VmRSS"], "peak_rss_mb": after["VmHWM"], "rss_anon_mb": after["RssAnon"],
-                         "rss_file_mb": after["RssFile"], "requests_per_second": r["requests_per_second"],
-                         "p99_ms": r["p99_ms"], "errors": r["errors"]}
-            if name == "on_disk":
-                import httpx
+            out[name].update({"server_rss_mb_after_warmup": before["VmRSS"], "server_peak_rss_mb": after["VmHWM"],
+                              "requests_per_second": r["requests_per_second"], "p99_ms": r["p99_ms"],
+                              "errors": r["errors"]})
+            import httpx
 
-                xq = ds.encode(qs[:200])
-                res = httpx.post(srv.url + "/search", json={"vectors": xq.tolist(), "k": 10}, timeout=120).json()
-                keys = ds._keys()  # noqa: SLF001 (the store's own fp16 keys: the ground truth)
-                D, I = exact_search(keys, xq, 10, metric=ds.metric)  # noqa: E741
-                out["recall_at_10_vs_exact"] = round(tie_recall(keys, xq, np.array(res["ids"]), D, I, ds.metric), 4)
-                out["budget"] = ds.manifest["index"]["meta"].get("memory_budget_bytes")
+            res = httpx.post(srv.url + "/search", json={"vectors": xq.tolist(), "k": 10}, timeout=120).json()
+            keys = ds._keys()  # noqa: SLF001 (the store's own fp16 keys: the ground truth)
+            D, I = exact_search(keys, xq, 10, metric=ds.metric)  # noqa: E741
+            out[name]["recall_at_10_vs_exact"] = round(tie_recall(keys, xq, np.array(res["ids"]), D, I, ds.metric), 4)
+            out[name]["build_recall_at_10"] = meta.get("recall_at_10")  # held-out keys as queries, at build
         log(f"disk {name}: {out[name]}")
+    out["budget_mb"] = round(Datastore.open(on_disk).manifest["index"]["meta"]["memory_budget_bytes"] / 2**20, 2)
     f, d = out["flat_in_ram"], out["on_disk"]
     out["on_disk_files_mb"] = round(d["index_mb"] + d["keys_mb"], 2)
-    out["peak_rss_on_disk_minus_flat_mb"] = round(d["peak_rss_mb"] - f["peak_rss_mb"], 1)
+    out["store_peak_added_on_disk_over_files"] = round(d["store_in_a_process"]["added_peak_mb"] /
+                                                       out["on_disk_files_mb"], 3)
+    out["store_peak_added_flat_over_files"] = round(f["store_in_a_process"]["added_peak_mb"] /
+                                                    (f["index_mb"] + f["keys_mb"]), 3)
     return out
 
 
