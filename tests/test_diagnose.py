@@ -243,3 +243,13 @@ def test_api_without_a_tuner_needs_no_baseline(stores, tiny_lm, tmp_path):
                          datastore=str(ds), train=[str(held)])
     with pytest.raises(RalmError, match="needs a tuner"):
         run_diagnose(cfg)
+
+
+def test_decontamination_reaches_the_evaluation(stores, tiny_lm, tmp_path):
+    held, ds, _, _ = stores
+    kw = dict(out=str(tmp_path / "d"), method="in-context", data=[str(held)], model=tiny_lm, datastore=str(ds),
+              baseline=False)
+    assert DiagnoseConfig(**kw, decontaminate=8).eval_cfg.decontaminate == 8
+    assert DiagnoseConfig(**kw).eval_cfg.decontaminate is None
+    with pytest.raises(RalmError, match="--decontaminate 0"):
+        DiagnoseConfig(**kw, decontaminate=0)

@@ -71,6 +71,8 @@ class DiagnoseConfig:
     options: dict[str, Any] = field(default_factory=dict)  # every registered method's options, as eval-lm's
     exclude_same_doc: bool = field(default=True, metadata={"help": "--method: drop neighbours from the evaluated "
                                                                    "document"})
+    decontaminate: int | None = field(default=None, metadata={"help": "--method: drop neighbours sharing an N-token "
+                                                                      "span with the evaluated document"})
     split: str = field(default="test", metadata={"help": "--run: the split scored"})
     limit: int | None = field(default=None, metadata={"help": "--run: score only the first N examples"})
     task_file: str | None = field(default=None, metadata={"help": "--run: the task's data file (default: the "
@@ -129,7 +131,8 @@ class DiagnoseConfig:
                             f"{', '.join(method_names(store='any'))})")
         self.options = check_options(self.options, [self.method])
         self.eval_cfg = EvalLMConfig(model=self.model, data=self.data, method=self.method, datastore=self.datastore,
-                                     lm=self.lm, options=self.options, exclude_same_doc=self.exclude_same_doc)
+                                     lm=self.lm, options=self.options, exclude_same_doc=self.exclude_same_doc,
+                                     decontaminate=self.decontaminate)
         if self.baseline and not self._train_files():
             raise RalmError(f"--train: the prompt-tuning baseline of {self.method} needs training text (or "
                             "--no-baseline)")
@@ -250,7 +253,8 @@ def _store_stats(path: str | None, log: RetrievalLog) -> tuple[int | None, np.nd
         return len(ds), None
 
 
-def _diagnose_lm(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _diagnose_lm(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[[str], None],
+                 units: dict[str, Units]) -> dict[str, Any]:
     ecfg = cfg.eval_cfg
     loaded = load(ecfg.model)
 
@@ -259,7 +263,8 @@ def _diagnose_lm(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[
         run_eval_lm(ecfg, progress=progress, loaded=loaded, wrap_retriever=wrap, per_target=per_target)
         return _lm_units(per_target)
 
-    units, real_log, perturbed = measure_conditions(measure, cfg.ablations, cfg.seed, cfg.perturb)
+    measured, real_log, perturbed = measure_conditions(measure, cfg.ablations, cfg.seed, cfg.perturb)
+    units.update(measured)
     log(f"{ecfg.method}: real and {len(cfg.ablations)} ablations measured over {len(units['real'].values)} documents")
     plain = dataclasses.replace(ecfg, method=method_names(store="none")[0], datastore=None, options={})
     per_target: dict[str, Any] = {}
@@ -293,7 +298,8 @@ def _diagnose_lm(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[
     return out
 
 
-def _diagnose_task(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def _diagnose_task(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[[str], None],
+                   units: dict[str, Units]) -> dict[str, Any]:
     meta = cfg.run_meta
     ecfg = EvalTaskConfig(run=cfg.run, split=cfg.split, limit=cfg.limit, task_file=cfg.task_file)
     chosen: list[str] = []
@@ -319,7 +325,8 @@ def _diagnose_task(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callabl
 
     if not meta.get("datastore") or not meta["settings"].get("docs"):
         raise RalmError(f"--run {cfg.run}: retrieves nothing (no --datastore or --docs 0), nothing to diagnose")
-    units, real_log, perturbed = measure_conditions(measure, cfg.ablations, cfg.seed, cfg.perturb)
+    measured, real_log, perturbed = measure_conditions(measure, cfg.ablations, cfg.seed, cfg.perturb)
+    units.update(measured)
     metric = chosen[0]
     log(f"{cfg.run}: real and {len(cfg.ablations)} ablations measured over {len(units['real'].values)} examples")
     s = meta["settings"]
@@ -349,19 +356,20 @@ def _diagnose_task(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callabl
 
 
 def run_diagnose(cfg: DiagnoseConfig, tuner: Any = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                 log: Callable[[str], None] | None = None, units: dict[str, Units] | None = None) -> dict[str, Any]:
     """Diagnose ``cfg``'s method or run; write the outputs into ``cfg.out`` and return the result.
 
     ``tuner``: what trains the prompt-tuning baseline, an object with ``lm(...)`` and ``task(...)``
     (ralm.tuning.prompt_baseline's ``lm_prompt`` / ``task_prompt``, which ralm.eval cannot import; the CLI
-    passes them); needed unless ``cfg.baseline`` is off."""
+    passes them); needed unless ``cfg.baseline`` is off. ``units``: filled with every condition's ``Units`` (what
+    the summary and the verdict read: ``diagnose_units`` recomputes them from these)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     if cfg.baseline and tuner is None:
         raise RalmError("diagnose: the prompt-tuning baseline needs a tuner (ralm.tuning.prompt_baseline), or "
                         "--no-baseline")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     body = _diagnose_task if cfg.run is not None else _diagnose_lm
-    result = body(cfg, tuner, progress, log)
+    result = body(cfg, tuner, progress, log, {} if units is None else units)
     result["baseline_run"] = cfg.baseline
     if not cfg.baseline:
         result["checks"].append("prompt-tuning baseline skipped (--no-baseline): real cannot be shown to beat it, "
