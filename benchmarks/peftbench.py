@@ -127,6 +127,13 @@ def cpu_rows(gemma_retro: bool = True) -> list[tuple[str, str, str, str]]:
     return rows + [(GEMMA, "squad", a, "lora") for a in (ARCHS if gemma_retro else ("gpt",))]
 
 
+def cpu_grid(gemma_retro: bool = True) -> Grid:
+    """The ``--cpu`` preset (benchmarks/diagnose.py trains its PEFT run with it, where this grid keeps its runs)."""
+    return Grid(rows=cpu_rows(gemma_retro), steps=200, warmup=10, batch_size=2, limit=100, docs=5, doc_tokens=48,
+                max_len=384, max_new_tokens=16, max_target=96, eval_examples=8, retrofit_steps=300, retrofit_batch=4,
+                retrofit_seq_len=256, skipped=[] if gemma_retro else ["gemma3-270m retro lora (--no-gemma-retro)"])
+
+
 def quick_rows() -> list[tuple[str, str, str, str]]:
     """Most informative first (a run cut short still measures the claims): LoRA on both archs (zero-shot gap and
     PEFT gains), P-tuning and adapters (P-tuning vs the others), prompt tuning, full fine-tuning last (the
@@ -456,10 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                  skipped=["aclsum and truthfulqa-mc rows (--quick: CPU budget)",
                           "gemma3-270m rows (--quick: CPU budget)"])
     elif args.cpu:
-        g = Grid(rows=cpu_rows(not args.no_gemma_retro), steps=200, warmup=10, batch_size=2, limit=100, docs=5,
-                 doc_tokens=48, max_len=384, max_new_tokens=16, max_target=96, eval_examples=8, retrofit_steps=300,
-                 retrofit_batch=4, retrofit_seq_len=256,
-                 skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
+        g = cpu_grid(not args.no_gemma_retro)
     else:
         g = Grid(rows=full_rows(not args.no_gemma_retro), steps=200, batch_size=8, limit=200, retrofit_steps=400,
                  skipped=["gemma3-270m retro lora (--no-gemma-retro)"] if args.no_gemma_retro else [])
