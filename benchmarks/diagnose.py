@@ -20,17 +20,19 @@ articles (768-787) with exclusion and 32-gram decontamination on. Each evaluated
 
 Artefacts are reused where other benchmarks made them, else built here (``--no-build``: the case reads "not run:
 <why>"): the retrieval store benchmarks/.cache/lm/ds (lm.py's, built by its own function); the kNN-LM store
-benchmarks/.cache/lm/knn if built, else one over the first ``knn_docs`` store articles in benchmarks/.cache/
-diagnose/; the RETRO-fit benchmarks/.cache/retro/ckpt if trained, else one trained here on the store articles
-(``retrofit_*`` steps, half of them allowed to retrieve themselves, as retro.py); the PEFT run where
-benchmarks/peftbench.py --cpu keeps it (trained there with that grid's settings if missing). The prompt-tuning
-baseline is trained once per training text and settings (benchmarks/.cache/diagnose/baselines/) and shared by
-the cases that train the same one: every eval-lm case trains it on the 460 store articles.
+benchmarks/.cache/lm/knn where the grid would build the same (460 articles, context 512), else one over the
+first ``knn_docs`` store articles in benchmarks/.cache/diagnose/; the RETRO-fit benchmarks/.cache/retro/ckpt if
+trained, else one trained here on the store articles (``retrofit_*`` steps, half of them allowed to retrieve
+themselves, as retro.py); the PEFT run where benchmarks/peftbench.py --cpu keeps it (trained there with that
+grid's settings if missing). The prompt-tuning baseline is trained once per training text and settings
+(benchmarks/.cache/diagnose/baselines/) and shared by the cases that train the same one: every eval-lm case
+trains it on the store articles (``--cpu``: the first 100; every 10th is held out to pick the learning rate).
 
-``--cpu``: context 256, 6 articles per setting cut to 1,200 characters, in-context stride 32 with 128-token
-passages, a 60-article kNN store, 100-step RETRO-fit and baselines (batch 2 x 256 tokens, lr 3e-2 and 3e-1), 30
-SQuAD test questions. Default: the larger grid (context 512, 16 articles of 4,000 characters, stride 16, the
-1M-key store, 300 steps of 2 x 512 tokens, 3 learning rates, 100 questions), for a GPU or a long CPU run.
+``--cpu``: context 256, 6 articles per setting cut to 1,200 characters (6 bootstrap units: wide intervals),
+in-context stride 32 with 128-token passages, a 60-article kNN store, 100-step RETRO-fit and baselines (batch
+2 x 256 tokens, lr 3e-2 and 3e-1), 30 SQuAD test questions. Default: the larger grid (context 512, 16 articles
+of 4,000 characters, stride 16, the 1M-key store, 300 steps of 2 x 512 tokens, 3 learning rates, 100
+questions), for a GPU or a long CPU run.
 
 Each measured case (its per-unit values, so verdicts are recomputed from the numbers) is kept as JSON under
 benchmarks/results/diagnose/grid-<digest of the settings>/cases/, so a rerun or a later session continues;
@@ -153,14 +155,14 @@ def preset(cpu: bool) -> Grid:
 
 # ---- data ------------------------------------------------------------------------------------------------
 def cut(text: str, chars: int) -> str:
-    """The first ``chars`` characters of ``text``, ended at its last paragraph break (else word) before that."""
+    """The first ``chars`` characters of ``text``, ended at its last paragraph break (else sentence, word)."""
     if len(text) <= chars:
         return text
     head = text[:chars]
-    for sep in ("\n\n", "\n", " "):
+    for sep in ("\n\n", "\n", ". ", " "):
         at = head.rfind(sep)
         if at > chars // 3:
-            return head[:at].rstrip()
+            return head[:at + len(sep.strip())].rstrip()
     return head
 
 

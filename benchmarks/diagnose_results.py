@@ -139,16 +139,17 @@ def markdown(res: dict[str, Any]) -> str:
         word = {True: "held", False: "did not hold", None: "not measured"}[e["held"]]
         lines.append(f"- **{e['expectation']}**: {word} — {e['figure']}")
     lines += ["", "## Every case (real store with its interval; each ablation; frozen base; prompt tuning)", "",
-              "| case | metric | units | real [CI] | " + " | ".join(ABLATIONS) + " | frozen base | prompt tuning "
-              "| PT params | method params | verdict |", "|" + "---|" * (10 + len(ABLATIONS) - 1)]
+              "| method | setting | metric | units | real [CI] | " + " | ".join(ABLATIONS) + " | frozen base "
+              "| prompt tuning | PT params | method params | verdict |", "|" + "---|" * (10 + len(ABLATIONS))]
     for r in res["cases"]:
         if r["status"] != "measured":
-            lines.append(f"| {r['name']} | " + " | ".join([""] * (8 + len(ABLATIONS) - 1)) + f" | {r['status']} |")
+            lines.append(f"| {r['method']} | {r['setting']} | " + " | ".join([""] * (7 + len(ABLATIONS)))
+                         + f" | {r['status']} |")
             continue
         real = r["conditions"]["real"]
         pt = "–" if r["pt_params"] is None else f"{r['pt_params']:,}"
-        lines.append(f"| {r['name']} | {r['metric']} | {r['units']} | {real['estimate']:.4g} [{real['low']:.4g}, "
-                     f"{real['high']:.4g}] | " + " | ".join(_est(r, a) for a in ABLATIONS)
+        lines.append(f"| {r['method']} | {r['setting']} | {r['metric']} | {r['units']} | {real['estimate']:.4g} "
+                     f"[{real['low']:.4g}, {real['high']:.4g}] | " + " | ".join(_est(r, a) for a in ABLATIONS)
                      + f" | {_est(r, 'base')} | {_est(r, 'prompt-tuning')} | {pt} | {r['params']:,} | {r['verdict']} |")
     lines += ["", "Change = gain over the frozen base (ppl: nats per token). kNN-LM's `none`: with no neighbour p = "
               "(1 - λ) p_LM, -log(1 - λ) nats per token above the frozen base, so an ablation that keeps any "

@@ -104,7 +104,7 @@ def test_every_case_runs_and_the_outputs_are_written(bench, result, setup):
     assert all(isinstance(e["held"], bool) for e in res["expectations"])
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 1 + len(bench.CASES) + 1 + len(res["comparison"])  # two tables with their headers
-    assert "| retroprompt |" in md and "not run: no RetroPrompt run kept" in md and "## Expectations" in md
+    assert "| retroprompt | few-shot |" in md and "not run: no RetroPrompt run kept" in md and "## Expectations" in md
     # the evaluated documents: the first n of each file, cut to doc_chars at a paragraph or word break
     leak = [json.loads(x) for x in Path(res["data"]["leakage"]).read_text().splitlines()]
     store = [json.loads(x) for x in (setup / "store.jsonl").read_text().splitlines()]
@@ -194,3 +194,4 @@ def test_the_presets_and_flags(bench):
     with pytest.raises(SystemExit, match="--cases 'nope'"):
         bench.grid_from(bench.parser().parse_args(["--cases", "retro-clean,nope"]))
     assert bench.cut("one two three four", 9) == "one two" and bench.cut("a\n\nbb cc dd", 9) == "a\n\nbb cc"
+    assert bench.cut("One two. Three four five", 15) == "One two." and bench.cut("short", 9) == "short"
