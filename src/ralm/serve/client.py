@@ -101,22 +101,22 @@ class RemoteStore:
         httpx = self._httpx
         deadline, wait = time.monotonic() + self.retry_s, 0.2
         while True:
+            r, unanswered = None, None
             try:
                 r = self._http.request(method, self.base + route, json=body)
             except httpx.TimeoutException:
                 raise RalmError(f"{self.url}: no answer to {route} within {self.timeout:g} s") from None
             except httpx.TransportError as e:  # refused, or the connection closed under the request: not answered
-                if self._reached and time.monotonic() + wait < deadline:
-                    time.sleep(wait)
-                    wait = min(2 * wait, 2.0)
-                    continue
-                detail = (str(e).strip().splitlines() or [""])[0]
-                raise RalmError(f"{self.url}: cannot reach the retrieval service ({type(e).__name__}: {detail})"
-                                ) from None
-            if r.status_code == 503 and self._reached and time.monotonic() + wait < deadline:  # a shard: back soon?
+                unanswered = e
+            # not answered, or a shard down (503): sent again while the retries last
+            if (r is None or r.status_code == 503) and self._reached and time.monotonic() + wait < deadline:
                 time.sleep(wait)
                 wait = min(2 * wait, 2.0)
                 continue
+            if r is None:
+                detail = (str(unanswered).strip().splitlines() or [""])[0]
+                raise RalmError(f"{self.url}: cannot reach the retrieval service ({type(unanswered).__name__}: "
+                                f"{detail})") from None
             break
         if r.status_code != 200:
             try:
