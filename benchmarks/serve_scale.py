@@ -128,15 +128,18 @@ def store_memory(store: Path, qfile: Path, k: int) -> dict[str, float]:
 
 
 def disk_part(flat: Path, on_disk: Path, qs: list[str], args: Any) -> dict[str, Any]:
+    import httpx
+
     from ralm.datastore.keys import exact_search, tie_recall
     from ralm.datastore.store import Datastore
 
     out: dict[str, Any] = {}
-    xq = Datastore.open(on_disk).encode(qs[:200])  # both stores share the encoder
+    opened = {"flat_in_ram": Datastore.open(flat), "on_disk": Datastore.open(on_disk)}
+    xq = opened["on_disk"].encode(qs[:200])  # both stores share the encoder
     qfile = args.cache_dir / "disk-queries.npy"
     np.save(qfile, xq)
-    for name, store in (("flat_in_ram", flat), ("on_disk", on_disk)):
-        ds = Datastore.open(store)
+    for name, ds in opened.items():
+        store = ds.root
         meta = ds.manifest["index"]["meta"]
         out[name] = {"index": meta["factory"], "params": meta.get("params"), "chunks": len(ds), **files_mb(store),
                      "store_in_a_process": store_memory(store, qfile, args.k)}
@@ -148,15 +151,13 @@ def disk_part(flat: Path, on_disk: Path, qs: list[str], args: Any) -> dict[str, 
             out[name].update({"server_rss_mb_after_warmup": before["VmRSS"], "server_peak_rss_mb": after["VmHWM"],
                               "requests_per_second": r["requests_per_second"], "p99_ms": r["p99_ms"],
                               "errors": r["errors"]})
-            import httpx
-
             res = httpx.post(srv.url + "/search", json={"vectors": xq.tolist(), "k": 10}, timeout=120).json()
             keys = ds._keys()  # noqa: SLF001 (the store's own fp16 keys: the ground truth)
             D, I = exact_search(keys, xq, 10, metric=ds.metric)  # noqa: E741
             out[name]["recall_at_10_vs_exact"] = round(tie_recall(keys, xq, np.array(res["ids"]), D, I, ds.metric), 4)
             out[name]["build_recall_at_10"] = meta.get("recall_at_10")  # held-out keys as queries, at build
         log(f"disk {name}: {out[name]}")
-    out["budget_mb"] = round(Datastore.open(on_disk).manifest["index"]["meta"]["memory_budget_bytes"] / 2**20, 2)
+    out["budget_mb"] = round(opened["on_disk"].manifest["index"]["meta"]["memory_budget_bytes"] / 2**20, 2)
     f, d = out["flat_in_ram"], out["on_disk"]
     out["on_disk_files_mb"] = round(d["index_mb"] + d["keys_mb"], 2)
     out["store_peak_added_on_disk_over_files"] = round(d["store_in_a_process"]["added_peak_mb"] /
