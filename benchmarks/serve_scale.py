@@ -87,21 +87,19 @@ def files_mb(store: Path) -> dict[str, float]:
 # a fresh process opens the store, loads its index, searches the given query vectors; RSS (and its anonymous and
 # file-backed parts) read from /proc at each step.
 STORE_PROBE = """
-import json, sys
+import json, os, sys
 import faiss  # noqa: F401  (imported before the first reading: the library's own pages are not the store's)
 import numpy as np
 import ralm.datastore.index  # noqa: F401
 from ralm.datastore.store import Datastore
 
-def mem():
-    out = {}
-    for line in open("/proc/self/status"):
-        key, _, val = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(val.split()[0]) / 1024
-    return out
+store, qfile, k, here = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sys.path.insert(0, here)
+from serve_load import proc_memory
 
-store, qfile, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def mem():
+    return proc_memory(os.getpid())
+
 xq = np.load(qfile)
 ds = Datastore.open(store)
 before = mem()
@@ -116,8 +114,8 @@ print(json.dumps({"before": before, "loaded": loaded, "searched": searched}))
 
 def store_memory(store: Path, qfile: Path, k: int) -> dict[str, float]:
     """``STORE_PROBE`` in a fresh process: MB the index adds at load, and after searching, over the open store."""
-    r = subprocess.run([sys.executable, "-c", STORE_PROBE, str(store), str(qfile), str(k)], capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run([sys.executable, "-c", STORE_PROBE, str(store), str(qfile), str(k),
+                        str(Path(__file__).resolve().parent)], capture_output=True, text=True, check=True)
     m = json.loads(r.stdout.strip().splitlines()[-1])
     b = m["before"]
     return {"added_at_load_mb": round(m["loaded"]["VmRSS"] - b["VmRSS"], 1),
