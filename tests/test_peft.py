@@ -39,11 +39,7 @@ def model_for(arch: str, base: str = "llama"):
     if arch == "gpt":
         return lm
     model = RetroFit(lm, small_cfg()).eval()
-    _scramble(model)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in model.encoder.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    _scramble(model, encoder=True)
     return model
 
 

@@ -57,12 +57,17 @@ def test_untrained_retrofit_gives_the_base_logits_bit_for_bit(arch, offset):
     assert model.parameter_counts()["new"] > 0
 
 
-def _scramble(model: RetroFit) -> None:
-    """Give the zero-initialised CCA outputs weights, so neighbours change the logits."""
+def _scramble(model: RetroFit, encoder: bool = False) -> None:
+    """Give the zero-initialised CCA outputs weights, so neighbours change the logits; ``encoder``: move the
+    retrieval encoder off its identity start too, as a trained one is."""
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.cca.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        if encoder:
+            g = torch.Generator().manual_seed(4)
+            for p in model.encoder.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 @pytest.mark.parametrize("offset", [0, 3, 8, 13])

@@ -1,6 +1,6 @@
 """Greedy generation for the task runs: the KV-cached loop (gpt) gives the tokens of the loop that recomputes
 the window, for every PEFT method (virtual tokens included); stopping at the first newline keeps the answer
-scoring reads (its first line); the cache is refused for RETRO-fit."""
+scoring reads (its first line); on RETRO-fit the cached loop (``RetroCache``) gives the window's tokens too."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ralm.data.squad import QAExample
-from ralm.errors import RalmError
 from ralm.methods.peft import PeftConfig, apply_peft
+from ralm.methods.retro.model import RetroConfig, RetroFit
 from ralm.methods.task_forward import greedy
 from ralm.methods.task_inputs import TaskEncoder
 from ralm.methods.task_model import PlainHandle
@@ -30,10 +30,15 @@ def handle_for(tiny_lm: str, method: str):
     with torch.no_grad():  # large weights: continuations that depend on the prompt
         for p in lm.parameters():
             p.mul_(4.0)
+    return with_peft(lm, method, "gpt")
+
+
+def with_peft(model, method: str, arch: str):
+    """``model`` with ``method`` (``none``: as it is), PEFT weights off their (identity) initialisation."""
     if method == "none":
-        return PlainHandle(lm)
-    h = apply_peft(lm, PeftConfig(method=method, lora_rank=4, adapter_dim=4, n_virtual=3), "gpt")
-    with torch.no_grad():  # PEFT weights off their (identity) initialisation, so they take part
+        return PlainHandle(model)
+    h = apply_peft(model, PeftConfig(method=method, lora_rank=4, adapter_dim=4, n_virtual=3), arch)
+    with torch.no_grad():  # so they take part
         for p in h.model.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.5)
@@ -84,8 +89,40 @@ def test_stop_at_newline_keeps_the_first_line(tiny_lm):
     assert short[0] == full[0][:3]
 
 
-def test_cache_is_refused_for_retro(tiny_lm):
+class Chunks:
+    """The one datastore call ``TaskEncoder.neighbours`` makes: a chunk's tokens and continuation."""
+
+    def chunk(self, r: int) -> dict:
+        g = torch.Generator().manual_seed(r)
+        return {"tokens": torch.randint(3, 60, (4,), generator=g).tolist(),
+                "continuation": torch.randint(3, 60, (4 if r % 2 else 2,), generator=g).tolist()}
+
+
+def retro_handle_for(tiny_lm: str, method: str):
+    """A RETRO-fit on the tiny LM (chunks of 4, CCA after two layers) with random encoder and CCA weights."""
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    n = lm.config.num_hidden_layers
+    model = RetroFit(lm, RetroConfig(chunk_size=4, neighbour_len=8, enc_dim=16, enc_layers=1, enc_heads=2,
+                                     cca_dim=16, cca_heads=2, cca_layers=[0, n - 1])).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in [*model.cca.parameters(), *model.encoder.parameters()]:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return with_peft(model, method, "retro")
+
+
+@pytest.mark.parametrize("method", ["none", "lora", "adapter", "prompt", "ptuning"])
+def test_retro_cached_greedy_equals_recomputed_window(tiny_lm, method):
+    """RETRO-fit's decode cache: the tokens of the window recomputed every step, across chunk boundaries
+    (12 new tokens: three chunks of 4 completed while generating), each row with its own neighbours."""
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    enc = TaskEncoder(tok, "retro", None, max_len=64, chunk_size=8, neighbour_len=16)
-    with pytest.raises(RalmError, match="KV cache is for --arch gpt"):
-        greedy(PlainHandle(None), enc, [], 4, cache=True)
+    enc = TaskEncoder(tok, "retro", Chunks(), max_len=64, chunk_size=4, neighbour_len=8, max_new=12)
+    h = retro_handle_for(tiny_lm, method)
+    prompts = [enc.encode(ex, [i, i + 7][: 1 + i % 2], None) for i, ex in enumerate(questions(5))]
+    cached = greedy(h, enc, prompts, 12, cache=True)
+    window = greedy(h, enc, prompts, 12, cache=False)
+    assert cached == window
+    assert len({tuple(r) for r in cached}) > 1
+    no_nb = [enc.encode(ex, [], None) for ex in questions(5)]  # other neighbours, other tokens: they are read
+    assert greedy(h, enc, no_nb, 12) != cached

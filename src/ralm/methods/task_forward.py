@@ -2,9 +2,11 @@
 (training, validation), per-row target log-likelihoods (multiple choice) and batched greedy generation (QA,
 summaries). Shared by ``ralm tune`` and ``ralm eval-task`` so both compute a score the same way.
 
-Greedy generation: gpt keeps the KV cache (one full pass over the prompt, then one token per step; the
-virtual tokens of prompt methods are in the cache after the first pass). RETRO-fit recomputes the whole
-window every step: its CCA hooks read the window's chunks, which a one-token cached step does not have.
+Greedy generation keeps the KV cache: one full pass over the prompt, then one token per step (the virtual
+tokens of prompt methods are in the cache after the first pass). On RETRO-fit the model's ``RetroCache`` goes
+with it: the first CCA layer's activations, and each chunk's encoding once its last token is in, so a step
+costs one position instead of the window (``cache=False`` recomputes the window every step: the reference
+the tests compare with).
 ``logits_to_keep=1`` keeps the LM head to one position. ``stop_at_newline`` (QA, whose answer is the first
 line) ends a row at the first newline after some text: the answer it scores is the same, the tokens after it
 are never computed.
@@ -18,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ralm.errors import RalmError
 from ralm.methods.peft import PeftHandle
+from ralm.methods.retro.model import RetroCache, window_chunks
 from ralm.methods.task_inputs import IGNORE, Encoded, TaskEncoder
 
 
@@ -63,11 +65,9 @@ def target_loss(handle: PeftHandle, batch: dict[str, Any]) -> tuple[torch.Tensor
 def greedy(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded], max_new: int,
            stop_at_newline: bool = False, cache: bool | None = None) -> list[list[int]]:
     """Greedy continuations of a batch of prompts (stopping at EOS, and with ``stop_at_newline`` at the first
-    newline after some text), token ids without the EOS. ``cache``: KV cache (default: gpt yes, retro no)."""
-    use_cache = enc.arch == "gpt" if cache is None else cache
-    if use_cache and enc.arch != "gpt":
-        raise RalmError("greedy: the KV cache is for --arch gpt (RETRO-fit recomputes its window)")
-    steps = _cached_steps(handle, enc, prompts) if use_cache else _window_steps(handle, enc, prompts)
+    newline after some text), token ids without the EOS. ``cache``: keep the KV cache (default) or recompute
+    the window every step."""
+    steps = _window_steps(handle, enc, prompts) if cache is False else _cached_steps(handle, enc, prompts)
     B = len(prompts)
     done = torch.zeros(B, dtype=torch.bool)
     rows: list[list[int]] = [[] for _ in range(B)]
@@ -101,11 +101,19 @@ def _window_steps(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encode
 def _cached_steps(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encoded]
                   ) -> Generator[torch.Tensor, torch.Tensor, None]:
     """Generator of next tokens (B,) with the KV cache: the prompt (and any virtual tokens) once, then the
-    chosen token alone at the next position of each row."""
+    chosen token alone at the next position of each row. RETRO-fit: every chunk after the prompt's reads the
+    row's k chunks, as ``batch_neighbours`` gives them to a window."""
     dev = device_of(handle)
     batch = enc.collate(prompts)
-    kw = handle.inputs(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    ids = batch["input_ids"]
+    nb = enc.batch_neighbours(prompts, ids.shape[1])
+    kw = handle.inputs(ids.to(dev), batch["attention_mask"].to(dev), neighbours=None if nb is None else nb.to(dev))
     kw = {k: v for k, v in kw.items() if v is not None}
+    retro = {}
+    if "neighbours" in kw:  # (B, U, K, R) for the prompt's whole chunks (virtual ones in front: PAD)
+        retro = {"neighbours": kw["neighbours"], "offset": kw["offset"], "retro_cache": RetroCache()}
+        row = enc.batch_neighbours(prompts, enc.m)[:, 0].to(dev)  # (B, K, R) what each later chunk reads
+        kw.update(retro)
     mask = kw["attention_mask"]  # (B, N + P): virtual positions included
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, -1:]  # (B, 1) position of each row's last token
     out = handle.model(**kw, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
@@ -113,8 +121,13 @@ def _cached_steps(handle: PeftHandle, enc: TaskEncoder, prompts: Sequence[Encode
         nxt = yield out.logits[:, -1].float().argmax(-1).cpu()
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=dev)], 1)
         pos = pos + 1
+        if retro:
+            U = window_chunks(retro["offset"], mask.shape[1], enc.m)[2]
+            have = retro["neighbours"]
+            if U > have.shape[1]:
+                retro["neighbours"] = torch.cat([have, row[:, None].expand(-1, U - have.shape[1], -1, -1)], 1)
         out = handle.model(input_ids=nxt[:, None].to(dev), attention_mask=mask, position_ids=pos,
-                           past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+                           past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1, **retro)
 
 
 def _until(row: list[int], stop: int) -> list[int]:

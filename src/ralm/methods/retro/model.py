@@ -156,9 +156,15 @@ class CrossAttention(nn.Module):
             nn.init.zeros_(self.out.weight)
         self.heads, self.dropout = heads, dropout
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ok: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    def project_kv(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of ``ctx``: what a decode keeps per chunk instead of projecting it every step."""
         k, v = self.kv(self.norm_kv(ctx)).chunk(2, dim=-1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_ok: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        k, v = self.project_kv(ctx) if kv is None else kv
         drop = self.dropout if self.training else 0.0
         return self.out(_attend(self.q(self.norm_q(x)), k, v, self.heads, ctx_ok, drop, bias))
 
@@ -256,21 +262,65 @@ class ChunkedCrossAttention(nn.Module):
         n = att.shape[1]
         att = F.pad(att, (0, 0, 0, U * m - n)).reshape(B * U, m, d)  # (B·U, m, d)
         bias = self._bias(K, enc.shape[2] // K)
-        out = self.attn(att, enc.reshape(B * U, *enc.shape[2:]), enc_ok.reshape(B * U, -1), bias)
+        out = self._read(att, enc.reshape(B * U, *enc.shape[2:]), enc_ok.reshape(B * U, -1), bias,
+                         None if match is None else match.reshape(B * U))
+        out = out.reshape(B, U * m, d)[:, :n]
+        return F.pad(out, (0, 0, s, L - s - n))  # (B, L, d)
+
+    def step(self, h: torch.Tensor, start: int, first: int, enc: torch.Tensor, enc_ok: torch.Tensor, K: int,
+             match: torch.Tensor | None, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``forward`` for the positions [start, start + L) of a sequence whose earlier positions were seen
+        (a cached decode): h (B, L, d) those positions only; enc (B, U, K·R, e), enc_ok, match (B, U) every
+        whole chunk so far; ``kv`` this layer's keys/values per chunk, extended here as chunks are read."""
+        B, L, d = h.shape
+        m, s = self.m, first + self.m - 1
+        bias = self._bias(K, enc.shape[2] // K)  # (h, m, K·R)
+        out = torch.zeros_like(h)
+        i = max(start, s)
+        while i < start + L:  # one attending chunk at a time (a decode step: one position, one chunk)
+            u, a = divmod(i - s, m)  # chunk u is whole: its last token s + u·m <= i
+            j = min(start + L, s + (u + 1) * m)
+            while len(kv) <= u:
+                kv.append(self.attn.project_kv(enc[:, len(kv)]))
+            out[:, i - start:j - start] = self._read(
+                h[:, i - start:j - start], enc[:, u], enc_ok[:, u], None if bias is None else bias[:, a:a + j - i],
+                None if match is None else match[:, u], kv[u])
+            i = j
+        return out
+
+    def _read(self, att: torch.Tensor, enc: torch.Tensor, enc_ok: torch.Tensor, bias: torch.Tensor | None,
+              match: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        # att (N, q, d) attending tokens of one chunk each; enc (N, K·R, e); enc_ok (N, K·R); match (N,)
+        out = self.attn(att, enc, enc_ok, bias, kv=kv)
         # write in units of the stream's own RMS: it grows with depth (SmolLM2: ~90 after layer 6, ~730
         # after layer 30), and a fixed-scale output would need a different learning rate at every layer
         out = out * att.float().pow(2).mean(-1, keepdim=True).sqrt().to(out.dtype)
-        out = out * enc_ok.any(-1).reshape(B * U, 1, 1)  # chunks without any neighbour read nothing
+        out = out * enc_ok.any(-1).reshape(-1, 1, 1)  # chunks without any neighbour read nothing
         if self.gate is not None:
             if match is None:
                 raise ValueError("a CCA layer with a match gate needs each chunk's match")
             w, c = self.gate.unbind()
-            out = out * torch.sigmoid(GATE_SCALE * (w * match + c)).reshape(B * U, 1, 1).to(out.dtype)
-        out = out.reshape(B, U * m, d)[:, :n]
-        return F.pad(out, (0, 0, s, L - s - n))  # (B, L, d)
+            out = out * torch.sigmoid(GATE_SCALE * (w * match + c)).reshape(-1, 1, 1).to(out.dtype)
+        return out
 
 
 # ---- the RETRO-fit wrapper ---------------------------------------------------------------------------
+@dataclass
+class RetroCache:
+    """What an incremental decode keeps between forward passes (with the base model's ``past_key_values``):
+    the tokens and first-CCA-layer activations seen (a chunk is encoded from its own activations once its
+    last token is in), each whole chunk's encoding, match and, per CCA layer, keys and values. Outputs equal
+    the recomputed window's: RETRO-fit is causal (a position reads only chunks that end at or before it)."""
+
+    length: int = 0  # positions seen
+    ids: torch.Tensor | None = None  # (B, T) token ids seen (PAD at virtual positions)
+    acts: torch.Tensor | None = None  # (B, T, d) the first CCA layer's input activations
+    encoded: torch.Tensor | None = None  # (B, U, K·R, e) every whole chunk so far
+    encoded_ok: torch.Tensor | None = None  # (B, U, K·R)
+    match: torch.Tensor | None = None  # (B, U), match gate only
+    kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+
 @dataclass
 class _Pass:
     """What the hooks of one forward pass need: the neighbours and, once encoded, their encoding."""
@@ -280,6 +330,8 @@ class _Pass:
     match: torch.Tensor | None  # (B, U) trigram_match of each whole chunk with its neighbours (match gate only)
     encoded: torch.Tensor | None = None  # (B, U, K·R, e)
     encoded_ok: torch.Tensor | None = None  # (B, U, K·R)
+    cache: RetroCache | None = None  # a decode's state; then ``match`` holds only the chunks new in this pass
+    start: int = 0  # with ``cache``: the sequence position of the window's first token
 
 
 class RetroFit(nn.Module):
@@ -355,21 +407,47 @@ class RetroFit(nn.Module):
             h = output[0] if isinstance(output, tuple) else output  # (B, L, d)
             x = h.to(self.encoder.pos.dtype)  # the new layers may hold another dtype than the base
             if p.encoded is None:  # the first CCA layer encodes the neighbours from its own activations
-                p.encoded, p.encoded_ok = self._encode(p, x)
-            out = self.cca[name](x, p.encoded, p.encoded_ok, p.first, p.neighbours.shape[2], p.match)
+                p.encoded, p.encoded_ok = self._encode(p, x) if p.cache is None else self._extend(p, x)
+            K = p.neighbours.shape[2]
+            if p.start == 0:  # the whole window (a decode's prompt too)
+                out = self.cca[name](x, p.encoded, p.encoded_ok, p.first, K, p.match)
+            else:
+                out = self.cca[name].step(x, p.start, p.first, p.encoded, p.encoded_ok, K, p.match,
+                                          p.cache.kv.setdefault(name, []))
             h = h + out.to(h.dtype)
             return (h, *output[1:]) if isinstance(output, tuple) else h
         return hook
 
     def _encode(self, p: _Pass, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        N = p.neighbours  # (B, U, K, R)
-        B, U, K, R = N.shape
+        B, U = p.neighbours.shape[:2]
         m = self.cfg.chunk_size
+        return self._encode_chunks(p.neighbours, h[:, p.first:p.first + U * m].reshape(B, U, m, h.shape[-1]))
+
+    def _encode_chunks(self, N: torch.Tensor, chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # N (B, U, K, R) neighbour tokens; chunks (B, U, m, d) the decoder activations of their chunks
+        B, U, K, R = N.shape
         ok = N != PAD
+        if U == 0:
+            return chunks.new_zeros(B, 0, K * R, self.cfg.enc_dim), ok.reshape(B, 0, K * R)
         emb = self.base.get_input_embeddings()(N.clamp(min=0))  # (B, U, K, R, d), frozen embeddings
-        chunks = h[:, p.first:p.first + U * m].reshape(B, U, m, h.shape[-1])  # (B, U, m, d)
         enc = self.encoder(emb.to(chunks.dtype), ok, chunks)
         return enc, ok.reshape(B, U, K * R)
+
+    def _extend(self, p: _Pass, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode's first CCA layer: keep the window's activations, encode the chunks it completes."""
+        c, m = p.cache, self.cfg.chunk_size
+        c.acts = x if c.acts is None else torch.cat([c.acts, x], 1)  # (B, T + L, d)
+        U0, U = (0 if c.encoded is None else c.encoded.shape[1]), p.neighbours.shape[1]
+        B, d = x.shape[0], x.shape[-1]
+        chunks = c.acts[:, p.first + U0 * m:p.first + U * m].reshape(B, U - U0, m, d)
+        enc, ok = self._encode_chunks(p.neighbours[:, U0:U], chunks)
+        if c.encoded is None:
+            c.encoded, c.encoded_ok, c.match = enc, ok, p.match
+        else:
+            c.encoded, c.encoded_ok = torch.cat([c.encoded, enc], 1), torch.cat([c.encoded_ok, ok], 1)
+            c.match = None if p.match is None else torch.cat([c.match, p.match], 1)
+        p.match = c.match  # from here on the CCA layers read every chunk's
+        return c.encoded, c.encoded_ok
 
     @contextmanager
     def _with(self, p: _Pass | None):
@@ -380,7 +458,7 @@ class RetroFit(nn.Module):
             self._pass = None
 
     def forward(self, input_ids: torch.Tensor, neighbours: torch.Tensor | None = None, offset: int = 0,
-                **kwargs: Any) -> Any:
+                retro_cache: RetroCache | None = None, **kwargs: Any) -> Any:
         # with ``inputs_embeds`` (prompt tuning) the base reads those, and ``input_ids`` only give the window's
         # shape and the tokens the match gate compares (PAD at the virtual positions: they match nothing)
         embeds = kwargs.pop("inputs_embeds", None)
@@ -389,7 +467,11 @@ class RetroFit(nn.Module):
         else:
             kwargs["inputs_embeds"] = embeds
         if neighbours is None:
+            if retro_cache is not None:
+                raise RalmError("a RETRO-fit decode cache needs the neighbours (retrieval off: the base's own cache)")
             return self.base(**kwargs)
+        if retro_cache is not None:
+            return self._decode(input_ids, neighbours, offset, retro_cache, kwargs)
         B, L = input_ids.shape
         first, _, U = window_chunks(offset, L, self.cfg.chunk_size)
         if neighbours.dim() != 4 or neighbours.shape[:2] != (B, U) or neighbours.shape[3] > self.cfg.neighbour_len:
@@ -403,6 +485,28 @@ class RetroFit(nn.Module):
             match = trigram_match(input_ids[:, first:first + U * self.cfg.chunk_size].reshape(B, U, -1), neighbours)
         with self._with(_Pass(neighbours, first, match)):
             return self.base(**kwargs)
+
+    def _decode(self, input_ids: torch.Tensor, neighbours: torch.Tensor, offset: int, c: RetroCache,
+                kwargs: dict[str, Any]) -> Any:
+        """One forward pass of a cached decode: ``input_ids`` (B, L) continue the ``c.length`` positions seen,
+        in a sequence starting at absolute ``offset``; ``neighbours`` (B, U, K, R) are those of every whole
+        chunk of the sequence so far (the same layout a window over all of it would take)."""
+        B, L = input_ids.shape
+        m = self.cfg.chunk_size
+        first, _, U = window_chunks(offset, c.length + L, m)
+        U0 = 0 if c.encoded is None else c.encoded.shape[1]
+        if neighbours.dim() != 4 or neighbours.shape[:2] != (B, U) or neighbours.shape[3] > self.cfg.neighbour_len:
+            raise RalmError(f"neighbours of shape {tuple(neighbours.shape)}: expected ({B}, {U}, K, "
+                            f"<={self.cfg.neighbour_len}) for {c.length} + {L} decoded positions at offset {offset}")
+        neighbours = neighbours.to(input_ids.device)
+        ids = input_ids if c.ids is None else torch.cat([c.ids, input_ids], 1)  # (B, T + L)
+        match = None
+        if self.cfg.match_gate:  # the chunks this pass completes
+            match = trigram_match(ids[:, first + U0 * m:first + U * m].reshape(B, U - U0, m), neighbours[:, U0:U])
+        with self._with(_Pass(neighbours, first, match, cache=c, start=c.length)):
+            out = self.base(**kwargs)
+        c.length, c.ids = c.length + L, ids
+        return out
 
 
 def pad_neighbours(seqs: list[list[list[int]]], k: int, r: int) -> torch.Tensor:
