@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("lora", "adapter", "prompt", "ptuning", "full")
-PEFT_METHODS = METHODS[:-1]  # the "GPT gains more from PEFT" mean: full fine-tuning is the reference, not PEFT
+# the "GPT gains more from PEFT" mean: full fine-tuning is the reference, not PEFT
+PEFT_METHODS = tuple(m for m in METHODS if m != "full")
 ARCHS = ("gpt", "retro")
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 METRIC = {"squad": "f1", "aclsum": "rougeL", "truthfulqa-mc": "acc"}  # the headline metric of each task

@@ -98,10 +98,9 @@ def test_claims_are_computed_from_the_rows(bench, results_mod, result):
     assert c["retro_beats_gpt_zero_shot"]["supported"] and c["retro_beats_gpt_zero_shot"]["value"] == 20.0
     assert c["gpt_gains_more_from_peft"]["supported"] and c["gpt_gains_more_from_peft"]["value"] == pytest.approx(35.0)
     assert "full" not in c["gpt_gains_more_from_peft"]["per_method"]  # the reference, not a PEFT method
-    for r in rows:  # full fine-tuning gaining far more on retro leaves the PEFT claim as it was
-        if r["method"] == "full":
-            r["tuned_score"] = 100.0 if r["arch"] == "retro" else 0.0
-    again = results_mod.claims(rows, rows[0]["model"], bench.GEMMA)
+    full_moved = [{**r, "tuned_score": 100.0 if r["arch"] == "retro" else 0.0} if r["method"] == "full" else r
+                  for r in rows]  # full fine-tuning gaining far more on retro leaves the PEFT claim as it was
+    again = results_mod.claims(full_moved, rows[0]["model"], bench.GEMMA)
     assert again["gpt_gains_more_from_peft"]["value"] == pytest.approx(35.0)
     assert c["ptuning_trails_adapters_and_lora"]["value"] == {"gpt": -20.0, "retro": -20.0}
     assert c["gains_saturate_with_size"]["value"] == {"gpt": {rows[0]["model"]: 40.0, bench.GEMMA: 20.0}}
