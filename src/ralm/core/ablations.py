@@ -16,7 +16,8 @@ retrieval), ``RandomRetriever`` (random store rows) and ``FixedRetriever`` (one 
   seeded sample of rows), as many as the real chunk and continuation have, so the text handed out has exactly
   the length distribution of the real retrieved chunks. Text fields are random words of the store (same word
   count), or ``decode(tokens)`` when a decoder is given. A kNN-LM store's view draws its values (next tokens)
-  from the store's own values instead.
+  from the store's own values instead; a store with a ``random_text_view(seed)`` (RetroPrompt's knowledge
+  store: the representations of random text of each example's word count) makes its own.
 """
 
 from __future__ import annotations
@@ -178,6 +179,8 @@ class RandomTextRetriever(RetrieverWrapper):
         self.seed, self.pool_rows, self.decode = seed, pool_rows, decode
 
     def payload(self, store: Any) -> Any:
+        if hasattr(store, "random_text_view"):  # a store that encodes its own random text (RetroPrompt's)
+            return store.random_text_view(self.seed)
         view = copy.copy(store)  # like Datastore.restrict: a view sharing the index, its own record reader
         rng = np.random.default_rng(self.seed)
         if not hasattr(store, "chunk"):  # a kNN-LM store: values (next tokens) drawn from its own values

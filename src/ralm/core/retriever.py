@@ -182,6 +182,11 @@ class RetrieverWrapper:
     def rows(self) -> np.ndarray | None:
         return self.inner.rows
 
+    @property
+    def channel(self) -> Any:
+        """Which of a method's searches this is (None: its only one; ralm.eval.diagnose keeps one log each)."""
+        return getattr(self.inner, "channel", None)
+
     def search(self, queries: Any, k: int, exclude_doc_ids: Exclusions = None) -> tuple[np.ndarray, np.ndarray]:
         return self.inner.search(queries, k, exclude_doc_ids)
 

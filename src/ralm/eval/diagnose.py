@@ -1,7 +1,9 @@
 """``ralm diagnose`` (issue 15): does a method use what it retrieves, or does it act as a soft prompt?
 
-Over an eval-lm method (``--method``, with its artefact: ``--checkpoint`` for retro, a kNN-LM store for knn-lm)
-or a PEFT task run (``--run RUN`` from ``ralm tune``), on the same documents or examples:
+Over an eval-lm method (``--method``, with its artefact: ``--checkpoint`` for retro, a kNN-LM store for knn-lm),
+a PEFT task run (``--run RUN`` from ``ralm tune``) or a text RetroPrompt run (``--run RP`` from ``ralm retroprompt
+train``: its knowledge store's searches ablated, ralm.tuning.retroprompt_diagnose), on the same documents or
+examples:
 
 1. **Store ablations** at equal context length (ralm.core.ablations): the real run is recorded
    (``RecordingRetriever``), then each ablation runs with a fresh ``ablation_wrap``: none, shuffled, random,
@@ -24,6 +26,7 @@ or a PEFT task run (``--run RUN`` from ``ralm tune``), on the same documents or 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import zlib
@@ -52,6 +55,7 @@ from ralm.lm.presets import DEFAULT_LM
 from ralm.methods.retro.checkpoint import read_checkpoint_config
 
 ABLATION_NAMES = ABLATIONS[1:]  # every condition but the real store
+RETROPROMPT_FORMAT = "ralm-retroprompt"  # a `ralm retroprompt train` run's run.json (tuning writes it)
 PRIMARY = {"qa": "f1", "summary": "rougeL", "choice": "acc"}  # a task run's metric by its per-example keys
 NEEDED = ("none", *REQUIRED)  # what the verdict reads
 
@@ -61,8 +65,8 @@ class DiagnoseConfig:
     out: str = field(metadata={"help": "folder for diagnose.json, diagnose.md and diagnose.png", "short": "-o"})
     method: str | None = field(default=None, metadata={"help": "eval-lm method to diagnose (`ralm methods`; not "
                                                                 "with --run)"})
-    run: str | None = field(default=None, metadata={"help": "a `ralm tune` run folder to diagnose (not with "
-                                                            "--method)"})
+    run: str | None = field(default=None, metadata={"help": "a `ralm tune` or `ralm retroprompt train` run folder "
+                                                            "to diagnose (not with --method)"})
     data: list[str] = field(default_factory=list, metadata={"help": "--method: held-out documents; repeatable"})
     model: str = field(default=DEFAULT_LM, metadata={"help": "--method: the frozen base LM"})
     datastore: str | None = field(default=None, metadata={"help": "--method: the method's store (retro: default "
@@ -122,6 +126,11 @@ class DiagnoseConfig:
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise RalmError(f"--out {self.out}: exists and is not a directory")
         if self.run is not None:
+            if _run_format(self.run) == RETROPROMPT_FORMAT:  # opened by the tuner's side (ralm.tuning)
+                if self.split not in ("dev", "test"):
+                    raise RalmError(f"--split {self.split!r}: a RetroPrompt run scores dev or test")
+                self.run_meta = {"format": RETROPROMPT_FORMAT}
+                return
             self.run_meta = read_run(self.run)
             EvalTaskConfig(run=self.run, split=self.split, limit=self.limit)  # its checks, before any loading
             return
@@ -144,6 +153,14 @@ class DiagnoseConfig:
     def _train_files(self) -> list[str]:
         ckpt = self._checkpoint()
         return list(self.train) or list((ckpt or {}).get("train") or [])
+
+
+def _run_format(run: str) -> Any:
+    """The ``format`` of ``run``'s run.json, or None where there is no readable one (read_run then says why)."""
+    try:
+        return json.loads((Path(run) / "run.json").read_text(encoding="utf-8")).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 # ---- query perturbation -----------------------------------------------------------------------------------
@@ -189,21 +206,42 @@ Measure = Callable[[Callable[[Retriever], Retriever] | None], Units]
 def measure_conditions(measure: Measure, ablations: tuple[str, ...] = ABLATION_NAMES, seed: int = 0,
                        perturb: float | None = 0.2) -> tuple[dict[str, Units], RetrievalLog, RetrievalLog | None]:
     """Every condition's units from ``measure(wrap_retriever)``: the recorded real run, each ablation with a fresh
-    wrap, and (``perturb``) a real run of perturbed queries; returns the units, the real and the perturbed log."""
-    log = RetrievalLog()
-    units = {"real": measure(lambda r: RecordingRetriever(r, log))}
-    if not len(log):
+    wrap, and (``perturb``) a real run of perturbed queries; returns the units, the real and the perturbed log.
+
+    A method that searches over several channels (a retriever's ``channel`` attribute: RetroPrompt's p_kNN over
+    all rows and one demonstration search per class) gets one log and one ablation per channel, so a shuffle
+    moves lists among inputs of the same search and the fixed row is one the channel can return; the logs
+    returned are the main channel's (``channel`` None, every retriever of the other methods)."""
+    logs: dict[Any, RetrievalLog] = {}
+
+    def record(into: dict[Any, RetrievalLog]) -> Callable[[Retriever], Retriever]:
+        return lambda r: RecordingRetriever(r, into.setdefault(getattr(r, "channel", None), RetrievalLog()))
+
+    def ablated(name: str) -> Callable[[Retriever], Retriever]:
+        wraps: dict[Any, Callable[[Retriever], Retriever] | None] = {}  # one per channel (its own Shuffle)
+
+        def wrap(r: Retriever) -> Retriever:
+            c = getattr(r, "channel", None)
+            if c not in wraps:
+                wraps[c] = ablation_wrap(name, logs.get(c), seed)
+            return r if wraps[c] is None else wraps[c](r)
+        return wrap
+
+    units = {"real": measure(record(logs))}
+    if not sum(len(g) for g in logs.values()):
         raise RalmError("diagnose: the real run retrieved nothing (no searches were made)")
     for name in ablations:
-        units[name] = measure(ablation_wrap(name, log, seed))
+        units[name] = measure(ablated(name))
         if len(units[name].values) != len(units["real"].values):
             raise RalmError(f"diagnose: ablation {name} scored {len(units[name].values)} units, the real run "
                             f"{len(units['real'].values)}")
     perturbed = None
     if perturb is not None:
-        perturbed = RetrievalLog()
-        measure(lambda r: RecordingRetriever(PerturbedQueries(r, perturb, seed), perturbed))
-    return units, log, perturbed
+        plogs: dict[Any, RetrievalLog] = {}
+        rec = record(plogs)
+        measure(lambda r: rec(PerturbedQueries(r, perturb, seed)))
+        perturbed = plogs.get(None, RetrievalLog())
+    return units, logs.get(None, RetrievalLog()), perturbed
 
 
 def summarise(metric: str, kind: str, units: dict[str, Units], params: dict[str, int | None], n_boot: int = 1000,
@@ -355,20 +393,53 @@ def _diagnose_task(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callabl
     return out
 
 
+def _diagnose_retroprompt(cfg: DiagnoseConfig, tuner: Any, progress: bool, log: Callable[[str], None],
+                          units: dict[str, Units]) -> dict[str, Any]:
+    """A RetroPrompt run: its knowledge store's every search wrapped (``tuner.retroprompt``'s subject)."""
+    if tuner is None or not hasattr(tuner, "retroprompt"):
+        raise RalmError(f"--run {cfg.run}: a RetroPrompt run is opened by ralm.tuning (pass PromptTuner())")
+    subject = tuner.retroprompt(cfg.run, split=cfg.split, limit=cfg.limit)
+    measured, real_log, perturbed = measure_conditions(lambda wrap: Units(subject.measure(wrap)), cfg.ablations,
+                                                       cfg.seed, cfg.perturb)
+    units.update(measured)
+    log(f"{cfg.run}: real and {len(cfg.ablations)} ablations measured over {len(units['real'].values)} examples")
+    units["base"] = Units(subject.base())
+    params: dict[str, int | None] = {"real": subject.trained_parameters}
+    out: dict[str, Any] = {"subject": subject.info}
+    if cfg.baseline:
+        values, pt = subject.baseline(Path(cfg.out) / "baseline", n_virtual=cfg.n_virtual, lrs=cfg.baseline_lrs,
+                                      steps=cfg.baseline_steps, progress=progress)
+        units["prompt-tuning"] = Units(values)
+        params["prompt-tuning"] = pt["trainable"]
+        out["baseline"] = {"n_virtual": cfg.n_virtual, **pt}
+    store = subject.store
+    try:
+        embeddings = context_embeddings(real_log.ids(), lambda rows: store.keys[rows])
+    except RalmError:
+        embeddings = None
+    out.update(diagnose_units(subject.metric, "mean", units, params, cfg.n_boot, cfg.seed, cfg.level))
+    out["context_variance"] = context_variance(real_log.ids(), embeddings, perturbed.ids() if perturbed else None,
+                                               len(store), seed=cfg.seed)
+    return out
+
+
 def run_diagnose(cfg: DiagnoseConfig, tuner: Any = None, progress: bool = True,
                  log: Callable[[str], None] | None = None, units: dict[str, Units] | None = None) -> dict[str, Any]:
     """Diagnose ``cfg``'s method or run; write the outputs into ``cfg.out`` and return the result.
 
     ``tuner``: what trains the prompt-tuning baseline, an object with ``lm(...)`` and ``task(...)``
     (ralm.tuning.prompt_baseline's ``lm_prompt`` / ``task_prompt``, which ralm.eval cannot import; the CLI
-    passes them); needed unless ``cfg.baseline`` is off. ``units``: filled with every condition's ``Units`` (what
-    the summary and the verdict read: ``diagnose_units`` recomputes them from these)."""
+    passes them); needed unless ``cfg.baseline`` is off; its ``retroprompt(run, split, limit)`` opens a
+    RetroPrompt run (ralm.tuning.retroprompt_diagnose), needed for one. ``units``: filled with every
+    condition's ``Units`` (what the summary and the verdict read: ``diagnose_units`` recomputes them)."""
     log = log or (lambda m: print(m, file=sys.stderr))
     if cfg.baseline and tuner is None:
         raise RalmError("diagnose: the prompt-tuning baseline needs a tuner (ralm.tuning.prompt_baseline), or "
                         "--no-baseline")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    body = _diagnose_task if cfg.run is not None else _diagnose_lm
+    body = _diagnose_lm if cfg.run is None else _diagnose_task
+    if cfg.run is not None and (cfg.run_meta or {}).get("format") == RETROPROMPT_FORMAT:
+        body = _diagnose_retroprompt
     result = body(cfg, tuner, progress, log, {} if units is None else units)
     result["baseline_run"] = cfg.baseline
     if not cfg.baseline:

@@ -197,3 +197,10 @@ class PromptTuner:
 
     lm = staticmethod(lm_prompt)
     task = staticmethod(task_prompt)
+
+    @staticmethod
+    def retroprompt(run: str, split: str = "test", limit: int | None = None) -> Any:
+        """A RetroPrompt run as diagnose's subject (its baseline: prompt tuning on the run's few-shot draw)."""
+        from ralm.tuning.retroprompt_diagnose import RetroPromptSubject  # loads torch models: only when asked
+
+        return RetroPromptSubject(run, split, limit)

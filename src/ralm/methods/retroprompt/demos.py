@@ -30,6 +30,16 @@ def zscore_weights(sims: torch.Tensor) -> torch.Tensor:
     return torch.softmax(z, dim=-1)
 
 
+def _found_weights(sims: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    """``zscore_weights`` over each query's found neighbours only; 0 for the missing ones (none found: a zero
+    demonstration, the slot kept: equal context length)."""
+    w = torch.zeros_like(sims, dtype=torch.float32)
+    for i in range(len(sims)):
+        if bool(found[i].any()):
+            w[i, found[i]] = zscore_weights(sims[i, found[i]][None])[0]
+    return w
+
+
 def neural_demos(store: KnowledgeStore, queries: torch.Tensor, m: int = 8,
                  rows: Sequence[int] | None = None) -> torch.Tensor:
     """(Q, d) representations -> (Q, C, d) one demonstration per class; ``rows``: the queries' own store rows
@@ -42,6 +52,7 @@ def neural_demos(store: KnowledgeStore, queries: torch.Tensor, m: int = 8,
     out = torch.empty(len(queries), store.n_classes, store.dim)
     for c in range(store.n_classes):
         sims, ids = store.search(queries, m, exclude=rows, label=c, flag="--demos")  # (Q, m)
-        w = zscore_weights(sims)  # (Q, m)
-        out[:, c] = torch.einsum("qm,qmd->qd", w, store.raw[ids])
+        found = ids >= 0  # a store ablation (ralm diagnose) may leave neighbours out: id -1, weight 0
+        w = zscore_weights(sims) if bool(found.all()) else _found_weights(sims, found)  # (Q, m)
+        out[:, c] = torch.einsum("qm,qmd->qd", w, store.raw[ids.clamp(min=0)])
     return out

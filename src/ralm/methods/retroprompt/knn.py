@@ -65,8 +65,13 @@ def store_knn_probs(store: KnowledgeStore, queries: torch.Tensor, config: KNNCon
     examples), left out when ``config.leave_self_out``; None for queries from outside the store."""
     exclude = rows if rows is not None and config.leave_self_out else None
     sims, ids = store.search(queries, config.k, exclude=exclude)
-    labels = torch.from_numpy(store.labels[ids.numpy()])  # (Q, k)
-    return knn_probs(sims, labels, store.n_classes, config.temperature)
+    found = ids >= 0  # (Q, k) a store ablation (ralm diagnose) may leave neighbours out: id -1
+    labels = torch.from_numpy(store.labels[ids.clamp(min=0).numpy()])  # (Q, k)
+    if bool(found.all()):
+        return knn_probs(sims, labels, store.n_classes, config.temperature)
+    p = knn_probs(sims.masked_fill(~found, float("-inf")), labels, store.n_classes, config.temperature)
+    none = ~found.any(dim=1)  # no neighbour at all: p_kNN says nothing (uniform), the argmax is p_model's
+    return torch.where(none[:, None], torch.full_like(p, 1.0 / store.n_classes), p)
 
 
 def knn_guided_loss(class_logits: torch.Tensor, targets: torch.Tensor, p_knn: torch.Tensor,
