@@ -10,8 +10,9 @@ the frozen base, bootstrap intervals over documents or examples, context varianc
 - ``in-context-leakage`` / ``-clean``, ``knn-lm-leakage`` / ``-clean``: the untrained methods (leakage: expect
   retrieval-dependent);
 - ``peft-squad``: ``ralm tune --arch gpt --peft lora`` on SQuAD, retrieved paragraphs in the prompt (issue 13's run);
-- ``retroprompt``: a RetroPrompt run, where one was kept (ralm diagnose reads eval-lm methods and ``ralm tune``
-  runs: its answer is what the row says).
+- ``retroprompt``: a RetroPrompt run (Rotten Tomatoes, 16 shots, seed 13, all components) trained here with
+  benchmarks/retroprompt.py's settings of the same preset (``--retroprompt-run`` to give one): its knowledge
+  store's searches ablated, prompt tuning on its few-shot draw as the baseline, 200 test examples (``--cpu``).
 
 Settings as benchmarks/lm.py and benchmarks/retro.py define them: **leakage** = the evaluated articles are in the
 store (the first ``n_docs`` of the 460 store articles) and same-document exclusion is off; **clean** = held-out
@@ -94,7 +95,7 @@ class Grid:
     peft_run: str | None = None  # a `ralm tune` run (None: peftbench's, trained with ``peft`` if missing)
     retroprompt_run: str | None = None
     peft: dict[str, Any] = field(default_factory=dict)  # peftbench.Grid overrides of its --cpu grid
-    build: tuple[str, ...] = ("ds", "knn", "retro", "peft")  # what may be built here when missing
+    build: tuple[str, ...] = ("ds", "knn", "retro", "peft", "retroprompt")  # what may be built here when missing
     encoder: str | None = None  # encoder of a store built here (None: ralm's default)
     n_docs: int = 16
     doc_chars: int = 4000
@@ -196,6 +197,13 @@ class SharedTuner:
             record.unlink()
         return cached(record, lambda: task_prompt(run, root, progress=False, **kw))
 
+    @staticmethod
+    def retroprompt(run: str, **kw: Any) -> Any:
+        """A RetroPrompt run's subject (its baseline trains in the case's folder: one case reads it)."""
+        from ralm.tuning.prompt_baseline import PromptTuner
+
+        return PromptTuner.retroprompt(run, **kw)
+
 
 # ---- the cases -------------------------------------------------------------------------------------------
 def run_case(cfg: Any, tuner: Any, units: dict[str, Any]) -> dict[str, Any]:
@@ -248,8 +256,9 @@ def measure(g: Grid, name: str, docs: dict[str, Path], tuner: SharedTuner) -> di
     units: dict[str, Any] = {}
     try:  # a refusal (an artefact that does not fit, a run diagnose cannot read) is the row's reason
         if method == "retroprompt":
-            run = retroprompt_run(g)
-            cfg, art = DiagnoseConfig(out=str(out), run=run, split="test", **_baseline(g)), {"run": run}
+            art = {"run": retroprompt_run(g)}  # its baseline trains the run's own steps (baseline_steps None)
+            cfg = DiagnoseConfig(out=str(out), run=art["run"]["path"], split="test",
+                                 **{**_baseline(g), "baseline_steps": None})
         elif method == "peft":
             art = {"run": peft_run(g)}
             cfg = DiagnoseConfig(out=str(out), run=art["run"]["path"], split="test", limit=g.limit, **_baseline(g))

@@ -47,7 +47,7 @@ def tiny_grid(bench, root: Path, lm: str, encoder: str, **kw):
                 peft={"squad": str(root / "squad.json"), "steps": 2, "batch_size": 2, "lr": 0.05, "warmup": 1,
                       "docs": 2, "doc_tokens": 8, "max_len": 96, "max_new_tokens": 4, "max_target": 8,
                       "eval_examples": 2, "lora_rank": 2, "chunk_tokens": M, "encoder": encoder, "bf16": False},
-                limit=4, n_boot=50, threads=1, bf16=False)
+                limit=4, n_boot=50, threads=1, bf16=False, retroprompt_run=str(root / "rp"))
     return bench.Grid(**{**base, **kw})
 
 
@@ -64,6 +64,11 @@ def setup(tmp_path_factory, tiny_lm, tiny_tokenizer, tiny_encoder):
     build(BuildConfig(inputs=[str(root / "store.jsonl")], out=str(root / "ds"), tokenizer=tiny_tokenizer,
                       chunking=ChunkingConfig(M), encoder=EncoderConfig(name=tiny_encoder, dtype="fp32")),
           progress=False)
+    import test_retroprompt_train as rpt
+    from ralm.tuning.retroprompt import train_retroprompt
+
+    labelled = rpt.write_labelled(root / "labelled.jsonl")  # the RetroPrompt tests' generated texts
+    train_retroprompt(rpt.config(labelled, tiny_lm, root / "rp", peft="lora"), progress=False)
     return root
 
 
@@ -80,8 +85,7 @@ def test_every_case_runs_and_the_outputs_are_written(bench, result, setup):
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = {r["name"]: r for r in res["cases"]}
     assert list(rows) == list(bench.CASES)
-    assert rows["retroprompt"]["status"].startswith("not run: no RetroPrompt run kept")
-    for name in (*LM_CASES, "peft-squad"):
+    for name in (*LM_CASES, "peft-squad", "retroprompt"):
         r = rows[name]
         assert r["status"] == "measured", r["status"]
         cond = r["conditions"]
@@ -91,6 +95,8 @@ def test_every_case_runs_and_the_outputs_are_written(bench, result, setup):
         stored = json.loads((g.measured() / f"{name}.json").read_text())
         assert stored["verdict_at_run"] == r["verdict"]  # recomputed from the units: what ralm diagnose said
         assert r["units"] == (3 if name in LM_CASES else len(stored["units"]["real"]["values"]))
+    assert rows["retroprompt"]["metric"] == "acc" and rows["retroprompt"]["units"] == 8  # the run's test examples
+    assert rows["retroprompt"]["artefacts"]["run"]["source"] == "given"
     assert rows["in-context-clean"]["params"] == 0 == rows["knn-lm-leakage"]["params"]
     assert rows["retro-clean"]["params"] > 0 and rows["peft-squad"]["params"] > 0
     assert rows["retro-clean"]["artefacts"]["checkpoint"]["source"].startswith("RETRO-fit here")
@@ -99,13 +105,13 @@ def test_every_case_runs_and_the_outputs_are_written(bench, result, setup):
     assert rows["peft-squad"]["metric"] == "f1" and rows["peft-squad"]["change_unit"] == "f1 points"
     # the eval-lm cases train one prompt-tuning baseline (same text and settings) and share it
     assert len(list((Path(g.cache) / "baselines").glob("lm-*/choice.json"))) == 1
-    assert [c["case"] for c in res["comparison"]] == ["retro-clean", "retro-leakage", "peft-squad"]
+    assert [c["case"] for c in res["comparison"]] == ["retro-clean", "retro-leakage", "peft-squad", "retroprompt"]
     assert [e["case"] for e in res["expectations"]] == ["retro-clean", "retro-leakage", "in-context-leakage",
                                                         "knn-lm-leakage"]
     assert all(isinstance(e["held"], bool) for e in res["expectations"])
     md = (out / "results.md").read_text()
     assert md.count("\n| ") == 1 + len(bench.CASES) + 1 + len(res["comparison"])  # two tables with their headers
-    assert "| retroprompt | few-shot |" in md and "not run: no RetroPrompt run kept" in md and "## Expectations" in md
+    assert "| retroprompt | few-shot |" in md and "## Expectations" in md
     # the evaluated documents: the first n of each file, cut to doc_chars at a paragraph or word break
     leak = [json.loads(x) for x in Path(res["data"]["leakage"]).read_text().splitlines()]
     store = [json.loads(x) for x in (setup / "store.jsonl").read_text().splitlines()]
@@ -166,14 +172,15 @@ def test_rerun_reads_the_cache_and_max_minutes_stops(bench, result, setup, tiny_
 
 def test_missing_or_broken_artefacts_are_not_run_rows(bench, setup, tiny_lm, tiny_encoder):
     g = tiny_grid(bench, setup, tiny_lm, tiny_encoder, results=str(setup / "results-3"), cache=str(setup / "cache-3"),
-                  other=str(setup / "other-3"), build=(), ds=str(setup / "no-such-ds"),
-                  cases=("retro-clean", "knn-lm-leakage", "peft-squad", "in-context-clean"))
+                  other=str(setup / "other-3"), build=(), ds=str(setup / "no-such-ds"), retroprompt_run=None,
+                  cases=("retro-clean", "knn-lm-leakage", "peft-squad", "in-context-clean", "retroprompt"))
     res = bench.run_grid(g)
     why = {r["name"]: r["status"] for r in res["cases"]}
     assert why["retro-clean"] == f"not run: no retrieval store at {setup / 'no-such-ds'}"
     assert why["in-context-clean"] == why["retro-clean"]
     assert why["knn-lm-leakage"].startswith("not run: no kNN-LM store at ") and "(--no-build)" in why["knn-lm-leakage"]
     assert why["peft-squad"].startswith("not run: no PEFT run at ") and "(--no-build)" in why["peft-squad"]
+    assert why["retroprompt"].startswith("not run: no RetroPrompt run at ") and "(--no-build)" in why["retroprompt"]
     assert res["comparison"] == [] and all(e["held"] is None for e in res["expectations"])
     assert not list(Path(g.results).glob("grid-*/cases/*.json"))  # a "not run" row is not kept: a later run tries
     assert "not measured" in (Path(g.results) / "results.md").read_text()
@@ -188,7 +195,7 @@ def test_the_presets_and_flags(bench):
     cpu = bench.grid_from(bench.parser().parse_args(["--cpu", "--max-minutes", "30"]))
     assert (cpu.context, cpu.n_docs, cpu.doc_chars, cpu.stride, cpu.knn_docs, cpu.baseline_steps) == (
         256, 6, 1200, 32, 60, 100)
-    assert cpu.max_minutes == 30 and cpu.digest() != default.digest() and cpu.build == ("ds", "knn", "retro", "peft")
+    assert cpu.max_minutes == 30 and cpu.digest() != default.digest() and cpu.build == ("ds", "knn", "retro", "peft", "retroprompt")
     assert replace(cpu, max_minutes=5, cases=("retro-clean",)).digest() == cpu.digest()  # cases of one grid
     picked = bench.grid_from(bench.parser().parse_args(["--cpu", "--no-build", "--cases", "retro-clean,peft-squad"]))
     assert picked.build == () and picked.cases == ("retro-clean", "peft-squad")

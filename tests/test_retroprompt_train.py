@@ -28,6 +28,10 @@ TEMPLATE = "Review: {text} It was"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    return write_labelled(tmp_path_factory.mktemp("rp-data") / "labelled.jsonl")
+
+
+def write_labelled(path):
     """60 texts, 30 per class; a class's texts lean on its own words (something for the store to find)."""
     rng = random.Random(0)
     recs = []
@@ -35,7 +39,7 @@ def data(tmp_path_factory):
         label = ("neg", "pos")[i % 2]
         cue = ("river mountain", "music science")[i % 2]
         recs.append({"id": f"x{i}", "text": f"{cue} {make_text(rng, rng.randint(3, 12))}", "label": label})
-    return write_jsonl(tmp_path_factory.mktemp("rp-data") / "labelled.jsonl", recs)
+    return write_jsonl(path, recs)
 
 
 def config(data, tiny_lm, out, **kw) -> RetroPromptConfig:
