@@ -195,7 +195,8 @@ def test_the_presets_and_flags(bench):
     cpu = bench.grid_from(bench.parser().parse_args(["--cpu", "--max-minutes", "30"]))
     assert (cpu.context, cpu.n_docs, cpu.doc_chars, cpu.stride, cpu.knn_docs, cpu.baseline_steps) == (
         256, 6, 1200, 32, 60, 100)
-    assert cpu.max_minutes == 30 and cpu.digest() != default.digest() and cpu.build == ("ds", "knn", "retro", "peft", "retroprompt")
+    assert cpu.max_minutes == 30 and cpu.digest() != default.digest()
+    assert cpu.build == ("ds", "knn", "retro", "peft", "retroprompt")
     assert replace(cpu, max_minutes=5, cases=("retro-clean",)).digest() == cpu.digest()  # cases of one grid
     picked = bench.grid_from(bench.parser().parse_args(["--cpu", "--no-build", "--cases", "retro-clean,peft-squad"]))
     assert picked.build == () and picked.cases == ("retro-clean", "peft-squad")
