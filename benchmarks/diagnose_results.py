@@ -153,7 +153,8 @@ def markdown(res: dict[str, Any]) -> str:
                      + f" | {_est(r, 'base')} | {_est(r, 'prompt-tuning')} | {pt} | {r['params']:,} | {r['verdict']} |")
     lines += ["", "Change = gain over the frozen base (ppl: nats per token). kNN-LM's `none`: with no neighbour p = "
               "(1 - λ) p_LM, -log(1 - λ) nats per token above the frozen base, so an ablation that keeps any "
-              "neighbour beats it; the frozen base is the reference."]
+              "neighbour beats it; the verdict's no-retrieval reference is the frozen base wherever that beats "
+              "`none` (ralm.eval.verdict)."]
     lines += ["", "## The article's comparison: a trained retrieval pipeline vs prompt tuning", ""]
     if res["comparison"]:
         lines += ["| case | unit | pipeline params | pipeline change | prompt-tuning params | prompt-tuning change "

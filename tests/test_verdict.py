@@ -89,3 +89,23 @@ def test_verdict_from_per_unit_values():
              **{a: f1 + rng.normal(0, 0.01, 50) for a in ("shuffled", "random", "fixed")}}
     assert verdict_from_units("f1", units, n_boot=300).verdict == DEPENDENT
     assert verdict_from_units("ppl", units, n_boot=300).verdict == NO_GAIN  # F1-like gains read as ppl: worse
+
+
+def test_a_penalised_none_gives_way_to_the_frozen_base():
+    """kNN-LM's none = (1 - λ)·p_LM: every neighbour-keeping ablation "beats" it by -log(1 - λ) nats per token.
+    With the frozen base beside it the reference is the base, and a store no better than the base is no gain;
+    a trained method's none (better than its zero-shot base) stays the reference."""
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(50, 150, size=30).astype(float)
+    base = tokens * rng.uniform(2.5, 3.5, size=30)
+    noise = lambda: rng.normal(0, 0.5, 30)  # noqa: E731
+    penalised = base + tokens * -np.log(0.75)  # what kNN-LM's none scores
+    units = {"base": base, "none": penalised, "real": base + noise(), "prompt-tuning": base * 0.97 + noise(),
+             **{a: base + noise() for a in ("shuffled", "random", "fixed", "random-text")}}
+    without_base = verdict_from_units("ppl", {k: v for k, v in units.items() if k != "base"}, tokens, "ppl",
+                                      n_boot=300)
+    assert without_base.verdict == SOFT_PROMPT  # the artefact: the penalty alone reads as a kept gain
+    v = verdict_from_units("ppl", units, tokens, "ppl", n_boot=300)
+    assert v.verdict == NO_GAIN and "no retrieval = base" in v.text() and "real does not beat base" in v.text()
+    trained = {**units, "none": base * 0.9, "base": base}  # a tuned model without retrieval beats its base
+    assert "no retrieval = base" not in verdict_from_units("ppl", trained, tokens, "ppl", n_boot=300).text()

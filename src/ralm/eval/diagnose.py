@@ -267,7 +267,7 @@ def diagnose_units(metric: str, kind: str, units: dict[str, Units], params: dict
                    n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """The conditions' summary and the verdict (``verdict_from_units`` over the paired units)."""
     weights = units["real"].weights
-    vd = verdict_from_units(metric, {k: u.values for k, u in units.items() if k != "base"}, weights, kind,
+    vd = verdict_from_units(metric, {k: u.values for k, u in units.items()}, weights, kind,
                             n_boot, seed, level)
     return {"metric": metric, "conditions": summarise(metric, kind, units, params, n_boot, seed, level),
             "verdict": vd.verdict, "rule": vd.rule, "checks": list(vd.lines)}

@@ -2,7 +2,7 @@
 cannot build itself, as eval may not import tuning (the CLI hands it ``PromptTuner.retroprompt``).
 
 ``RetroPromptSubject(run, split, limit)`` re-loads the finished run (``load_run``: config, weights, the trained
-model's store, λ) and scores the split's examples, one 0/1 correctness each, under any retriever wrapper:
+model's store, λ) and scores the split's examples, 0 or 100 accuracy points each, under any retriever wrapper:
 every search the knowledge store answers (p_kNN over all rows, each class's demonstrations) goes through the
 wrapper (``KnowledgeStore.wrapped``), so the store ablations of ralm.core.ablations act on RetroPrompt as on
 the LM methods, at equal context: "none" leaves every neighbour out (p_kNN uniform: the argmax is p_model's;
@@ -44,11 +44,12 @@ SPLITS = ("dev", "test")
 
 def correct(bb: Backbone, store: KnowledgeStore, examples: Sequence[LabelledExample], knn: KNNConfig,
             lmbda: float, batch_size: int = 16) -> np.ndarray:
-    """(n,) 1.0 where (1 − λ)·p_model + λ·p_kNN puts the gold class first, else 0.0."""
+    """(n,) accuracy points per example, as the task runs' per-example metrics: 100 where (1 − λ)·p_model +
+    λ·p_kNN puts the gold class first, else 0."""
     with eval_mode(bb.module()), torch.no_grad():
         p_model, p_knn = class_probs(bb, store, examples, knn, batch_size)
     hit = interpolate(p_model, p_knn, lmbda).argmax(-1) == label_indices(bb, examples)
-    return hit.float().numpy().astype(np.float64)
+    return 100.0 * hit.float().numpy().astype(np.float64)
 
 
 def random_texts(examples: Sequence[LabelledExample], seed: int) -> list[LabelledExample]:
