@@ -31,7 +31,11 @@ shots and the seeds in ``--memo-seeds`` (default: the first seed; LiSSA over a L
 vector products per group of examples), the self-influence of every training example over the run's trained
 parameters, summarised over all examples and the atypical 10 % (lowest p_kNN of the gold label under that run's
 own final store, self left out): text runs by LiSSA (the reference's damping 5e-3 and scale 1e4, ``--memo-depth``
-steps), image runs by an exact solve over the head's last layer. ``--no-memo`` skips it.
+steps; ``--cpu``: 10), image runs by an exact solve over the head's last layer. ``--no-memo`` skips it. Measured
+here at depth 100: the first group of 8 of a 32-example LoRA prompt-FT run had not finished after 55 minutes on
+one thread (each step is a Hessian-vector product through SmolLM2 for each of the group's vectors), so ~4 h
+per cell; depth 10 is what the CPU preset affords, a cruder inverse (the recursion sums `depth` terms of the
+series for (H + d·s·I)⁻¹): each cell's JSON names the approximation and depth with its scores.
 """
 
 from __future__ import annotations
@@ -328,7 +332,8 @@ def chart(res: dict[str, Any], path: Path) -> None:
 
 def grid_from(args: argparse.Namespace) -> Grid:
     if args.cpu:
-        g = Grid(preset="cpu", peft="lora", lora_rank=8, steps=96, lr=5e-4, test_limit=200, max_tokens=128)
+        g = Grid(preset="cpu", peft="lora", lora_rank=8, steps=96, lr=5e-4, test_limit=200, max_tokens=128,
+                 memo_depth=10)
     else:
         g = Grid()
     over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
@@ -362,7 +367,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-memo", action="store_true", help="skip the memorization scores")
     ap.add_argument("--memo-seeds", nargs="+", type=int, help="seeds whose prompt-FT and RetroPrompt cells score "
                     "memorization (default: 13)")
-    ap.add_argument("--memo-depth", type=int, help="LiSSA recursion depth of text runs (default 100)")
+    ap.add_argument("--memo-depth", type=int, help="LiSSA recursion depth of text runs (default 100; --cpu 10)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--in-process", action="store_true", help="train in this process (no peak RSS per run)")
     ap.add_argument("--keep-runs", action="store_true", help="keep each trained cell's run folder (weights)")

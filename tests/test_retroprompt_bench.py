@@ -116,6 +116,7 @@ def test_the_presets_and_flags(bench):
     assert paper.shots == (16, 4) and paper.seeds == (13, 21, 42, 87, 100) and paper.isolate
     cpu = bench.grid_from(bench.parser().parse_args(["--cpu", "--beta", "1", "--data", "bbc-news", "--seeds", "13"]))
     assert (cpu.peft, cpu.steps, cpu.test_limit, cpu.max_tokens, cpu.beta) == ("lora", 96, 200, 128, 1.0)
+    assert cpu.memo_depth == 10
     assert cpu.data == ("bbc-news",) and cpu.seeds == (13,) and cpu.digest() != paper.digest()
     assert replace(cpu, seeds=(13, 21), max_minutes=5).digest() == cpu.digest()  # cells of one grid, not another
     assert paper.memo and paper.memo_seeds == (13,) and paper.memo_depth == 100
