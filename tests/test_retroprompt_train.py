@@ -179,6 +179,11 @@ def test_a_run_killed_while_scoring_scores_on_rerun(data, tiny_lm, tmp_path, mon
         "split": "test", **full_run[1]["test"]}
     with pytest.raises(RalmError, match="already trained for 4 steps"):
         rp.train_retroprompt(cfg, progress=False)
+    back = rp.finished_result(cfg)  # what a benchmark cell killed after training reads instead
+    assert back["test"] == again["test"] and back["lmbda"] == again["lmbda"]
+    assert back["steps"] == 4 and back["store"]["refreshes"] >= 1 and back["trainable"] == again["trainable"]
+    assert rp.finished_result(replace(cfg, steps=5)) is None
+    assert rp.finished_result(replace(cfg, out=str(tmp_path / "elsewhere"))) is None
 
 
 @pytest.mark.parametrize("peft", ["full", "lora", "prompt"])

@@ -44,7 +44,7 @@ from ralm.methods.retroprompt.backbone import Backbone, eval_mode, label_indices
 from ralm.methods.retroprompt.knn import KNNConfig, interpolate, store_knn_probs
 from ralm.methods.retroprompt.scoring import accuracy
 from ralm.methods.retroprompt.store import KnowledgeStore
-from ralm.tuning.retroprompt import build_backbone, train_retroprompt
+from ralm.tuning.retroprompt import build_backbone, finished_result, train_retroprompt
 from ralm.tuning.retroprompt_config import Draw, RetroPromptConfig, draw
 
 ROWS: dict[str, str] = {
@@ -110,8 +110,9 @@ def row_config(base: RetroPromptConfig, cell: Cell, out: str | Path) -> RetroPro
 
 
 def trained_cell(cfg: RetroPromptConfig) -> dict[str, Any]:
-    """Train (or resume) ``cfg`` and keep what the table reads: accuracies, λ, speed and the store's cost."""
-    s = train_retroprompt(cfg, progress=False)
+    """Train (or resume, or read back if already trained and scored) ``cfg`` and keep what the table reads:
+    accuracies, λ, speed and the store's cost."""
+    s = finished_result(cfg) or train_retroprompt(cfg, progress=False)
     if "test" not in s:
         raise RalmError(f"--data {cfg.data}: no test split to score")
     return {"test": s["test"]["accuracy"], "test_model": s["test"]["accuracy_model"],

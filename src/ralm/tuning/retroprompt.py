@@ -113,6 +113,19 @@ def _scoring_was_cut(out: Path, cfg: RetroPromptConfig) -> bool:
             and meta.get("step") == cfg.steps and meta.get("resume_key") == loop.run_key(cfg, cfg.resume_key()))
 
 
+def finished_result(cfg: RetroPromptConfig) -> dict[str, Any] | None:
+    """What ``train_retroprompt(cfg)`` returned, read back from ``cfg.out`` if it holds this run trained to
+    ``cfg.steps`` and scored; None otherwise. A caller that was killed after training (a benchmark cell
+    during its memorization scoring) continues from here, where ``train`` itself refuses ("already trained")."""
+    out = Path(cfg.out)
+    meta = outdir.read_json(out / RUN)
+    if not (isinstance(meta, dict) and meta.get("format") == FORMAT and "lmbda" in meta and "summary" in meta
+            and meta.get("step") == cfg.steps and meta.get("resume_key") == loop.run_key(cfg, cfg.resume_key())):
+        return None
+    return {"run": str(out), **meta["summary"], **meta["parameters"],
+            **{k: meta[k] for k in ("lmbda", "dev", "test") if k in meta}}
+
+
 def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     out = Path(cfg.out)
     if _scoring_was_cut(out, cfg):  # the loop would refuse ("already trained"): score the saved weights
@@ -122,7 +135,8 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
         meta = json.loads((out / RUN).read_text(encoding="utf-8"))
         result = _finish(cfg, bb, d, out, progress)
         write_json(out / RUN, {**meta, **result})
-        return {"run": str(out), "steps": cfg.steps, "resumed_at_step": cfg.steps, **counts(bb), **result}
+        return {"run": str(out), **meta.get("summary", {"steps": cfg.steps}), "resumed_at_step": cfg.steps,
+                **counts(bb), **result}
     state = loop.resume_state(out, cfg, LABEL, cfg.resume_key())  # refused before the model loads
     d = draw(cfg)
     bb, fps = build_backbone(cfg, d)
@@ -186,6 +200,7 @@ def _train(cfg: RetroPromptConfig, progress: bool) -> dict[str, Any]:
     summary["store"] = {"refreshes": cost["refreshes"], "refresh_seconds": round(refresh_s, 3),
                         "share_of_training_time": round(refresh_s / wall, 4),
                         "train_p_knn_gold": round(sum(gold) / len(gold), 4) if gold else None}
+    write_json(out / RUN, {**meta, "step": summary["steps"], "summary": summary})  # kept if scoring is killed
     result = _finish(cfg, bb, d, out, progress)
     write_json(out / RUN, {**meta, "step": summary["steps"], "summary": summary, **result})
     return {"run": str(out), **summary, **counts(bb), **result}
