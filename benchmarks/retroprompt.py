@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """RetroPrompt's few-shot table (issue 14): ``ralm.tuning.fewshot_table`` at 16 and 4 shots on Rotten Tomatoes
-and BBC News with SmolLM2-135M (and Fashion-MNIST where the trainer reads it), LM-BFF's five seeds.
+and BBC News with SmolLM2-135M, and on Fashion-MNIST (a head over frozen EfficientNet-Lite0 features, lr
+``--image-lr``, the whole test split), LM-BFF's five seeds.
 
 Presets. Default = the paper's settings, for a GPU: full prompt-based fine-tuning, 800 steps of 8 at lr 1e-5,
 the whole test split. ``--cpu`` = what two CPU cores finish in about a day: LoRA (rank 8 on the attention projections:
@@ -62,6 +63,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "retroprompt"
 DATA = Path(os.environ.get("RALM_DATA_DIR", ROOT.parent / "shared" / "data"))  # where a named set's file is
 DATA_SETS = ("rotten-tomatoes", "bbc-news", "fashion-mnist")
 SEEDS = (13, 21, 42, 87, 100)
+IMAGE_DEFAULTS: dict[str, Any] = {"image_lr": 1e-3, "image_test_limit": None}  # Grid's (see digest)
 HEADLINE = ("zero-shot", "knn", "linear-probe", "prompt-ft", "retroprompt")
 ABLATIONS = ("no-loss-scaling", "no-interpolation", "no-demos", "no-refresh", "kept-in")
 
@@ -104,14 +106,21 @@ class Grid:
     memo: bool = True  # memorization scores of the prompt-FT and RetroPrompt cells (see the module docstring)
     memo_seeds: tuple[int, ...] = (13,)
     memo_depth: int = 100
+    memo_data: tuple[str, ...] | None = None  # data sets whose cells score memorization (None: all)
+    # image sets train a head over frozen features: the LM's flags (model, peft, max_tokens) do not apply, a head
+    # wants a larger lr than LoRA, and scoring the whole test split costs seconds (the features are cached)
+    image_lr: float = IMAGE_DEFAULTS["image_lr"]
+    image_test_limit: int | None = IMAGE_DEFAULTS["image_test_limit"]
 
     def settings(self) -> dict[str, Any]:
         keys = ("model", "peft", "lora_rank", "n_virtual", "steps", "lr", "batch_size", "test_limit", "max_tokens",
-                "k", "demos", "beta", "bf16", "overrides")
+                "k", "demos", "beta", "bf16", "overrides", "image_lr", "image_test_limit")
         return {k: getattr(self, k) for k in keys}
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:10]
+        # the image settings came after grids were measured: at their defaults they leave the digest as it was
+        s = {k: v for k, v in self.settings().items() if k not in IMAGE_DEFAULTS or v != IMAGE_DEFAULTS[k]}
+        return hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self, kind: str) -> Path:
         """``cells``: the measured cells' JSON (kept: a rerun continues); ``runs``: run folders while they train."""
@@ -123,16 +132,20 @@ def base_config(g: Grid, data: str) -> Any:
     from ralm.data.registry import DATASETS
     from ralm.methods.peft import PeftConfig
     from ralm.tuning.fewshot_table import cell_config
-    from ralm.tuning.retroprompt_config import RetroPromptConfig, draw
+    from ralm.tuning.retroprompt_config import IMAGE_SETS, RetroPromptConfig, draw
 
     shared = DATA / DATASETS[data].filename if data in DATASETS else None
     file = g.data_files.get(data, str(shared) if shared is not None and shared.exists() else None)
-    cfg = RetroPromptConfig(data=data, out=str(g.folder("runs")), data_file=file, model=g.model,
-                            steps=g.steps, lr=g.lr, batch_size=g.batch_size, test_limit=g.test_limit,
-                            eval_every=0, save_every=max(1, g.steps // 4), bf16=g.bf16, **g.overrides)
-    peft = PeftConfig(method=g.peft, lora_rank=g.lora_rank, lora_alpha=float(g.lora_rank), n_virtual=g.n_virtual)
-    cfg = replace(cfg, peft=peft, prompt=replace(cfg.prompt, max_tokens=g.max_tokens),
-                  knn=replace(cfg.knn, k=g.k, demos=g.demos, beta=g.beta))
+    images = data in IMAGE_SETS
+    lm = {} if images else {"model": g.model}
+    cfg = RetroPromptConfig(data=data, out=str(g.folder("runs")), data_file=file, steps=g.steps,
+                            lr=g.image_lr if images else g.lr, batch_size=g.batch_size,
+                            test_limit=g.image_test_limit if images else g.test_limit,
+                            eval_every=0, save_every=max(1, g.steps // 4), bf16=g.bf16, **lm, **g.overrides)
+    if not images:
+        peft = PeftConfig(method=g.peft, lora_rank=g.lora_rank, lora_alpha=float(g.lora_rank), n_virtual=g.n_virtual)
+        cfg = replace(cfg, peft=peft, prompt=replace(cfg.prompt, max_tokens=g.max_tokens))
+    cfg = replace(cfg, knn=replace(cfg.knn, k=g.k, demos=g.demos, beta=g.beta))
     for shots in g.shots:  # the data is there and every draw can be made: else the set is skipped, said why
         draw(cell_config(cfg, shots, g.seeds[0], cfg.out))
     return cfg
@@ -154,7 +167,7 @@ def plan(g: Grid) -> list[Any]:
 # ---- measuring ---------------------------------------------------------------------------------------
 def memo_job(cfg: Any, g: Grid) -> dict[str, Any] | None:
     """How to score memorization after this cell trains (``memorization_scores``' keywords), or None."""
-    if not g.memo or cfg.seed not in g.memo_seeds:
+    if not g.memo or cfg.seed not in g.memo_seeds or (g.memo_data is not None and cfg.data not in g.memo_data):
         return None
     if cfg.data == "fashion-mnist":
         return {"method": "exact", "params": "head"}
@@ -210,6 +223,8 @@ def run_grid(g: Grid) -> dict[str, Any]:
         torch.set_num_threads(g.threads)
     t_start = time.perf_counter()
     skipped = [] if g.memo else ["memorization table (--no-memo)"]
+    if g.memo and g.memo_data is not None:
+        skipped += [f"{d}: memorization (not in --memo-data)" for d in g.data if d not in g.memo_data]
     bases, data = {}, []
     for d in g.data:
         try:
@@ -337,9 +352,10 @@ def grid_from(args: argparse.Namespace) -> Grid:
     else:
         g = Grid()
     over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
-            "peft": args.peft, "model": args.model, "beta": args.beta}
+            "peft": args.peft, "model": args.model, "beta": args.beta, "image_lr": args.image_lr}
     picked = {"data": args.data, "shots": args.shots, "seeds": args.seeds, "rows": args.rows}
-    memo = {"memo_seeds": tuple(args.memo_seeds) if args.memo_seeds else None, "memo_depth": args.memo_depth}
+    memo = {"memo_seeds": tuple(args.memo_seeds) if args.memo_seeds else None, "memo_depth": args.memo_depth,
+            "memo_data": tuple(args.memo_data) if args.memo_data else None}
     g = replace(g, memo=not args.no_memo, **{k: v for k, v in memo.items() if v is not None})
     return replace(g, max_minutes=args.max_minutes, threads=args.threads, cache=args.cache_dir,
                    results=args.results_dir, isolate=not args.in_process, keep_runs=args.keep_runs,
@@ -359,6 +375,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--peft", help="trained parameters: full (default), lora, prompt, ...")
     ap.add_argument("--steps", type=int, help="training steps per trained cell")
     ap.add_argument("--lr", type=float, help="learning rate of every trained cell")
+    ap.add_argument("--image-lr", type=float, help="learning rate of the image cells' head (default 1e-3; the "
+                    "LM flags --model --peft do not apply to them, and they score the whole test split)")
     ap.add_argument("--batch-size", type=int, help="examples per step")
     ap.add_argument("--beta", type=float, help="the kNN-guided loss's β (default: the reference's 1e-4, which "
                     "scales CE by ~1.0001: the no-loss-scaling row then differs from RetroPrompt by ~nothing)")
@@ -367,6 +385,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-memo", action="store_true", help="skip the memorization scores")
     ap.add_argument("--memo-seeds", nargs="+", type=int, help="seeds whose prompt-FT and RetroPrompt cells score "
                     "memorization (default: 13)")
+    ap.add_argument("--memo-data", nargs="+", help="data sets whose cells score memorization (default: all; a "
+                    "cell measured without it keeps none: delete its cell JSON to score it)")
     ap.add_argument("--memo-depth", type=int, help="LiSSA recursion depth of text runs (default 100; --cpu 10)")
     ap.add_argument("--threads", type=int, help="torch CPU threads")
     ap.add_argument("--in-process", action="store_true", help="train in this process (no peak RSS per run)")

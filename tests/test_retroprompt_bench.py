@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -123,3 +124,11 @@ def test_the_presets_and_flags(bench):
     memo = bench.grid_from(bench.parser().parse_args(["--memo-seeds", "21", "42", "--memo-depth", "7"]))
     assert memo.memo_seeds == (21, 42) and memo.memo_depth == 7 and memo.digest() == paper.digest()
     assert not bench.grid_from(bench.parser().parse_args(["--no-memo"])).memo
+    # image cells: their own lr and the whole test split; at the defaults the digest of measured grids holds
+    assert (cpu.image_lr, cpu.image_test_limit) == (1e-3, None) and "image_lr" in cpu.settings()
+    assert replace(cpu, image_lr=1e-3).digest() == cpu.digest() != replace(cpu, image_lr=1e-2).digest()
+    picked = bench.grid_from(bench.parser().parse_args(["--cpu", "--memo-data", "rotten-tomatoes", "--image-lr", "0.01"]))
+    assert picked.memo_data == ("rotten-tomatoes",) and picked.image_lr == 0.01
+    cell = SimpleNamespace(seed=13, data="bbc-news")
+    assert bench.memo_job(cell, picked) is None and bench.memo_job(cell, cpu) is not None
+    assert bench.memo_job(SimpleNamespace(seed=13, data="rotten-tomatoes"), picked) is not None
