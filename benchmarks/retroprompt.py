@@ -63,7 +63,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "retroprompt"
 DATA = Path(os.environ.get("RALM_DATA_DIR", ROOT.parent / "shared" / "data"))  # where a named set's file is
 DATA_SETS = ("rotten-tomatoes", "bbc-news", "fashion-mnist")
 SEEDS = (13, 21, 42, 87, 100)
-IMAGE_DEFAULTS: dict[str, Any] = {"image_lr": 1e-3, "image_test_limit": None}  # Grid's (see digest)
+# settings added after grids were measured: at these defaults a grid's digest is what it was (Grid.digest)
+LATER_DEFAULTS: dict[str, Any] = {"image_lr": 1e-3, "image_test_limit": None, "demo_norm": "raw"}
 HEADLINE = ("zero-shot", "knn", "linear-probe", "prompt-ft", "retroprompt")
 ABLATIONS = ("no-loss-scaling", "no-interpolation", "no-demos", "no-refresh", "kept-in")
 
@@ -109,17 +110,17 @@ class Grid:
     memo_data: tuple[str, ...] | None = None  # data sets whose cells score memorization (None: all)
     # image sets train a head over frozen features: the LM's flags (model, peft, max_tokens) do not apply, a head
     # wants a larger lr than LoRA, and scoring the whole test split costs seconds (the features are cached)
-    image_lr: float = IMAGE_DEFAULTS["image_lr"]
-    image_test_limit: int | None = IMAGE_DEFAULTS["image_test_limit"]
+    image_lr: float = LATER_DEFAULTS["image_lr"]
+    image_test_limit: int | None = LATER_DEFAULTS["image_test_limit"]
+    demo_norm: str = LATER_DEFAULTS["demo_norm"]  # text demonstrations: raw (the reference) or embedding
 
     def settings(self) -> dict[str, Any]:
         keys = ("model", "peft", "lora_rank", "n_virtual", "steps", "lr", "batch_size", "test_limit", "max_tokens",
-                "k", "demos", "beta", "bf16", "overrides", "image_lr", "image_test_limit")
+                "k", "demos", "beta", "bf16", "overrides", "image_lr", "image_test_limit", "demo_norm")
         return {k: getattr(self, k) for k in keys}
 
     def digest(self) -> str:
-        # the image settings came after grids were measured: at their defaults they leave the digest as it was
-        s = {k: v for k, v in self.settings().items() if k not in IMAGE_DEFAULTS or v != IMAGE_DEFAULTS[k]}
+        s = {k: v for k, v in self.settings().items() if k not in LATER_DEFAULTS or v != LATER_DEFAULTS[k]}
         return hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self, kind: str) -> Path:
@@ -144,7 +145,7 @@ def base_config(g: Grid, data: str) -> Any:
                             eval_every=0, save_every=max(1, g.steps // 4), bf16=g.bf16, **lm, **g.overrides)
     if not images:
         peft = PeftConfig(method=g.peft, lora_rank=g.lora_rank, lora_alpha=float(g.lora_rank), n_virtual=g.n_virtual)
-        cfg = replace(cfg, peft=peft, prompt=replace(cfg.prompt, max_tokens=g.max_tokens))
+        cfg = replace(cfg, peft=peft, prompt=replace(cfg.prompt, max_tokens=g.max_tokens, demo_norm=g.demo_norm))
     cfg = replace(cfg, knn=replace(cfg.knn, k=g.k, demos=g.demos, beta=g.beta))
     for shots in g.shots:  # the data is there and every draw can be made: else the set is skipped, said why
         draw(cell_config(cfg, shots, g.seeds[0], cfg.out))
@@ -352,7 +353,8 @@ def grid_from(args: argparse.Namespace) -> Grid:
     else:
         g = Grid()
     over = {"steps": args.steps, "lr": args.lr, "test_limit": args.test_limit, "batch_size": args.batch_size,
-            "peft": args.peft, "model": args.model, "beta": args.beta, "image_lr": args.image_lr}
+            "peft": args.peft, "model": args.model, "beta": args.beta, "image_lr": args.image_lr,
+            "demo_norm": args.demo_norm}
     picked = {"data": args.data, "shots": args.shots, "seeds": args.seeds, "rows": args.rows}
     memo = {"memo_seeds": tuple(args.memo_seeds) if args.memo_seeds else None, "memo_depth": args.memo_depth,
             "memo_data": tuple(args.memo_data) if args.memo_data else None}
@@ -378,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-lr", type=float, help="learning rate of the image cells' head (default 1e-3; the "
                     "LM flags --model --peft do not apply to them, and they score the whole test split)")
     ap.add_argument("--batch-size", type=int, help="examples per step")
+    ap.add_argument("--demo-norm", choices=("raw", "embedding"), help="text demonstrations enter the input as "
+                    "the representations are (raw, default: the reference) or at the input embeddings' mean norm")
     ap.add_argument("--beta", type=float, help="the kNN-guided loss's β (default: the reference's 1e-4, which "
                     "scales CE by ~1.0001: the no-loss-scaling row then differs from RetroPrompt by ~nothing)")
     ap.add_argument("--test-limit", type=int, help="score the first N test examples (default: all; --cpu 200)")

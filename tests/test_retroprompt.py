@@ -347,6 +347,26 @@ def test_demonstrations_enter_the_prompt_at_the_class_placeholders(pm, lm):
         pm.forward(pm.batch(batch_texts, demos=True), vecs[:, :1])
 
 
+def test_demonstrations_at_embedding_norm_enter_with_the_mean_embedding_norm(pm, lm):
+    model, tok = lm
+    cfg = PromptConfig(template="Review: {text} It was", verbalizer=VERBALIZER, demo_norm="embedding")
+    scaled = PromptModel(model, tok, cfg)
+    batch_texts = texts(3, seed=7)
+    torch.manual_seed(0)
+    vecs = torch.randn(3, 2, model.config.hidden_size) * 40
+    vecs[1, 0] = 0  # a class with no neighbour found: a zero demonstration stays zero
+    target = model.get_input_embeddings().weight.norm(dim=-1).mean()
+    want = torch.where(vecs.norm(dim=-1, keepdim=True) > 0, vecs / vecs.norm(dim=-1, keepdim=True) * target, vecs)
+    batch = pm.batch(batch_texts, demos=True)
+    torch.testing.assert_close(scaled.forward(batch, vecs).class_logits, pm.forward(batch, want).class_logits,
+                               atol=1e-5, rtol=1e-4)  # the raw model given the rescaled vectors by hand
+    assert (scaled.forward(batch, vecs).class_logits - pm.forward(batch, vecs).class_logits).abs().max() > 1e-4
+    torch.testing.assert_close(scaled.forward(pm.batch(batch_texts)).class_logits,
+                               pm.forward(pm.batch(batch_texts)).class_logits)  # no demonstrations: no change
+    with pytest.raises(RalmError, match="--demo-norm 'unit': choose raw or embedding"):
+        PromptConfig(demo_norm="unit")
+
+
 def test_store_demos_and_knn_from_the_prompt_model_end_to_end(pm):
     train = texts(8, seed=9)
     labels = [0, 1] * 4

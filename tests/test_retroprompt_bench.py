@@ -132,3 +132,5 @@ def test_the_presets_and_flags(bench):
     cell = SimpleNamespace(seed=13, data="bbc-news")
     assert bench.memo_job(cell, picked) is None and bench.memo_job(cell, cpu) is not None
     assert bench.memo_job(SimpleNamespace(seed=13, data="rotten-tomatoes"), picked) is not None
+    normed = bench.grid_from(bench.parser().parse_args(["--cpu", "--demo-norm", "embedding"]))
+    assert normed.demo_norm == "embedding" and normed.digest() != cpu.digest()  # its own cells

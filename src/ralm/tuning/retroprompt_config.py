@@ -164,7 +164,10 @@ class RetroPromptConfig(TrainConfig):
         if self.images:  # where the features are cached, in what batches, does not change them
             return {**key, "vision": {k: v for k, v in asdict(self.vision).items()
                                       if k not in ("feature_cache", "feature_batch", "device")}}
-        return {**key, "prompt": asdict(self.prompt_config()), "model": self.model, "peft": asdict(self.peft)}
+        prompt = asdict(self.prompt_config())
+        if prompt["demo_norm"] == "raw":  # runs saved before the option had no such key, and were raw
+            del prompt["demo_norm"]
+        return {**key, "prompt": prompt, "model": self.model, "peft": asdict(self.peft)}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

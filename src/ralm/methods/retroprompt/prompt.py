@@ -15,7 +15,8 @@ first token at that position.
 Neural demonstrations (``demos.py``) add, after the start token and before the prompt, one block per class:
 ``[placeholder][that class's label word]``; the placeholder's input embedding is overwritten by the class's
 demonstration vector (the reference puts ``[placeholder, label word]`` pairs after the input; a causal LM
-must read them before the position it predicts from).
+must read them before the position it predicts from). ``demo_norm="embedding"`` rescales each to the mean
+norm of the input embedding rows first (the reference writes the representation as it is: ``raw``).
 
 Batches pad on the left (default: every row's prediction is the last column) or on the right (each row's
 last real token is gathered); positions are counted from each row's first real token, so a row's output does
@@ -35,6 +36,8 @@ from ralm.core.start_token import start_token_id
 from ralm.errors import RalmError
 from ralm.lm.hidden import head_inputs
 
+DEMO_NORMS = ("raw", "embedding")  # how a neural demonstration enters the input (PromptConfig.demo_norm)
+
 
 @dataclass
 class PromptConfig:
@@ -44,6 +47,9 @@ class PromptConfig:
         "help": "class=word (several words: class=word1|word2), repeatable; the label words come after the prompt"})
     label_prefix: str = field(default=" ", metadata={"help": "text put before each label word when it is tokenized"})
     max_tokens: int = field(default=256, metadata={"help": "longest prompt in tokens (longer texts are cut)"})
+    demo_norm: str = field(default="raw", metadata={
+        "help": "neural demonstrations enter the input as the representations are (raw, the reference's) or "
+                "rescaled to the mean norm of the input embedding rows (embedding)"})
 
     def __post_init__(self) -> None:
         try:
@@ -55,6 +61,8 @@ class PromptConfig:
                             f"{{...}} field (found {slots or 'none'})")
         if self.max_tokens < 2:
             raise RalmError(f"--max-tokens {self.max_tokens}: must be >= 2")
+        if self.demo_norm not in DEMO_NORMS:
+            raise RalmError(f"--demo-norm {self.demo_norm!r}: choose {' or '.join(DEMO_NORMS)}")
         self.words  # noqa: B018  (parses and checks the verbalizer)
 
     @property
@@ -166,6 +174,9 @@ class PromptModel:
         self.max_tokens = min(config.max_tokens, limit - n_virtual) if limit else config.max_tokens
         self._head, tail = config.template.split("{text}")  # head + text are tokenized together (BPE merges)
         self._tail = tokenizer.encode(tail, add_special_tokens=False) if tail else []
+        # a pre-norm causal LM's head inputs are far longer than its token embeddings (SmolLM2-135M: ~41 vs ~3);
+        # RoBERTa's, the reference's, are comparable. The target norm is taken once, at load.
+        self._embed_norm = float(model.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
 
     @property
     def n_classes(self) -> int:
@@ -229,6 +240,8 @@ class PromptModel:
             if demo_vectors.shape[:2] != (B, C) or demo_vectors.shape[2] != embeds.shape[2]:
                 raise RalmError(f"neural demonstrations: expected ({B}, {C}, {embeds.shape[2]}) vectors, got "
                                 f"{tuple(demo_vectors.shape)}")
+            if self.config.demo_norm == "embedding":  # a zero demonstration (no neighbour found) stays zero
+                demo_vectors = demo_vectors * (self._embed_norm / demo_vectors.norm(dim=-1, keepdim=True).clamp(min=1e-12))
             rows = torch.arange(B, device=device)[:, None].expand(B, C)
             embeds = embeds.index_put((rows, batch.demo_slots.to(device)),
                                       demo_vectors.to(device=device, dtype=embeds.dtype))
