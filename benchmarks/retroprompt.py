@@ -285,7 +285,13 @@ def memorization_table(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+IMAGE_NOTE = ("A head over frozen EfficientNet-Lite0 ImageNet features trains here (lr image_lr; model, peft, lr, "
+              "test_limit and max_tokens are the text sets'); its zero-shot row is that head untrained: chance.")
+
+
 def markdown(res: dict[str, Any]) -> str:
+    from ralm.tuning.retroprompt_config import IMAGE_SETS
+
     lines = ["# RetroPrompt few-shot table (benchmarks/retroprompt.py)", "",
              f"Preset {res['preset']}; settings: " + ", ".join(f"{k}={v}" for k, v in res["settings"].items()),
              f"Seeds {res['seeds']}; test accuracy in points, mean ± std over seeds (population std, as LM-BFF).", ""]
@@ -299,6 +305,7 @@ def markdown(res: dict[str, Any]) -> str:
             if not rows:
                 continue
             lines += ["", f"## {data}, {shots} shots (test examples: {rows[0]['test_examples']})", "",
+                      *([IMAGE_NOTE, ""] if data in IMAGE_SETS else []),
                       "| row | accuracy | seeds | per seed | train examples/s | store share of training "
                       "| train p_kNN(gold) |", "|---|---|---|---|---|---|---|"]
             for r in rows:
