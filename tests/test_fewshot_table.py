@@ -217,6 +217,9 @@ def test_the_comparison_sentence_is_computed_from_the_numbers():
     assert c["beats"] and c["beyond_spread"]
     worse = ft.comparison(cells_of({"retroprompt": [0.6, 0.7, 0.6], "prompt-ft": [0.7, 0.7, 0.6]}), "d", 16)
     assert worse["sentence"].startswith("RetroPrompt vs prompt FT at 16 shots: -3.3") and not worse["beats"]
+    assert not worse["beyond_spread"]  # 3.3 behind, spread 4.7
+    far = ft.comparison(cells_of({"retroprompt": [0.5, 0.5, 0.4], "prompt-ft": [0.7, 0.7, 0.6]}), "d", 16)
+    assert not far["beats"] and far["beyond_spread"]  # behind by more than the spread is said too
     one = ft.comparison(cells_of({"retroprompt": [0.6], "prompt-ft": [0.7]}, seeds=(13,)), "d", 16)
     assert one["difference"] is None and "not measured" in one["sentence"]
 

@@ -298,7 +298,7 @@ def comparison(measured: Sequence[dict[str, Any]], data: str, shots: int = 16, a
     sentence = (f"{ROW_NAMES.get(a, a)} vs {ROW_NAMES.get(b, b)} at {shots} shots: {diff:+.1f} ± {dstd:.1f} "
                 f"(seed spread {spread:.1f}) on {data}, {len(seeds)} seeds")
     return {"data": data, "shots": shots, "seeds": seeds, "difference": round(diff, 2), "std": round(dstd, 2),
-            "spread": round(spread, 2), "beats": diff > 0, "beyond_spread": diff > spread, "sentence": sentence}
+            "spread": round(spread, 2), "beats": diff > 0, "beyond_spread": abs(diff) > spread, "sentence": sentence}
 
 
 ROW_NAMES = {"retroprompt": "RetroPrompt", "prompt-ft": "prompt FT", "kept-in": "RetroPrompt with the example kept in"}
