@@ -373,6 +373,8 @@ def grid_from(args: argparse.Namespace) -> Grid:
 
 
 def parser() -> argparse.ArgumentParser:
+    from ralm.methods.retroprompt.prompt import DEMO_NORMS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="the CPU preset (LoRA r=8, 96 steps, lr 5e-4, 200 test "
                     "examples, 128-token prompts; see above)")
@@ -387,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-lr", type=float, help="learning rate of the image cells' head (default 1e-3; the "
                     "LM flags --model --peft do not apply to them, and they score the whole test split)")
     ap.add_argument("--batch-size", type=int, help="examples per step")
-    ap.add_argument("--demo-norm", choices=("raw", "embedding"), help="text demonstrations enter the input as "
+    ap.add_argument("--demo-norm", choices=DEMO_NORMS, help="text demonstrations enter the input as "
                     "the representations are (raw, default: the reference) or at the input embeddings' mean norm")
     ap.add_argument("--beta", type=float, help="the kNN-guided loss's β (default: the reference's 1e-4, which "
                     "scales CE by ~1.0001: the no-loss-scaling row then differs from RetroPrompt by ~nothing)")
