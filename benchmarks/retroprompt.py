@@ -27,6 +27,8 @@ over seeds, per-seed values), training examples/s and the store's share of train
 and the sentence "RetroPrompt vs prompt FT at 16 shots: +x.x ± y.y (seed spread z)" computed from the cells
 (paired by seed; at the grid's largest shots), and the same for the example kept in vs left out. The store's
 share of training includes its first encoding (prompt FT builds one too: the trainer logs p_kNN(gold)).
+The three files describe this run's selection (``--data --shots --seeds --rows``): after runs split across
+processes by seed, render the whole grid from its cells with no selection and ``--max-minutes 0`` (seconds).
 Memorization (``ralm.tuning.retroprompt_memo``): for the prompt-FT and RetroPrompt cells at the grid's largest
 shots and the seeds in ``--memo-seeds`` (default: the first seed; LiSSA over a LoRA run costs ``depth`` Hessian-
 vector products per group of examples), the self-influence of every training example over the run's trained
